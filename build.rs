@@ -1,0 +1,713 @@
+//! Generates the guest firmware images cpuguard boots as `-bios` (see `src/probe/firmware.rs`).
+//!
+//! Both images are 64 KiB, mapped by QEMU at 0xF0000 (and at the top of 4 GiB) and entered at the
+//! reset vector F000:FFF0 in real mode. They stay in real mode: CPUID, RDMSR and port I/O all work
+//! there at CPL 0, so no descriptor tables, paging or SeaBIOS are needed, and the probe finishes in
+//! a few milliseconds of guest time.
+//!
+//! Generating them here with an assembler crate means no assembler or toolchain is needed on the
+//! hypervisor, and the bytes are reproducible from this file alone.
+//!
+//! Probe output format (one line each, lowercase hex, on port 0xe9, parsed by src/probe/output.rs):
+//!   `CPUGUARD-PROBE 1`                                     header, format version
+//!   `C <leaf> <subleaf> <eax> <ebx> <ecx> <edx>`          one CPUID answer (8 hex digits each)
+//!   `M <index> <value>`                                    MSR read (8 + 16 hex digits)
+//!   `X <index>`                                            MSR read raised #GP (absent)
+//!   `F`                                                    unexpected CPU exception (fatal)
+//!   `END <count>`                                          count = number of C/M/X lines
+//!
+//! then it writes PROBE_EXIT_VALUE to isa-debug-exit (port 0xf4): QEMU exits with status
+//! (value << 1) | 1.
+
+use std::path::Path;
+
+use iced_x86::code_asm::*;
+use iced_x86::IcedError;
+
+const IMAGE_SIZE: usize = 0x10000;
+/// Real-mode segment the image is mapped at (physical 0xF0000).
+const ROM_SEGMENT: u16 = 0xF000;
+/// Offset of the reset vector inside the image (physical 0xFFFF0).
+const RESET_VECTOR: usize = 0xFFF0;
+/// Fixed offsets of the exception handlers, so the IVT can be filled with constants.
+const GP_HANDLER: u16 = 0xE000;
+const FATAL_HANDLER: u16 = 0xE100;
+
+/// Value written to isa-debug-exit when the probe completed: QEMU exits with (0x20 << 1) | 1 = 65.
+const PROBE_EXIT_VALUE: u8 = 0x20;
+/// Value written when an unexpected exception hit: exit status (0x30 << 1) | 1 = 97.
+const FATAL_EXIT_VALUE: u8 = 0x30;
+
+const STACK_TOP: u16 = 0x7C00;
+/// Line buffer in low RAM, flushed with one `rep outsb` per line (one I/O exit per line under KVM).
+const LINE_BUF: u16 = 0x8000;
+
+// Variables in low RAM (DS = 0 throughout).
+const V_EAX: u64 = 0x500;
+const V_EBX: u64 = 0x504;
+const V_ECX: u64 = 0x508;
+const V_EDX: u64 = 0x50C;
+const V_LEAF: u64 = 0x510;
+const V_SUB: u64 = 0x514;
+/// Highest sub-leaf to query (count loops) or the sub-leaf bitmap (bitmap loops).
+const V_SUBLIM: u64 = 0x518;
+const V_LINES: u64 = 0x51C;
+const V_GP: u64 = 0x520;
+const V_RANGE_LEFT: u64 = 0x524;
+const V_MSR: u64 = 0x528;
+const V_L1_ECX: u64 = 0x52C;
+const V_L7_EDX: u64 = 0x530;
+const V_BASIC_MAX: u64 = 0x534;
+const V_RANGE_BASE: u64 = 0x538;
+
+/// Every loop over sub-leaves or leaves is bounded so a hostile or buggy CPUID cannot hang the probe.
+const MAX_SUBLEAF: u32 = 63;
+const MAX_LEAVES_PER_RANGE: u32 = 0xFF;
+
+const COM1: u16 = 0x3F8;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let out_dir = match std::env::var("OUT_DIR") {
+        Ok(dir) => dir,
+        Err(e) => panic!("build.rs: OUT_DIR is not set: {e}"),
+    };
+    write_image(&out_dir, "probe-x86.bin", probe_image());
+    write_image(&out_dir, "heartbeat.bin", heartbeat_image());
+}
+
+fn write_image(out_dir: &str, name: &str, image: Result<Vec<u8>, IcedError>) {
+    let image = match image {
+        Ok(image) => image,
+        Err(e) => panic!("build.rs: assembling {name} failed: {e}"),
+    };
+    let path = Path::new(out_dir).join(name);
+    if let Err(e) = std::fs::write(&path, image) {
+        panic!("build.rs: writing {} failed: {e}", path.display());
+    }
+}
+
+/// Lays out a 64 KiB image: main code at offset 0, handlers at their fixed offsets, and at the reset
+/// vector a far jump to F000:0000 (so code runs with CS base 0xF0000, inside the 1 MiB alias).
+fn layout(main: Vec<u8>, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    let mut image = vec![0xF4u8; IMAGE_SIZE]; // hlt everywhere else
+    assert!(main.len() < usize::from(GP_HANDLER), "main code too large");
+    image[..main.len()].copy_from_slice(&main);
+    for (offset, code) in extra {
+        let start = usize::from(*offset);
+        assert!(start + code.len() < RESET_VECTOR, "handler too large");
+        image[start..start + code.len()].copy_from_slice(code);
+    }
+    let [seg_lo, seg_hi] = ROM_SEGMENT.to_le_bytes();
+    // jmp far F000:0000
+    image[RESET_VECTOR..RESET_VECTOR + 5].copy_from_slice(&[0xEA, 0x00, 0x00, seg_lo, seg_hi]);
+    image
+}
+
+/// Common start: interrupts off, flat low segments, a stack in low RAM.
+fn prologue(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.cli()?;
+    a.cld()?;
+    a.xor(ax, ax)?;
+    a.mov(ds, ax)?;
+    a.mov(es, ax)?;
+    a.mov(ss, ax)?;
+    a.mov(sp, u32::from(STACK_TOP))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CPUID probe
+// ---------------------------------------------------------------------------------------------
+
+/// How the sub-leaves of one leaf are discovered, as the SDM / APM define it.
+#[derive(Clone, Copy)]
+enum Subleaves {
+    /// Sub-leaves 0..=EAX of sub-leaf 0.
+    MaxInEax,
+    /// Sub-leaves 0..=N.
+    Fixed(u32),
+    /// Sub-leaves from 0 (or from `first`) until `(reg & mask) == 0`, that terminating one included.
+    Until { first: u32, reg: u64, mask: u32 },
+    /// Sub-leaf 0, then sub-leaf i for each bit i (1..=31) set in `reg` of sub-leaf 0.
+    Bitmap { reg: u64 },
+}
+
+/// Leaves with sub-leaves. Every leaf not listed is queried with sub-leaf 0 only.
+fn subleaf_rules() -> Vec<(u32, Subleaves)> {
+    use Subleaves::*;
+    vec![
+        // Deterministic cache parameters: until cache type EAX[4:0] == 0.
+        (
+            0x4,
+            Until {
+                first: 0,
+                reg: V_EAX,
+                mask: 0x1F,
+            },
+        ),
+        (0x7, MaxInEax),
+        // Extended topology: until level type ECX[15:8] == 0.
+        (
+            0xB,
+            Until {
+                first: 0,
+                reg: V_ECX,
+                mask: 0xFF00,
+            },
+        ),
+        // XSAVE components: all 64 (what exists follows XCR0/XSS bitmaps; absent ones read 0).
+        (0xD, Fixed(63)),
+        // RDT monitoring: sub-leaf i for resource bit i of EDX.
+        (0xF, Bitmap { reg: V_EDX }),
+        // RDT allocation: sub-leaf i for resource bit i of EBX.
+        (0x10, Bitmap { reg: V_EBX }),
+        // SGX: sub-leaves 0 and 1, then EPC sections from 2 until type EAX[3:0] == 0.
+        (
+            0x12,
+            Until {
+                first: 2,
+                reg: V_EAX,
+                mask: 0xF,
+            },
+        ),
+        (0x14, MaxInEax),
+        (0x17, MaxInEax),
+        (0x18, MaxInEax),
+        // PCONFIG: until target type EAX[11:0] == 0.
+        (
+            0x1B,
+            Until {
+                first: 0,
+                reg: V_EAX,
+                mask: 0xFFF,
+            },
+        ),
+        (0x1D, MaxInEax),
+        (0x1E, MaxInEax),
+        (
+            0x1F,
+            Until {
+                first: 0,
+                reg: V_ECX,
+                mask: 0xFF00,
+            },
+        ),
+        (0x20, MaxInEax),
+        // Architectural performance monitoring extended: EAX of sub-leaf 0 is a sub-leaf bitmap.
+        (0x23, Bitmap { reg: V_EAX }),
+        (0x24, MaxInEax),
+        // AMD cache topology: until cache type EAX[4:0] == 0.
+        (
+            0x8000_001D,
+            Until {
+                first: 0,
+                reg: V_EAX,
+                mask: 0x1F,
+            },
+        ),
+        // AMD platform QoS enforcement: sub-leaf i for bit i of EBX.
+        (0x8000_0020, Bitmap { reg: V_EBX }),
+        // AMD extended CPU topology: until level type ECX[15:8] == 0.
+        (
+            0x8000_0026,
+            Until {
+                first: 0,
+                reg: V_ECX,
+                mask: 0xFF00,
+            },
+        ),
+    ]
+}
+
+struct ProbeLabels {
+    hex32: CodeLabel,
+    flush: CodeLabel,
+    query: CodeLabel,
+    query_emit: CodeLabel,
+    do_leaf: CodeLabel,
+    range: CodeLabel,
+    range_if_valid: CodeLabel,
+    msr: CodeLabel,
+}
+
+/// Appends the fixed text to the line buffer at ES:DI.
+fn put_str(a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
+    for byte in text.bytes() {
+        a.mov(byte_ptr(di), u32::from(byte))?;
+        a.inc(di)?;
+    }
+    Ok(())
+}
+
+/// Appends " " and the dword at `var` as 8 hex digits.
+fn put_var(a: &mut CodeAssembler, l: &ProbeLabels, var: u64) -> Result<(), IcedError> {
+    put_str(a, " ")?;
+    a.mov(eax, dword_ptr(var))?;
+    a.call(l.hex32)?;
+    Ok(())
+}
+
+fn probe_image() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    let mut l = ProbeLabels {
+        hex32: a.create_label(),
+        flush: a.create_label(),
+        query: a.create_label(),
+        query_emit: a.create_label(),
+        do_leaf: a.create_label(),
+        range: a.create_label(),
+        range_if_valid: a.create_label(),
+        msr: a.create_label(),
+    };
+
+    // ---- entry ----
+    prologue(&mut a)?;
+    // IVT: every exception vector to the fatal handler, #GP (13) to the RDMSR skipper.
+    a.xor(bx, bx)?;
+    a.mov(cx, 32u32)?;
+    let mut ivt_loop = a.create_label();
+    a.set_label(&mut ivt_loop)?;
+    a.mov(word_ptr(bx), u32::from(FATAL_HANDLER))?;
+    a.mov(word_ptr(bx + 2), u32::from(ROM_SEGMENT))?;
+    a.add(bx, 4)?;
+    a.dec(cx)?;
+    a.jnz(ivt_loop)?;
+    a.mov(word_ptr(13 * 4), u32::from(GP_HANDLER))?;
+    for var in [V_LINES, V_GP, V_L1_ECX, V_L7_EDX, V_BASIC_MAX] {
+        a.mov(dword_ptr(var), 0u32)?;
+    }
+    a.mov(di, u32::from(LINE_BUF))?;
+    put_str(&mut a, "CPUGUARD-PROBE 1")?;
+    a.call(l.flush)?;
+    a.mov(dword_ptr(V_LINES), 0u32)?;
+
+    // Basic, hypervisor and extended ranges; a second hypervisor range at 0x40000100 exists when
+    // QEMU exposes Hyper-V leaves at 0x40000000 and moves KVM's there; 0xC0000000 is Centaur/Zhaoxin.
+    for (base, always) in [
+        (0u32, true),
+        (0x4000_0000, true),
+        (0x4000_0100, false),
+        (0x8000_0000, true),
+        (0xC000_0000, false),
+    ] {
+        a.mov(dword_ptr(V_LEAF), base)?;
+        a.call(if always { l.range } else { l.range_if_valid })?;
+    }
+
+    // Facts that decide which MSRs exist.
+    a.mov(dword_ptr(V_LEAF), 0u32)?;
+    a.mov(dword_ptr(V_SUB), 0u32)?;
+    a.call(l.query)?;
+    a.mov(eax, dword_ptr(V_EAX))?;
+    a.mov(dword_ptr(V_BASIC_MAX), eax)?;
+    a.mov(dword_ptr(V_LEAF), 1u32)?;
+    a.call(l.query)?;
+    a.mov(eax, dword_ptr(V_ECX))?;
+    a.mov(dword_ptr(V_L1_ECX), eax)?;
+    let mut no_leaf7 = a.create_label();
+    a.cmp(dword_ptr(V_BASIC_MAX), 7u32)?;
+    a.jb(no_leaf7)?;
+    a.mov(dword_ptr(V_LEAF), 7u32)?;
+    a.call(l.query)?;
+    a.mov(eax, dword_ptr(V_EDX))?;
+    a.mov(dword_ptr(V_L7_EDX), eax)?;
+    a.set_label(&mut no_leaf7)?;
+
+    // (MSR, CPUID fact variable, bit) — each MSR is read only where CPUID enumerates it.
+    let msr_rules: [(u32, u64, u32); 3] = [
+        (0x10A, V_L7_EDX, 29), // IA32_ARCH_CAPABILITIES
+        (0xCF, V_L7_EDX, 30),  // IA32_CORE_CAPABILITIES
+        (0x345, V_L1_ECX, 15), // IA32_PERF_CAPABILITIES (PDCM)
+    ];
+    for (index, var, bit) in msr_rules {
+        let mut skip = a.create_label();
+        a.test(dword_ptr(var), 1u32 << bit)?;
+        a.jz(skip)?;
+        a.mov(dword_ptr(V_MSR), index)?;
+        a.call(l.msr)?;
+        a.set_label(&mut skip)?;
+    }
+    // VMX capability MSRs when VMX is exposed (CPUID.1:ECX[5]); some exist only when others say
+    // so, and the #GP handler records those that do not.
+    let mut no_vmx = a.create_label();
+    a.test(dword_ptr(V_L1_ECX), 1u32 << 5)?;
+    a.jz(no_vmx)?;
+    for index in 0x480u32..=0x493 {
+        a.mov(dword_ptr(V_MSR), index)?;
+        a.call(l.msr)?;
+    }
+    a.set_label(&mut no_vmx)?;
+
+    // End marker with the line count, then exit.
+    put_str(&mut a, "END")?;
+    put_var(&mut a, &l, V_LINES)?;
+    a.call(l.flush)?;
+    a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
+    a.out(0xF4u32, al)?;
+    let mut halt = a.create_label();
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+
+    // ---- hex32: EAX as 8 hex digits at ES:DI ----
+    a.set_label(&mut l.hex32)?;
+    a.push(ecx)?;
+    a.push(edx)?;
+    a.mov(ecx, 8u32)?;
+    let mut digit = a.create_label();
+    let mut decimal = a.create_label();
+    a.set_label(&mut digit)?;
+    a.rol(eax, 4)?;
+    a.mov(dl, al)?;
+    a.and(dl, 0x0F)?;
+    a.add(dl, i32::from(b'0'))?;
+    a.cmp(dl, i32::from(b'9'))?;
+    a.jbe(decimal)?;
+    a.add(dl, i32::from(b'a' - b'9' - 1))?;
+    a.set_label(&mut decimal)?;
+    a.mov(byte_ptr(di), dl)?;
+    a.inc(di)?;
+    a.dec(ecx)?;
+    a.jnz(digit)?;
+    a.pop(edx)?;
+    a.pop(ecx)?;
+    a.ret()?;
+
+    // ---- flush: terminate the line, send it to port 0xe9, count it ----
+    a.set_label(&mut l.flush)?;
+    a.mov(byte_ptr(di), u32::from(b'\n'))?;
+    a.inc(di)?;
+    a.mov(cx, di)?;
+    a.sub(cx, i32::from(LINE_BUF))?;
+    a.mov(si, u32::from(LINE_BUF))?;
+    a.mov(dx, 0xE9u32)?;
+    a.rep().outsb()?;
+    a.mov(di, u32::from(LINE_BUF))?;
+    a.inc(dword_ptr(V_LINES))?;
+    a.ret()?;
+
+    // ---- query: CPUID(V_LEAF, V_SUB) into V_EAX..V_EDX ----
+    a.set_label(&mut l.query)?;
+    a.mov(eax, dword_ptr(V_LEAF))?;
+    a.mov(ecx, dword_ptr(V_SUB))?;
+    a.cpuid()?;
+    a.mov(dword_ptr(V_EAX), eax)?;
+    a.mov(dword_ptr(V_EBX), ebx)?;
+    a.mov(dword_ptr(V_ECX), ecx)?;
+    a.mov(dword_ptr(V_EDX), edx)?;
+    a.ret()?;
+
+    // ---- query_emit: query, then one "C" line ----
+    a.set_label(&mut l.query_emit)?;
+    a.call(l.query)?;
+    put_str(&mut a, "C")?;
+    for var in [V_LEAF, V_SUB, V_EAX, V_EBX, V_ECX, V_EDX] {
+        put_var(&mut a, &l, var)?;
+    }
+    a.call(l.flush)?;
+    a.ret()?;
+
+    // ---- do_leaf: every sub-leaf of V_LEAF ----
+    a.set_label(&mut l.do_leaf)?;
+    a.mov(dword_ptr(V_SUB), 0u32)?;
+    a.mov(eax, dword_ptr(V_LEAF))?;
+    let rules = subleaf_rules();
+    let mut rule_labels = Vec::new();
+    for (leaf, _) in &rules {
+        let label = a.create_label();
+        a.cmp(eax, *leaf)?;
+        a.je(label)?;
+        rule_labels.push(label);
+    }
+    a.call(l.query_emit)?;
+    a.ret()?;
+    for ((_, rule), mut label) in rules.iter().zip(rule_labels) {
+        a.set_label(&mut label)?;
+        emit_subleaf_rule(&mut a, &l, *rule)?;
+    }
+
+    // ---- range: V_LEAF = base; base entry, then base+1..=EAX (bounded) ----
+    a.set_label(&mut l.range)?;
+    a.mov(dword_ptr(V_SUB), 0u32)?;
+    a.mov(eax, dword_ptr(V_LEAF))?;
+    a.mov(dword_ptr(V_RANGE_BASE), eax)?;
+    a.call(l.query_emit)?;
+    a.mov(eax, dword_ptr(V_EAX))?;
+    a.sub(eax, dword_ptr(V_RANGE_BASE))?;
+    let mut in_bounds = a.create_label();
+    a.cmp(eax, MAX_LEAVES_PER_RANGE)?;
+    a.jbe(in_bounds)?;
+    // A maximum below the base or far above it is not a range (e.g. TCG answers an unknown
+    // hypervisor leaf with the highest basic leaf): record only the base entry.
+    a.xor(eax, eax)?;
+    a.set_label(&mut in_bounds)?;
+    a.mov(dword_ptr(V_RANGE_LEFT), eax)?;
+    let mut range_next = a.create_label();
+    let mut range_done = a.create_label();
+    a.set_label(&mut range_next)?;
+    a.cmp(dword_ptr(V_RANGE_LEFT), 0u32)?;
+    a.je(range_done)?;
+    a.dec(dword_ptr(V_RANGE_LEFT))?;
+    a.inc(dword_ptr(V_LEAF))?;
+    a.call(l.do_leaf)?;
+    a.jmp(range_next)?;
+    a.set_label(&mut range_done)?;
+    a.ret()?;
+
+    // ---- range_if_valid: the range only if its base answers with a maximum inside it ----
+    a.set_label(&mut l.range_if_valid)?;
+    a.mov(dword_ptr(V_SUB), 0u32)?;
+    a.call(l.query)?;
+    a.mov(eax, dword_ptr(V_EAX))?;
+    a.sub(eax, dword_ptr(V_LEAF))?;
+    let mut invalid = a.create_label();
+    a.cmp(eax, MAX_LEAVES_PER_RANGE)?;
+    a.ja(invalid)?;
+    a.call(l.range)?;
+    a.set_label(&mut invalid)?;
+    a.ret()?;
+
+    // ---- msr: RDMSR(V_MSR) → "M" or "X" line ----
+    a.set_label(&mut l.msr)?;
+    a.mov(byte_ptr(V_GP), 0u32)?;
+    a.mov(ecx, dword_ptr(V_MSR))?;
+    a.xor(eax, eax)?;
+    a.xor(edx, edx)?;
+    // Must stay the 2-byte 0F 32: the #GP handler resumes 2 bytes after the faulting instruction.
+    a.rdmsr()?;
+    let mut absent = a.create_label();
+    a.cmp(byte_ptr(V_GP), 0u32)?;
+    a.jne(absent)?;
+    a.mov(dword_ptr(V_EAX), eax)?;
+    a.mov(dword_ptr(V_EDX), edx)?;
+    put_str(&mut a, "M")?;
+    put_var(&mut a, &l, V_MSR)?;
+    put_var(&mut a, &l, V_EDX)?;
+    a.mov(eax, dword_ptr(V_EAX))?;
+    a.call(l.hex32)?;
+    a.call(l.flush)?;
+    a.ret()?;
+    a.set_label(&mut absent)?;
+    put_str(&mut a, "X")?;
+    put_var(&mut a, &l, V_MSR)?;
+    a.call(l.flush)?;
+    a.ret()?;
+
+    let main = a.assemble(0)?;
+    Ok(layout(
+        main,
+        &[
+            (GP_HANDLER, gp_handler()?),
+            (FATAL_HANDLER, fatal_handler()?),
+        ],
+    ))
+}
+
+/// Emits the sub-leaf walk for one leaf (V_LEAF set, V_SUB = 0), ending in `ret`.
+fn emit_subleaf_rule(
+    a: &mut CodeAssembler,
+    l: &ProbeLabels,
+    rule: Subleaves,
+) -> Result<(), IcedError> {
+    let mut done = a.create_label();
+    match rule {
+        Subleaves::MaxInEax | Subleaves::Fixed(_) => {
+            a.call(l.query_emit)?;
+            match rule {
+                Subleaves::Fixed(last) => a.mov(dword_ptr(V_SUBLIM), last)?,
+                _ => {
+                    let mut capped = a.create_label();
+                    a.mov(eax, dword_ptr(V_EAX))?;
+                    a.cmp(eax, MAX_SUBLEAF)?;
+                    a.jbe(capped)?;
+                    a.mov(eax, MAX_SUBLEAF)?;
+                    a.set_label(&mut capped)?;
+                    a.mov(dword_ptr(V_SUBLIM), eax)?;
+                }
+            }
+            let mut next = a.create_label();
+            a.set_label(&mut next)?;
+            a.mov(eax, dword_ptr(V_SUB))?;
+            a.cmp(eax, dword_ptr(V_SUBLIM))?;
+            a.jae(done)?;
+            a.inc(dword_ptr(V_SUB))?;
+            a.call(l.query_emit)?;
+            a.jmp(next)?;
+        }
+        Subleaves::Until { first, reg, mask } => {
+            // Sub-leaves below `first` are always defined (SGX 0 and 1).
+            for _ in 0..first {
+                a.call(l.query_emit)?;
+                a.inc(dword_ptr(V_SUB))?;
+            }
+            a.call(l.query_emit)?;
+            let mut check = a.create_label();
+            a.set_label(&mut check)?;
+            a.test(dword_ptr(reg), mask)?;
+            a.jz(done)?;
+            a.cmp(dword_ptr(V_SUB), MAX_SUBLEAF)?;
+            a.jae(done)?;
+            a.inc(dword_ptr(V_SUB))?;
+            a.call(l.query_emit)?;
+            a.jmp(check)?;
+        }
+        Subleaves::Bitmap { reg } => {
+            a.call(l.query_emit)?;
+            a.mov(eax, dword_ptr(reg))?;
+            a.mov(dword_ptr(V_SUBLIM), eax)?;
+            let mut next = a.create_label();
+            a.set_label(&mut next)?;
+            a.inc(dword_ptr(V_SUB))?;
+            a.cmp(dword_ptr(V_SUB), 32u32)?;
+            a.jae(done)?;
+            a.mov(ecx, dword_ptr(V_SUB))?;
+            a.mov(eax, dword_ptr(V_SUBLIM))?;
+            a.shr(eax, cl)?;
+            a.test(al, 1)?;
+            a.jz(next)?;
+            a.call(l.query_emit)?;
+            a.jmp(next)?;
+        }
+    }
+    a.set_label(&mut done)?;
+    a.ret()?;
+    Ok(())
+}
+
+/// #GP in real mode pushes FLAGS, CS, IP (no error code); the only instruction expected to fault is
+/// the 2-byte RDMSR, so resume after it and flag the MSR as absent.
+fn gp_handler() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    a.push(bp)?;
+    a.mov(bp, sp)?;
+    a.add(word_ptr(bp + 2), 2)?;
+    a.mov(byte_ptr(V_GP), 1u32)?;
+    a.pop(bp)?;
+    a.iret()?;
+    a.assemble(u64::from(GP_HANDLER))
+}
+
+/// Any other exception means the probe cannot be trusted: say so and exit with a distinct status,
+/// instead of running off into zeroed memory until the wall-time bound.
+fn fatal_handler() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    a.mov(dx, 0xE9u32)?;
+    for byte in b"\nF\n" {
+        a.mov(al, u32::from(*byte))?;
+        a.out(dx, al)?;
+    }
+    a.mov(al, u32::from(FATAL_EXIT_VALUE))?;
+    a.out(0xF4u32, al)?;
+    let mut halt = a.create_label();
+    a.set_label(&mut halt)?;
+    a.cli()?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    a.assemble(u64::from(FATAL_HANDLER))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The heartbeat test guest
+// ---------------------------------------------------------------------------------------------
+
+/// Writes "heartbeat NNNNNN\r\n" to COM1 forever, with ~0.3 s of PIT-timed delay between lines, so
+/// a serial log grows slowly and steadily (tests of migration and of timeouts use it).
+fn heartbeat_image() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    let mut putc = a.create_label();
+    let mut delay = a.create_label();
+
+    prologue(&mut a)?;
+    // COM1: 115200 8N1, FIFOs on.
+    for (port, value) in [
+        (3u16, 0x80u32),
+        (0, 0x01),
+        (1, 0x00),
+        (3, 0x03),
+        (2, 0xC7),
+        (4, 0x03),
+    ] {
+        a.mov(dx, u32::from(COM1 + port))?;
+        a.mov(al, value)?;
+        a.out(dx, al)?;
+    }
+    a.xor(ebx, ebx)?;
+    let mut line = a.create_label();
+    a.set_label(&mut line)?;
+    for byte in b"heartbeat " {
+        a.mov(ah, u32::from(*byte))?;
+        a.call(putc)?;
+    }
+    // Six decimal digits of the counter, least significant first into RAM at 0x600..0x606.
+    a.mov(eax, ebx)?;
+    a.mov(esi, 10u32)?;
+    for i in (0..6u64).rev() {
+        a.xor(edx, edx)?;
+        a.div(esi)?;
+        a.add(dl, i32::from(b'0'))?;
+        a.mov(byte_ptr(0x600 + i), dl)?;
+    }
+    for i in 0..6u64 {
+        a.mov(ah, byte_ptr(0x600 + i))?;
+        a.call(putc)?;
+    }
+    for byte in b"\r\n" {
+        a.mov(ah, u32::from(*byte))?;
+        a.call(putc)?;
+    }
+    a.inc(ebx)?;
+    a.call(delay)?;
+    a.jmp(line)?;
+
+    // putc: AH to COM1 once the transmitter holds nothing (bounded wait).
+    a.set_label(&mut putc)?;
+    a.mov(cx, 0xFFFFu32)?;
+    a.mov(dx, u32::from(COM1 + 5))?;
+    let mut wait = a.create_label();
+    let mut ready = a.create_label();
+    a.set_label(&mut wait)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20)?;
+    a.jnz(ready)?;
+    a.dec(cx)?;
+    a.jnz(wait)?;
+    a.set_label(&mut ready)?;
+    a.mov(al, ah)?;
+    a.mov(dx, u32::from(COM1))?;
+    a.out(dx, al)?;
+    a.ret()?;
+
+    // delay: 6 one-shots of PIT channel 2 (65535 / 1.193182 MHz = 55 ms each), polled through
+    // port 0x61 bit 5; timed by the virtual PIT, so the rate does not depend on host speed.
+    a.set_label(&mut delay)?;
+    a.mov(si, 6u32)?;
+    let mut shot = a.create_label();
+    a.set_label(&mut shot)?;
+    a.mov(al, 0xB0u32)?; // channel 2, lo/hi byte, mode 0, binary
+    a.out(0x43u32, al)?;
+    a.mov(al, 0xFFu32)?;
+    a.out(0x42u32, al)?;
+    a.out(0x42u32, al)?;
+    a.in_(al, 0x61u32)?;
+    a.and(al, 0xFC)?;
+    a.or(al, 0x01)?; // gate on, speaker off
+    a.out(0x61u32, al)?;
+    // Bounded so a machine without a working PIT still produces lines, just at another pace.
+    a.mov(ecx, 0x0040_0000u32)?;
+    let mut poll = a.create_label();
+    let mut expired = a.create_label();
+    a.set_label(&mut poll)?;
+    a.in_(al, 0x61u32)?;
+    a.test(al, 0x20)?;
+    a.jnz(expired)?;
+    a.dec(ecx)?;
+    a.jnz(poll)?;
+    a.set_label(&mut expired)?;
+    a.dec(si)?;
+    a.jnz(shot)?;
+    a.ret()?;
+
+    let main = a.assemble(0)?;
+    Ok(layout(main, &[]))
+}

@@ -1,0 +1,154 @@
+//! The operator CLI. Exit codes: 0 success (or "equivalent"/"go"), 1 a negative verdict,
+//! 2 bad input or an error.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::domain::document;
+use crate::hook::rewrite_cpu;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_ERROR: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cpuguard",
+    version,
+    about = "Refuses live migrations of KVM guests that would see a different CPU",
+    after_help = "Installed as /etc/libvirt/hooks/qemu, cpuguard runs on every libvirt hook call.\n\
+                  Exit codes: 0 success, 1 negative verdict, 2 error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run as libvirt's qemu hook: `cpuguard hook qemu OBJECT OPERATION SUBOP EXTRA < domain.xml`
+    /// (what /etc/libvirt/hooks/qemu does).
+    #[command(after_help = "Example: cpuguard hook qemu guest1 migrate begin - < guest1.xml")]
+    Hook {
+        /// Always `qemu`, then OBJECT OPERATION SUBOP EXTRA.
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Show what the destination's migrate phase would send back to libvirt for a domain XML:
+    /// the document with its <cpu> pinned; the decision goes to stderr. Records nothing.
+    #[command(after_help = "Example: virsh dumpxml --migratable guest1 | cpuguard rewrite --xml -")]
+    Rewrite {
+        /// Domain XML file, or `-` for stdin.
+        #[arg(long, default_value = "-")]
+        xml: PathBuf,
+    },
+    /// Check the configuration file and print the settings in force.
+    #[command(after_help = "Example: cpuguard config --file /etc/cpuguard/cpuguard.toml")]
+    Config {
+        /// Defaults to $CPUGUARD_CONFIG or /etc/cpuguard/cpuguard.toml.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Write one of cpuguard's generated guest firmware images (64 KiB, booted with -bios).
+    #[command(after_help = "Example: cpuguard firmware probe /tmp/probe.bin")]
+    Firmware {
+        kind: FirmwareKind,
+        /// Where to write the image.
+        path: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FirmwareKind {
+    /// The CPUID/MSR probe.
+    Probe,
+    /// A test guest that prints `heartbeat N` on COM1 forever (test bed, demo).
+    Heartbeat,
+}
+
+pub fn main(args: Vec<OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
+        }
+    };
+    let result = match cli.command {
+        Command::Hook { args } => {
+            // Reached only when clap parsed the line (main.rs dispatches `hook qemu` earlier).
+            if args.first().is_some_and(|d| d == "qemu") {
+                return crate::hook::main(&args[1..]);
+            }
+            Err("usage: cpuguard hook qemu OBJECT OPERATION SUBOP EXTRA".to_string())
+        }
+        Command::Rewrite { xml } => rewrite(&xml),
+        Command::Config { file } => show_config(file),
+        Command::Firmware { kind, path } => write_firmware(kind, &path),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cpuguard: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+/// Reads a named file or stdin (`-`), with the XML size limit in force.
+pub fn read_input(path: &Path, limit: usize) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let reader: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(path).map_err(|e| format!("{}: cannot open: {e}", path.display()))?,
+        )
+    };
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    if buf.len() > limit {
+        return Err(format!(
+            "{}: over the {limit}-byte limit (max_xml_bytes)",
+            path.display()
+        ));
+    }
+    Ok(buf)
+}
+
+fn rewrite(xml: &Path) -> Result<i32, String> {
+    let config = Config::load().map_err(|e| e.to_string())?;
+    let bytes = read_input(xml, config.max_xml_bytes)?;
+    let doc = document::parse_bytes(&bytes, config.max_xml_bytes)
+        .map_err(|e| format!("{}: {e}", xml.display()))?;
+    let (text, decision) = rewrite_cpu(&doc).map_err(|e| format!("{}: {e}", xml.display()))?;
+    eprintln!("cpuguard: {decision:?}");
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .map_err(|e| format!("stdout: {e}"))?;
+    Ok(EXIT_OK)
+}
+
+fn show_config(file: Option<PathBuf>) -> Result<i32, String> {
+    let path = file.unwrap_or_else(Config::path);
+    let config = Config::load_from(&path).map_err(|e| e.to_string())?;
+    let text = toml::to_string(&config).map_err(|e| e.to_string())?;
+    println!("# settings in force from {}", path.display());
+    print!("{text}");
+    Ok(EXIT_OK)
+}
+
+fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {
+    let image = match kind {
+        FirmwareKind::Probe => crate::probe::firmware::PROBE_X86,
+        FirmwareKind::Heartbeat => crate::probe::firmware::HEARTBEAT_X86,
+    };
+    crate::fsutil::write_atomic(path, image, 0o644)
+        .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    Ok(EXIT_OK)
+}

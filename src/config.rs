@@ -1,0 +1,246 @@
+//! `/etc/cpuguard/cpuguard.toml`: every key optional, every default documented here and in the
+//! README. `CPUGUARD_CONFIG` overrides the path (tests, staging).
+//!
+//! A missing file means "all defaults". A broken file is reported with the file, line and problem;
+//! the hook decides what a broken file means for the phase at hand (never block an ordinary start,
+//! always block an incoming migration, since the policies that guard it are unknown).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub const DEFAULT_PATH: &str = "/etc/cpuguard/cpuguard.toml";
+pub const ENV_PATH: &str = "CPUGUARD_CONFIG";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {problem}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+    #[error("{path}: {key}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// What to do when a check cannot be made or finds a difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Refuse,
+    Allow,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Fingerprint cache (default `/var/cache/cpuguard`).
+    pub cache_dir: PathBuf,
+    /// Per-boot state such as incoming-migration records (default `/run/cpuguard`).
+    pub runtime_dir: PathBuf,
+    /// Largest domain XML the hook accepts on stdin, in bytes (default 16 MiB).
+    pub max_xml_bytes: usize,
+    /// How long the migrate/restore phase's "incoming" record stays valid for the prepare phase
+    /// that follows it, in seconds (default 600).
+    pub incoming_ttl_secs: u64,
+    pub probe: ProbeConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Wall-time bound of one probe run, in seconds (default 30).
+    pub timeout_secs: u64,
+    /// Emulators allowed besides those listed in libvirt's capabilities (absolute paths).
+    pub emulators: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Incoming migration whose source left no stamp (default refuse).
+    pub unstamped_source: Verdict,
+    /// Incoming migration when this host cannot measure its own fingerprint (default refuse).
+    pub probe_failure: Verdict,
+    /// Incoming migration where the guest would only gain features (default refuse: the guest could
+    /// start using them and then could never move back).
+    pub gained_features: Verdict,
+    /// Honour `<cpuguard-policy:policy guard='off'/>` in a domain's metadata (default true;
+    /// every use is audited).
+    pub allow_domain_opt_out: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cache_dir: PathBuf::from("/var/cache/cpuguard"),
+            runtime_dir: PathBuf::from("/run/cpuguard"),
+            max_xml_bytes: 16 * 1024 * 1024,
+            incoming_ttl_secs: 600,
+            probe: ProbeConfig::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        ProbeConfig {
+            timeout_secs: 30,
+            emulators: Vec::new(),
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            unstamped_source: Verdict::Refuse,
+            probe_failure: Verdict::Refuse,
+            gained_features: Verdict::Refuse,
+            allow_domain_opt_out: true,
+        }
+    }
+}
+
+impl Config {
+    /// The path in force: `$CPUGUARD_CONFIG` or the default.
+    pub fn path() -> PathBuf {
+        std::env::var_os(ENV_PATH)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    }
+
+    /// Loads the configuration in force. A missing file is all defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        Config::load_from(&Config::path())
+    }
+
+    pub fn load_from(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1);
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                problem: e.message().replace('\n', " ").trim().to_string(),
+            }
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            problem: problem.to_string(),
+        };
+        if !self.cache_dir.is_absolute() {
+            return Err(invalid("cache_dir", "must be an absolute path"));
+        }
+        if !self.runtime_dir.is_absolute() {
+            return Err(invalid("runtime_dir", "must be an absolute path"));
+        }
+        if self.max_xml_bytes < 1024 {
+            return Err(invalid("max_xml_bytes", "must be at least 1024"));
+        }
+        if self.probe.timeout_secs == 0 {
+            return Err(invalid("probe.timeout_secs", "must be at least 1"));
+        }
+        if let Some(p) = self.probe.emulators.iter().find(|p| !p.is_absolute()) {
+            return Err(invalid(
+                "probe.emulators",
+                &format!("{} is not an absolute path", p.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/cpuguard/cpuguard.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(parse("").expect("empty is valid"), Config::default());
+        let c = Config::default();
+        assert_eq!(c.cache_dir, PathBuf::from("/var/cache/cpuguard"));
+        assert_eq!(c.runtime_dir, PathBuf::from("/run/cpuguard"));
+        assert_eq!(c.max_xml_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.policy.unstamped_source, Verdict::Refuse);
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = parse("max_xml_bytes = 4096\n[policy]\nunstamped_source = \"allow\"\n")
+            .expect("valid");
+        assert_eq!(c.max_xml_bytes, 4096);
+        assert_eq!(c.policy.unstamped_source, Verdict::Allow);
+        assert_eq!(c.policy.probe_failure, Verdict::Refuse);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let e = parse("cache_dir = \"/x\"\n\n[policy]\nunstamped_source = \"maybe\"\n")
+            .expect_err("bad value");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/cpuguard/cpuguard.toml:4: "),
+            "message: {msg}"
+        );
+        assert!(msg.contains("maybe") || msg.contains("variant"), "{msg}");
+        let e = parse("cache_dri = \"/x\"\n").expect_err("typo");
+        assert!(e.to_string().contains(":1: unknown field `cache_dri`"), "{e}");
+        let e = parse("runtime_dir = \"run\"\n").expect_err("relative");
+        assert_eq!(
+            e.to_string(),
+            "/etc/cpuguard/cpuguard.toml: runtime_dir: must be an absolute path"
+        );
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn missing_file_is_defaults_unreadable_is_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("none.toml");
+        assert_eq!(
+            Config::load_from(&missing).expect("defaults"),
+            Config::default()
+        );
+        // A directory cannot be read as a file.
+        let e = Config::load_from(dir.path()).expect_err("a directory");
+        assert!(e.to_string().contains("cannot read"), "{e}");
+    }
+}

@@ -1,0 +1,166 @@
+//! cpuguard's elements inside a domain's `<metadata>`.
+//!
+//! libvirt keeps one element per namespace URI in `<metadata>` (`virDomainSetMetadata` replaces it
+//! whole), so the source's stamp and the operator's per-domain policy live under two URIs: writing a
+//! new stamp must never erase an opt-out. Elements are recognised by URI, never by prefix.
+//!
+//! ```xml
+//! <metadata>
+//!   <cpuguard:stamp xmlns:cpuguard="http://cpuguard.dev/xmlns/stamp/1"
+//!                   version="1" host="hv-old-01" time="2026-11-22T05:00:00Z" digest="sha256:…">
+//!     <cpu mode='custom' match='exact' check='full'>…the source's live, expanded CPU…</cpu>
+//!   </cpuguard:stamp>
+//!   <cpuguard-policy:policy xmlns:cpuguard-policy="http://cpuguard.dev/xmlns/policy/1"
+//!                           guard="off" reason="ticket 4711"/>
+//! </metadata>
+//! ```
+
+use quick_xml::events::Event;
+use quick_xml::reader::Reader;
+
+use crate::domain::document::{attribute, Span};
+
+/// Namespace of the source's stamp (fingerprint digest, expanded CPU, host, time).
+pub const STAMP_NS: &str = "http://cpuguard.dev/xmlns/stamp/1";
+/// Namespace of the operator's per-domain policy (opt-out).
+pub const POLICY_NS: &str = "http://cpuguard.dev/xmlns/policy/1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    Stamp,
+    Policy,
+}
+
+pub fn classify_namespace(uri: &[u8]) -> Option<Namespace> {
+    if uri == STAMP_NS.as_bytes() {
+        Some(Namespace::Stamp)
+    } else if uri == POLICY_NS.as_bytes() {
+        Some(Namespace::Policy)
+    } else {
+        None
+    }
+}
+
+/// What the hook reads back from a stamp element (the document was already checked whole).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub version: Option<String>,
+    pub host: Option<String>,
+    pub time: Option<String>,
+    pub digest: Option<String>,
+    /// Span of the stamped `<cpu>` child, relative to the stamp element's text.
+    pub cpu: Option<Span>,
+}
+
+impl Stamp {
+    /// Reads the stamp element's attributes and locates its `<cpu>` child. `text` is exactly the
+    /// stamp element as located by [`crate::domain::document::DomainDocument`].
+    pub fn read(text: &str) -> Stamp {
+        let mut stamp = Stamp::default();
+        let mut reader = Reader::from_str(text);
+        reader.config_mut().trim_text(false);
+        let mut depth = 0usize;
+        let mut cpu_start: Option<(usize, usize)> = None;
+        loop {
+            let start = reader.buffer_position() as usize;
+            let Ok(event) = reader.read_event() else {
+                // Cannot happen for a span of a checked document; a partial stamp is just absent.
+                return stamp;
+            };
+            let end = reader.buffer_position() as usize;
+            match event {
+                Event::Start(ref e) | Event::Empty(ref e) => {
+                    let empty = matches!(event, Event::Empty(_));
+                    if depth == 0 {
+                        stamp.version = attribute(e, "version");
+                        stamp.host = attribute(e, "host");
+                        stamp.time = attribute(e, "time");
+                        stamp.digest = attribute(e, "digest");
+                    } else if depth == 1 && e.local_name().as_ref() == b"cpu" {
+                        if empty {
+                            stamp.cpu.get_or_insert(Span {
+                                start,
+                                tag_end: end,
+                                end,
+                            });
+                        } else {
+                            cpu_start = Some((start, end));
+                        }
+                    }
+                    if !empty {
+                        depth += 1;
+                    }
+                }
+                Event::End(_) => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 1 {
+                        if let Some((start, tag_end)) = cpu_start.take() {
+                            stamp.cpu.get_or_insert(Span {
+                                start,
+                                tag_end,
+                                end,
+                            });
+                        }
+                    }
+                }
+                Event::Eof => return stamp,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The operator's per-domain policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainPolicy {
+    /// `guard="off"`: cpuguard lets this domain migrate anywhere (audited every time).
+    pub guard_off: bool,
+    pub reason: Option<String>,
+}
+
+impl DomainPolicy {
+    pub fn read(text: &str) -> DomainPolicy {
+        let mut reader = Reader::from_str(text);
+        while let Ok(event) = reader.read_event() {
+            match event {
+                Event::Start(ref e) | Event::Empty(ref e) => {
+                    return DomainPolicy {
+                        guard_off: attribute(e, "guard").as_deref() == Some("off"),
+                        reason: attribute(e, "reason"),
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        DomainPolicy::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_stamp_attributes_and_cpu() {
+        let text = format!(
+            "<g:stamp xmlns:g='{STAMP_NS}' version='1' host='a' digest='sha256:00'>\n  <cpu mode='custom'><model>qemu64</model></cpu><other><cpu/></other></g:stamp>"
+        );
+        let stamp = Stamp::read(&text);
+        assert_eq!(stamp.host.as_deref(), Some("a"));
+        assert_eq!(stamp.digest.as_deref(), Some("sha256:00"));
+        let cpu = stamp.cpu.expect("cpu child");
+        assert_eq!(
+            &text[cpu.start..cpu.end],
+            "<cpu mode='custom'><model>qemu64</model></cpu>"
+        );
+    }
+
+    #[test]
+    fn policy_defaults_to_guarded() {
+        assert!(!DomainPolicy::read("<p:policy xmlns:p='x'/>").guard_off);
+        let p = DomainPolicy::read("<p:policy guard='off' reason='ticket 1'/>");
+        assert!(p.guard_off);
+        assert_eq!(p.reason.as_deref(), Some("ticket 1"));
+    }
+}

@@ -1,0 +1,303 @@
+//! The destination's `migrate begin` and `restore begin` phases: pin the incoming CPU, note that
+//! the next `prepare` is an incoming guest, hand the document back byte for byte otherwise.
+
+use std::io::Read;
+
+use crate::audit::{Record, Severity};
+use crate::domain::cpu::{pin_custom, replace_host_model, AttributeChange, CpuElement, CpuMode};
+use crate::domain::document::{self, DomainDocument};
+use crate::domain::metadata::Stamp;
+use crate::hook::{drain, read_limited, strict_config, HookCall, Outcome};
+use crate::incoming::{self, IncomingRecord, Origin};
+
+/// What the rewrite did to `<cpu>`, for the audit line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CpuDecision {
+    /// A custom CPU, now pinned (`changes` empty: it already was).
+    Pinned {
+        model: String,
+        changes: Vec<AttributeChange>,
+    },
+    /// host-model replaced by the source's expanded CPU from cpuguard's stamp.
+    ReplacedHostModel {
+        model: String,
+        changes: Vec<AttributeChange>,
+    },
+    /// Left as it was; the fingerprint comparison at `prepare` still guards it.
+    Unchanged {
+        mode: String,
+        reason: &'static str,
+        warning: bool,
+    },
+}
+
+impl CpuDecision {
+    fn audit(&self, record: Record) -> Record {
+        let list = |changes: &[AttributeChange]| {
+            changes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            CpuDecision::Pinned { model, changes } if changes.is_empty() => record
+                .field("mode", "custom")
+                .field("model", model)
+                .field("reason", "CPU already pinned"),
+            CpuDecision::Pinned { model, changes } => record
+                .field("mode", "custom")
+                .field("model", model)
+                .field("changes", &list(changes))
+                .field("reason", "pinned the source's custom CPU"),
+            CpuDecision::ReplacedHostModel { model, changes } => record
+                .field("mode", "host-model")
+                .field("model", model)
+                .field("changes", &list(changes))
+                .field("reason", "replaced host-model with the source's stamped CPU"),
+            CpuDecision::Unchanged { mode, reason, .. } => {
+                record.field("mode", mode).field("reason", reason)
+            }
+        }
+    }
+
+    fn action(&self) -> &'static str {
+        match self {
+            CpuDecision::Pinned { changes, .. } if changes.is_empty() => "unchanged",
+            CpuDecision::Pinned { .. } | CpuDecision::ReplacedHostModel { .. } => "rewrote",
+            CpuDecision::Unchanged { .. } => "unchanged",
+        }
+    }
+
+    fn severity(&self) -> Severity {
+        match self {
+            CpuDecision::Unchanged { warning: true, .. } => Severity::Warning,
+            _ => Severity::Info,
+        }
+    }
+}
+
+/// Computes the outgoing document. Only the `<cpu>` element's span is ever replaced.
+pub fn rewrite_cpu(doc: &DomainDocument<'_>) -> Result<(String, CpuDecision), String> {
+    let unchanged = |mode: &str, reason, warning| {
+        Ok((
+            doc.text.to_string(),
+            CpuDecision::Unchanged {
+                mode: mode.to_string(),
+                reason,
+                warning,
+            },
+        ))
+    };
+    let Some(span) = doc.cpu else {
+        return unchanged("none", "no <cpu> element: the machine's default CPU", false);
+    };
+    let cpu = CpuElement::parse(doc.slice(span)).map_err(|e| e.to_string())?;
+    let replacement = match cpu.mode {
+        CpuMode::Custom => match pin_custom(&cpu) {
+            Some((text, changes)) => {
+                let model = cpu.model_name().unwrap_or_default().to_string();
+                (text, CpuDecision::Pinned { model, changes })
+            }
+            None => return unchanged("custom", "custom CPU without a model", false),
+        },
+        CpuMode::HostModel => {
+            let stamp = doc.stamp.map(|s| (s, Stamp::read(doc.slice(s))));
+            let stamped_cpu = stamp.and_then(|(s, st)| {
+                st.cpu
+                    .map(|c| &doc.text[s.start + c.start..s.start + c.end])
+            });
+            let Some(stamped_text) = stamped_cpu else {
+                return unchanged(
+                    "host-model",
+                    "host-model CPU and no cpuguard stamp with the source's expanded CPU",
+                    true,
+                );
+            };
+            let stamped = CpuElement::parse(stamped_text)
+                .map_err(|e| format!("cpuguard stamp: {e}"))?;
+            match replace_host_model(&cpu, &stamped) {
+                Some((text, changes)) => {
+                    let model = stamped.model_name().unwrap_or_default().to_string();
+                    (text, CpuDecision::ReplacedHostModel { model, changes })
+                }
+                None => {
+                    return unchanged(
+                        "host-model",
+                        "the cpuguard stamp's CPU is not a custom CPU with a model",
+                        true,
+                    )
+                }
+            }
+        }
+        CpuMode::HostPassthrough => {
+            return unchanged(
+                "host-passthrough",
+                "host-passthrough has no model to pin; the fingerprint guards it",
+                false,
+            )
+        }
+        CpuMode::Maximum => {
+            return unchanged(
+                "maximum",
+                "maximum has no model to pin; the fingerprint guards it",
+                false,
+            )
+        }
+        CpuMode::Other(ref mode) => {
+            return unchanged(mode, "unknown CPU mode left to libvirt", true);
+        }
+    };
+    let (text, decision) = replacement;
+    let mut out = String::with_capacity(doc.text.len() + text.len());
+    out.push_str(&doc.text[..span.start]);
+    out.push_str(&text);
+    out.push_str(&doc.text[span.end..]);
+    Ok((out, decision))
+}
+
+pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
+    let origin = if call.operation == "restore" {
+        Origin::Restore
+    } else {
+        Origin::Migrate
+    };
+    let refuse = |uuid: Option<&str>, reason: String| {
+        Record::new(Severity::Error, origin.as_str(), "refused")
+            .field("domain", &call.domain)
+            .opt_field("uuid", uuid)
+            .field("reason", &reason)
+            .emit();
+        let what = match origin {
+            Origin::Migrate => "incoming migration",
+            Origin::Restore => "restore",
+        };
+        Outcome::refused(format!(
+            "cpuguard: refusing {what} of {}: {reason}",
+            call.domain
+        ))
+    };
+
+    let config = match strict_config() {
+        Ok(c) => c,
+        Err(e) => {
+            drain(input);
+            return refuse(None, e);
+        }
+    };
+    let (bytes, over) = match read_limited(input, config.max_xml_bytes) {
+        Ok(r) => r,
+        Err(e) => return refuse(None, format!("cannot read the domain XML: {e}")),
+    };
+    if over {
+        return refuse(
+            None,
+            format!(
+                "domain XML is over the {}-byte limit (max_xml_bytes)",
+                config.max_xml_bytes
+            ),
+        );
+    }
+    let doc = match document::parse_bytes(&bytes, config.max_xml_bytes) {
+        Ok(d) => d,
+        Err(e) => return refuse(None, e.to_string()),
+    };
+    let uuid = doc.uuid.as_deref();
+    let (text, decision) = match rewrite_cpu(&doc) {
+        Ok(r) => r,
+        Err(e) => return refuse(uuid, e),
+    };
+    let now = incoming::now();
+    let record = IncomingRecord {
+        domain: call.domain.clone(),
+        uuid: doc.uuid.clone(),
+        origin,
+        created: now,
+        expires: now.saturating_add(config.incoming_ttl_secs),
+    };
+    if let Err(e) = incoming::write(&config.runtime_dir, &record) {
+        return refuse(uuid, e.to_string());
+    }
+    decision
+        .audit(
+            Record::new(decision.severity(), origin.as_str(), decision.action())
+                .field("domain", &call.domain)
+                .opt_field("uuid", uuid),
+        )
+        .emit();
+    Outcome {
+        status: super::EXIT_OK,
+        stdout: text.into_bytes(),
+        stderr: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewrite(xml: &str) -> (String, CpuDecision) {
+        let doc = DomainDocument::parse(xml).expect("parses");
+        rewrite_cpu(&doc).expect("rewrites")
+    }
+
+    #[test]
+    fn real_sample_is_pinned_and_nothing_else_changes() {
+        let xml = include_str!("../../tests/fixtures/xml/libvirt9-migrate-begin.xml");
+        let (out, decision) = rewrite(xml);
+        assert!(matches!(
+            &decision,
+            CpuDecision::Pinned { model, changes } if model == "EPYC-Milan" && changes.len() == 1
+        ));
+        assert_eq!(
+            out,
+            xml.replacen(
+                "<cpu mode='custom' match='exact' check='partial'>",
+                "<cpu mode='custom' match='exact' check='full'>",
+                1
+            )
+        );
+    }
+
+    #[test]
+    fn passthrough_maximum_and_absent_cpu_are_left_alone() {
+        for xml in [
+            "<domain><cpu mode='host-passthrough' check='none' migratable='on'/></domain>",
+            "<domain><cpu mode='maximum'/></domain>",
+            "<domain><name>x</name></domain>",
+            "<domain><cpu><topology sockets='1' cores='1' threads='1'/></cpu></domain>",
+        ] {
+            let (out, decision) = rewrite(xml);
+            assert_eq!(out, xml);
+            assert!(matches!(decision, CpuDecision::Unchanged { .. }), "{xml}");
+        }
+    }
+
+    #[test]
+    fn host_model_without_stamp_is_a_warning() {
+        let xml = "<domain><cpu mode='host-model' check='partial'/></domain>";
+        let (out, decision) = rewrite(xml);
+        assert_eq!(out, xml);
+        assert_eq!(decision.severity(), Severity::Warning);
+    }
+
+    #[test]
+    fn host_model_with_stamp_becomes_the_stamped_cpu() {
+        let xml = format!(
+            "<domain>\n  <cpu mode='host-model' check='partial'/>\n  <metadata>\n    <cg:stamp xmlns:cg=\"{}\" digest='sha256:ab'>\n      <cpu mode='custom' match='exact' check='full'>\n        <model fallback='forbid'>Nehalem</model>\n      </cpu>\n    </cg:stamp>\n  </metadata>\n</domain>",
+            crate::domain::metadata::STAMP_NS
+        );
+        let (out, decision) = rewrite(&xml);
+        assert!(matches!(
+            &decision,
+            CpuDecision::ReplacedHostModel { model, .. } if model == "Nehalem"
+        ));
+        let doc = DomainDocument::parse(&out).expect("output parses");
+        let cpu = CpuElement::parse(doc.slice(doc.cpu.expect("cpu"))).expect("cpu parses");
+        assert_eq!(cpu.mode, CpuMode::Custom);
+        assert_eq!(cpu.model_name(), Some("Nehalem"));
+        // The metadata (and the stamp inside it) is untouched.
+        let meta = doc.slice(doc.metadata.expect("metadata"));
+        assert!(xml.contains(meta));
+    }
+}

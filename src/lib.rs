@@ -1,0 +1,15 @@
+//! cpuguard: refuse live migrations of KVM guests whose CPU would change.
+//!
+//! The library holds every domain concept; `src/main.rs` only dispatches between the libvirt hook
+//! protocol and the operator CLI. Nothing in this crate links libvirt, so the hook path stays as
+//! cheap as a trivial binary (libvirt costs ~14 ms per exec just to load).
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod cpuid;
+pub mod domain;
+pub mod fsutil;
+pub mod hook;
+pub mod incoming;
+pub mod probe;

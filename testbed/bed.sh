@@ -1,0 +1,441 @@
+#!/usr/bin/env bash
+# cpuguard test bed: two libvirt "hosts" on one machine, a real syslog daemon, real live migration.
+#
+# Each host (a, b) runs its own virtlogd + libvirtd in a private mount and UTS namespace, with
+# private copies of /etc/libvirt, /var/lib/libvirt, /var/cache/libvirt, /var/log/libvirt, /run/libvirt
+# and of cpuguard's own /etc/cpuguard, /var/cache/cpuguard, /run/cpuguard. Host A is namespaced too
+# (not the machine's ordinary daemon) so that the bed never touches the machine's libvirt state and
+# never collides with a libvirtd the machine already runs.
+#
+#   host A: hostname cpuguard-bed-a, qemu+tcp://127.0.0.1:16510/system, migration port 49153
+#   host B: hostname cpuguard-bed-b, qemu+tcp://127.0.0.2:16510/system, migration port 49152
+#
+# Subcommands: up | down | status | install-hook PATH | uninstall-hook | restart [a|b]
+#              virsh-a ARGS... | virsh-b ARGS... | uri-a | uri-b | exec-a CMD... | exec-b CMD...
+#              define-guest NAME [CPU-XML-FILE] | firmware-path | audit-log | state-dir
+set -euo pipefail
+
+BED_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+STATE="${CPUGUARD_TESTBED_DIR:-/var/tmp/cpuguard-testbed}"
+SYSLOG_DIR="$STATE/syslog"
+AUDIT_LOG="$SYSLOG_DIR/cpuguard.log"
+ALL_LOG="$SYSLOG_DIR/all.log"
+FIRMWARE="$STATE/images/heartbeat.bin"
+HEARTBEAT_READY=/tmp/heartbeat-ready
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
+
+# Mount points each host namespace needs: cpuguard's own directories and /run/libvirt. The bed
+# creates the missing ones (empty) and removes them again at `down`.
+MOUNT_POINTS=(/etc/cpuguard /var/cache/cpuguard /run/cpuguard /run/libvirt)
+
+log() { printf 'bed: %s\n' "$*" >&2; }
+die() { printf 'bed: error: %s\n' "$*" >&2; exit 1; }
+
+host_addr() { case "$1" in a) echo 127.0.0.1 ;; b) echo 127.0.0.2 ;; *) die "unknown host '$1'" ;; esac; }
+host_uuid() { case "$1" in a) echo 6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a ;; b) echo 6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b ;; esac; }
+host_uri() { echo "qemu+unix:///system?socket=$STATE/$1/run/libvirt-sock"; }
+
+# --- processes -------------------------------------------------------------------------------------
+
+# pid_alive PIDFILE COMM: the pid in PIDFILE is alive and is the program COMM (guards against a
+# recycled pid after a crash).
+pid_alive() {
+    local pidfile=$1 comm=$2 pid
+    [[ -s $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ -r /proc/$pid/comm ]] || return 1
+    [[ $(<"/proc/$pid/comm") == "$comm"* ]]
+}
+
+# stop_pidfile PIDFILE COMM: TERM, then KILL after 10 s, only the process named in PIDFILE.
+stop_pidfile() {
+    local pidfile=$1 comm=$2 pid i
+    if pid_alive "$pidfile" "$comm"; then
+        pid=$(<"$pidfile")
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 100; i++)); do
+            pid_alive "$pidfile" "$comm" || break
+            sleep 0.1
+        done
+        if pid_alive "$pidfile" "$comm"; then
+            log "$comm ($pid) ignored SIGTERM, killing"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 0.2
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
+wait_for() { # wait_for SECONDS DESCRIPTION CMD...
+    local secs=$1 what=$2 i
+    shift 2
+    for ((i = 0; i < secs * 10; i++)); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    die "timed out after ${secs}s waiting for $what"
+}
+
+# --- syslog ----------------------------------------------------------------------------------------
+
+# Our rsyslogd serves /dev/log itself when the machine has no syslog ("devlog" mode). When the
+# machine already has one, ours listens on a private socket that each host namespace bind-mounts
+# over /dev/log ("private" mode), so the hook still logs to /dev/log and the machine's syslog is left
+# alone.
+syslog_socket() {
+    if [[ $(cat "$SYSLOG_DIR/mode" 2>/dev/null) == devlog ]]; then echo /dev/log; else echo "$SYSLOG_DIR/log.sock"; fi
+}
+
+socket_listening() { ss -xl 2>/dev/null | grep -qF " $1 "; }
+
+syslog_up() {
+    mkdir -p "$SYSLOG_DIR/work"
+    if pid_alive "$SYSLOG_DIR/rsyslogd.pid" rsyslogd && socket_listening "$(syslog_socket)"; then
+        return 0
+    fi
+    stop_pidfile "$SYSLOG_DIR/rsyslogd.pid" rsyslogd
+    local mode sock
+    if [[ -e /dev/log || -L /dev/log ]] && socket_listening "$(readlink -f /dev/log)"; then
+        mode=private
+        sock="$SYSLOG_DIR/log.sock"
+    else
+        # A /dev/log nobody listens on is left over from a crashed syslog daemon.
+        [[ -S /dev/log ]] && rm -f /dev/log
+        mode=devlog
+        sock=/dev/log
+    fi
+    rm -f "$SYSLOG_DIR/log.sock"
+    echo "$mode" >"$SYSLOG_DIR/mode"
+    touch "$AUDIT_LOG" "$ALL_LOG"
+    cat >"$SYSLOG_DIR/rsyslog.conf" <<EOF
+# Written by testbed/bed.sh: cpuguard's audit lines in their own file, everything in all.log.
+global(workDirectory="$SYSLOG_DIR/work")
+module(load="imuxsock" SysSock.Name="$sock" SysSock.RateLimit.Interval="0")
+:programname, isequal, "cpuguard" action(type="omfile" file="$AUDIT_LOG" template="RSYSLOG_FileFormat")
+*.* action(type="omfile" file="$ALL_LOG" template="RSYSLOG_FileFormat")
+EOF
+    rsyslogd -f "$SYSLOG_DIR/rsyslog.conf" -i "$SYSLOG_DIR/rsyslogd.pid"
+    wait_for 10 "rsyslogd to listen on $sock" socket_listening "$sock"
+    log "rsyslogd up ($mode mode, socket $sock, audit file $AUDIT_LOG)"
+}
+
+syslog_down() {
+    local mode
+    mode=$(cat "$SYSLOG_DIR/mode" 2>/dev/null || true)
+    stop_pidfile "$SYSLOG_DIR/rsyslogd.pid" rsyslogd
+    # rsyslogd leaves its socket behind; /dev/log is removed only if it was ours.
+    if [[ $mode == devlog && -S /dev/log ]] && ! socket_listening /dev/log; then rm -f /dev/log; fi
+    rm -f "$SYSLOG_DIR/log.sock"
+}
+
+# --- hosts -----------------------------------------------------------------------------------------
+
+host_dir() { echo "$STATE/$1"; }
+
+prepare_host_tree() {
+    local h=$1 d
+    d=$(host_dir "$h")
+    rm -rf "$d"
+    mkdir -p "$d"/{etc,lib,cache,log,run,cpuguard-etc,cpuguard-cache,cpuguard-run}
+    cp -a /etc/libvirt/. "$d/etc/"
+    cp -a /var/lib/libvirt/. "$d/lib/"
+    # QEMU capability cache is valid for both hosts (same binaries) and saves ~1 s per start.
+    cp -a /var/cache/libvirt/. "$d/cache/"
+    mkdir -p "$d/log/qemu" "$d/etc/hooks"
+    rm -f "$d/etc/hooks/qemu"
+    # No network is needed (a migration guest has no NIC); an autostarted default network would
+    # start dnsmasq and a bridge on the machine.
+    rm -f "$d/etc/qemu/networks/autostart/"*.xml
+    cat >>"$d/etc/libvirtd.conf" <<EOF
+
+# --- cpuguard test bed, host $h ---
+host_uuid = "$(host_uuid "$h")"
+listen_tls = 0
+listen_tcp = 1
+listen_addr = "$(host_addr "$h")"
+tcp_port = "16510"
+auth_tcp = "none"
+auth_unix_rw = "none"
+log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
+EOF
+    cat >>"$d/etc/qemu.conf" <<EOF
+
+# --- cpuguard test bed, host $h ---
+# Both hosts share this machine's cgroup tree: a guest migrating between them would exist twice
+# under the same cgroup name, which real separate hosts never do.
+cgroup_controllers = [ ]
+# Guests read the firmware and write serial files under $STATE.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+security_driver = "none"
+EOF
+}
+
+# Runs inside the fresh namespace of host $1 (started through unshare by host_up).
+ns_init() {
+    local h=$1 d sock
+    d=$(host_dir "$h")
+    hostname "cpuguard-bed-$h"
+    mount --bind "$d/etc" /etc/libvirt
+    mount --bind "$d/lib" /var/lib/libvirt
+    mount --bind "$d/cache" /var/cache/libvirt
+    mount --bind "$d/log" /var/log/libvirt
+    mount --bind "$d/run" /run/libvirt
+    mount --bind "$d/cpuguard-etc" /etc/cpuguard
+    mount --bind "$d/cpuguard-cache" /var/cache/cpuguard
+    mount --bind "$d/cpuguard-run" /run/cpuguard
+    sock=$(syslog_socket)
+    if [[ $sock != /dev/log ]]; then mount --bind "$sock" /dev/log; fi
+    virtlogd -d -p "$d/virtlogd.pid"
+}
+
+ns_pid() { cat "$(host_dir "$1")/virtlogd.pid"; }
+
+in_ns() { # in_ns HOST CMD...: run CMD in the host's namespaces (kept alive by its virtlogd)
+    local h=$1
+    shift
+    pid_alive "$(host_dir "$h")/virtlogd.pid" virtlogd || die "host $h is not up"
+    nsenter -t "$(ns_pid "$h")" -m -u -- "$@"
+}
+
+virsh_ok() { virsh -q -c "$(host_uri "$1")" version; }
+
+start_libvirtd() {
+    local h=$1 d
+    d=$(host_dir "$h")
+    in_ns "$h" libvirtd --listen -d -p "$d/libvirtd.pid"
+    local i
+    for ((i = 0; i < 600; i++)); do
+        virsh_ok "$h" >/dev/null 2>&1 && return 0
+        if ((i > 20)) && ! pid_alive "$d/libvirtd.pid" libvirtd; then
+            tail -n 5 "$d/log/libvirtd.log" >&2 || true
+            die "libvirtd of host $h exited during start (log: $d/log/libvirtd.log)"
+        fi
+        sleep 0.1
+    done
+    die "timed out after 60s waiting for libvirtd of host $h to answer"
+}
+
+host_up() {
+    local h=$1 d
+    d=$(host_dir "$h")
+    prepare_host_tree "$h"
+    unshare -m -u --propagation private -- "$BED_DIR/bed.sh" _ns-init "$h"
+    wait_for 10 "virtlogd of host $h" pid_alive "$d/virtlogd.pid" virtlogd
+    start_libvirtd "$h"
+    log "host $h up: $(host_uri "$h")"
+}
+
+# Guests are QEMU processes the bed started through libvirt: destroy them through libvirt, then kill
+# any left by pid file (e.g. after libvirtd crashed).
+host_guests_down() {
+    local h=$1 d name pidfile
+    d=$(host_dir "$h")
+    if pid_alive "$d/libvirtd.pid" libvirtd; then
+        while read -r name; do
+            [[ -n $name ]] && virsh -q -c "$(host_uri "$h")" destroy "$name" >/dev/null 2>&1 || true
+        done < <(virsh -q -c "$(host_uri "$h")" list --name 2>/dev/null || true)
+    fi
+    for pidfile in "$d"/run/qemu/*.pid; do
+        [[ -e $pidfile ]] || continue
+        stop_pidfile "$pidfile" qemu-system
+    done
+}
+
+host_down() {
+    local h=$1 d
+    d=$(host_dir "$h")
+    [[ -d $d ]] || return 0
+    host_guests_down "$h"
+    stop_pidfile "$d/libvirtd.pid" libvirtd
+    stop_pidfile "$d/virtlogd.pid" virtlogd
+    # The namespace, and with it every bind mount, ends with its last process.
+}
+
+host_healthy() {
+    local d
+    d=$(host_dir "$1")
+    pid_alive "$d/virtlogd.pid" virtlogd && pid_alive "$d/libvirtd.pid" libvirtd && virsh_ok "$1" >/dev/null 2>&1
+}
+
+# --- firmware --------------------------------------------------------------------------------------
+
+# The heartbeat firmware when the cpuguard binary can write it; until then a 64 KiB image of 'hlt'
+# (0xF4): the CPU halts at the reset vector and, if ever woken, wraps around onto another hlt.
+make_firmware() {
+    mkdir -p "$(dirname "$FIRMWARE")"
+    local cpuguard="${CPUGUARD_BIN:-$BED_DIR/../target/debug/cpuguard}"
+    if [[ -e $HEARTBEAT_READY && -x $cpuguard ]] && "$cpuguard" firmware heartbeat "$FIRMWARE.new" 2>/dev/null; then
+        mv "$FIRMWARE.new" "$FIRMWARE"
+        echo heartbeat >"$FIRMWARE.kind"
+    else
+        rm -f "$FIRMWARE.new"
+        head -c 65536 /dev/zero | tr '\0' '\364' >"$FIRMWARE"
+        echo hlt >"$FIRMWARE.kind"
+    fi
+}
+
+# --- subcommands -----------------------------------------------------------------------------------
+
+require_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (starts libvirtd, mounts)"; }
+
+cmd_up() {
+    require_root
+    for tool in libvirtd virtlogd virsh rsyslogd qemu-system-x86_64 unshare nsenter ss; do
+        command -v "$tool" >/dev/null || die "$tool not found: run testbed/install-deps.sh"
+    done
+    mkdir -p "$STATE"
+    exec 9>"$STATE/.lock"
+    flock 9
+    syslog_up
+    if host_healthy a && host_healthy b; then
+        log "already up"
+        return 0
+    fi
+    # Anything half-up is left over from a crashed run: start both hosts from scratch.
+    host_down a
+    host_down b
+    local dir
+    : >"$STATE/created-dirs.new"
+    for dir in "${MOUNT_POINTS[@]}"; do
+        if [[ ! -d $dir ]]; then
+            mkdir -p "$dir"
+            echo "$dir" >>"$STATE/created-dirs.new"
+        fi
+    done
+    cat "$STATE/created-dirs.new" >>"$STATE/created-dirs"
+    rm -f "$STATE/created-dirs.new"
+    make_firmware
+    mkdir -p "$STATE/guests"
+    host_up a
+    host_up b
+}
+
+cmd_down() {
+    require_root
+    [[ -d $STATE ]] || return 0
+    exec 9>"$STATE/.lock"
+    flock 9
+    host_down b
+    host_down a
+    syslog_down
+    local dir
+    if [[ -f $STATE/created-dirs ]]; then
+        # Only the empty mount points the bed created itself.
+        while read -r dir; do
+            [[ -n $dir ]] && rmdir "$dir" 2>/dev/null || true
+        done <"$STATE/created-dirs"
+        rm -f "$STATE/created-dirs"
+    fi
+    log "down"
+}
+
+cmd_status() {
+    local h d rc=0
+    for h in a b; do
+        d=$(host_dir "$h")
+        if host_healthy "$h"; then
+            echo "host $h: up (libvirtd $(cat "$d/libvirtd.pid"), virtlogd $(cat "$d/virtlogd.pid")) $(host_uri "$h")"
+            virsh -q -c "$(host_uri "$h")" list --all | sed 's/^/    /'
+            [[ -x $d/etc/hooks/qemu ]] && echo "    hook: $d/etc/hooks/qemu" || echo "    hook: none"
+        else
+            echo "host $h: down"
+            rc=1
+        fi
+    done
+    if pid_alive "$SYSLOG_DIR/rsyslogd.pid" rsyslogd; then
+        echo "syslog: up ($(cat "$SYSLOG_DIR/mode") mode), audit lines in $AUDIT_LOG"
+    else
+        echo "syslog: down"
+        rc=1
+    fi
+    return $rc
+}
+
+restart_hosts() {
+    local h
+    for h in "$@"; do
+        host_healthy "$h" || die "host $h is not up (run: bed.sh up)"
+        stop_pidfile "$(host_dir "$h")/libvirtd.pid" libvirtd
+        start_libvirtd "$h"
+    done
+}
+
+cmd_install_hook() {
+    require_root
+    local src=${1:-}
+    [[ -n $src && -f $src && -x $src ]] || die "install-hook needs an executable file, got '${src}'"
+    local h
+    for h in a b; do
+        install -m 0755 "$src" "$(host_dir "$h")/etc/hooks/qemu.new"
+        mv "$(host_dir "$h")/etc/hooks/qemu.new" "$(host_dir "$h")/etc/hooks/qemu"
+    done
+    # libvirt looks for hook scripts only when the daemon starts.
+    restart_hosts a b
+    log "hook installed on both hosts: $src"
+}
+
+cmd_uninstall_hook() {
+    require_root
+    local h
+    for h in a b; do rm -f "$(host_dir "$h")/etc/hooks/qemu"; done
+    restart_hosts a b
+    log "hook removed from both hosts"
+}
+
+# define-guest NAME [CPU-XML-FILE]: define (not start) a guest on host A from guest.xml.in.
+cmd_define_guest() {
+    local name=${1:-} cpu_file=${2:-} cpu xml
+    [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || die "define-guest needs a NAME of [A-Za-z0-9_.-], got '$name'"
+    if [[ -n $cpu_file ]]; then
+        cpu=$(<"$cpu_file") || die "cannot read CPU XML file $cpu_file"
+    else
+        cpu="<cpu mode='custom' match='exact' check='partial'><model fallback='allow'>qemu64</model></cpu>"
+    fi
+    [[ -f $FIRMWARE ]] || make_firmware
+    mkdir -p "$STATE/guests"
+    : >"$STATE/guests/$name.serial"
+    xml=$(NAME=$name FIRMWARE=$FIRMWARE SERIAL="$STATE/guests/$name.serial" CPU=$cpu \
+        awk '{ gsub(/@NAME@/, ENVIRON["NAME"]); gsub(/@FIRMWARE@/, ENVIRON["FIRMWARE"]);
+               gsub(/@SERIAL@/, ENVIRON["SERIAL"]);
+               if ($0 ~ /@CPU@/) { print ENVIRON["CPU"]; next } print }' "$BED_DIR/guest.xml.in")
+    printf '%s\n' "$xml" >"$STATE/guests/$name.xml"
+    virsh -q -c "$(host_uri a)" define "$STATE/guests/$name.xml" >/dev/null
+    echo "$STATE/guests/$name.xml"
+}
+
+main() {
+    local cmd=${1:-}
+    [[ $# -gt 0 ]] && shift
+    case "$cmd" in
+        up) cmd_up ;;
+        down) cmd_down ;;
+        status) cmd_status ;;
+        install-hook) cmd_install_hook "$@" ;;
+        uninstall-hook) cmd_uninstall_hook ;;
+        restart)
+            require_root
+            if [[ $# -eq 0 ]]; then set -- a b; fi
+            restart_hosts "$@"
+            ;;
+        virsh-a) exec virsh -c "$(host_uri a)" "$@" ;;
+        virsh-b) exec virsh -c "$(host_uri b)" "$@" ;;
+        uri-a) host_uri a ;;
+        uri-b) host_uri b ;;
+        exec-a) in_ns a "$@" ;;
+        exec-b) in_ns b "$@" ;;
+        define-guest) cmd_define_guest "$@" ;;
+        firmware-path) echo "$FIRMWARE" ;;
+        audit-log) echo "$AUDIT_LOG" ;;
+        state-dir) echo "$STATE" ;;
+        _ns-init) ns_init "$@" ;;
+        *)
+            sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+            [[ -z $cmd || $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
+            ;;
+    esac
+}
+
+main "$@"
