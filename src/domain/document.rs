@@ -91,6 +91,9 @@ pub fn parse_bytes(bytes: &[u8], limit: usize) -> Result<DomainDocument<'_>, Doc
     DomainDocument::parse(text)
 }
 
+/// `<domain>` is depth 0; the deepest tracked elements (`<os><type>`, metadata children) are depth 2.
+const TRACKED_DEPTH: usize = 2;
+
 /// The characters a child element's text may carry; `Text` events between them are tracked only
 /// for `<name>` and `<uuid>` under the root.
 #[derive(Clone, Copy, PartialEq)]
@@ -172,7 +175,14 @@ impl<'a> DomainDocument<'a> {
                 }
                 Event::Start(ref e) | Event::Empty(ref e) => {
                     let is_empty = matches!(event, Event::Empty(_));
-                    let local = String::from_utf8_lossy(e.local_name().as_ref()).to_string();
+                    let depth = path.len();
+                    // Only the top three levels hold anything the hook tracks; deeper names are
+                    // not kept, which keeps a large document's parse free of per-element allocs.
+                    let local = if depth <= TRACKED_DEPTH {
+                        String::from_utf8_lossy(e.local_name().as_ref()).to_string()
+                    } else {
+                        String::new()
+                    };
                     if path.is_empty() {
                         if root_seen {
                             return Err(DocumentError::SecondRoot {
@@ -186,8 +196,11 @@ impl<'a> DomainDocument<'a> {
                         }
                     }
                     check_attributes(e.attributes(), start)?;
-                    let depth = path.len();
-                    let slot = doc.classify(&path, &local, ours, e)?;
+                    let slot = if depth <= TRACKED_DEPTH {
+                        doc.classify(&path, &local, ours, e)?
+                    } else {
+                        None
+                    };
                     if let Some(slot) = slot {
                         if is_empty {
                             doc.set(

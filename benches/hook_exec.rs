@@ -1,0 +1,227 @@
+//! What one hook call costs libvirt: fork + exec + the phase + exit, measured side by side with a
+//! trivial Rust program (the floor) and a trivial program that merely links libvirt (what the hook
+//! would cost if it loaded libvirt). Scenarios run round-robin in one process so machine noise
+//! hits them alike.
+//!
+//! Run: `cargo bench --bench hook_exec` (optionally `-- ROUNDS`, default 300).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Scenario {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    stdin: Option<PathBuf>,
+    /// The 1 MiB case is slower by nature; run it every `every`-th round to keep the bench short.
+    every: usize,
+    samples: Vec<Duration>,
+}
+
+fn rustc(src: &str, out: &Path, extra: &[&str]) -> bool {
+    let file = out.with_extension("rs");
+    if fs::write(&file, src).is_err() {
+        return false;
+    }
+    Command::new("rustc")
+        .args(["-C", "opt-level=3", "--edition", "2021", "-o"])
+        .arg(out)
+        .arg(&file)
+        .args(extra)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// A domain XML of about `size` bytes: the real libvirt sample plus another application's metadata.
+fn domain_xml(size: usize) -> String {
+    let sample = include_str!("../tests/fixtures/xml/libvirt9-migrate-begin.xml");
+    if size <= sample.len() {
+        return sample.to_string();
+    }
+    let mut meta = String::from("  <metadata>\n    <app:data xmlns:app='urn:example:app'>\n");
+    let mut i = 0;
+    while sample.len() + meta.len() + 64 < size {
+        meta.push_str(&format!("      <app:item id='{i}'>payload {i:08}</app:item>\n"));
+        i += 1;
+    }
+    meta.push_str("    </app:data>\n  </metadata>\n");
+    sample.replacen("  <cpu ", &format!("{meta}  <cpu "), 1)
+}
+
+fn run_once(s: &Scenario) -> Duration {
+    let stdin = match &s.stdin {
+        Some(p) => fs::File::open(p).map(Stdio::from).unwrap_or(Stdio::null()),
+        None => Stdio::null(),
+    };
+    let start = Instant::now();
+    let status = Command::new(&s.program)
+        .args(&s.args)
+        .stdin(stdin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let elapsed = start.elapsed();
+    match status {
+        Ok(st) if st.success() => elapsed,
+        other => panic!("{}: run failed: {other:?}", s.name),
+    }
+}
+
+fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median = ms(samples[samples.len() / 2]);
+    let p95 = ms(samples[(samples.len() * 95 / 100).min(samples.len() - 1)]);
+    let mean = samples.iter().map(|d| ms(*d)).sum::<f64>() / samples.len() as f64;
+    (median, mean, p95)
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(300);
+    let work = std::env::temp_dir().join(format!("cpuguard-bench-{}", std::process::id()));
+    fs::create_dir_all(&work).expect("bench work dir");
+    let cpuguard = PathBuf::from(env!("CARGO_BIN_EXE_cpuguard"));
+
+    let trivial = work.join("trivial");
+    assert!(
+        rustc("fn main() {}\n", &trivial, &[]),
+        "rustc could not build the trivial baseline"
+    );
+    // Reference only: a trivial program that links libvirt (needs libvirt-dev). It calls one
+    // libvirt function behind a condition that is never true so the library is really loaded.
+    let with_libvirt = work.join("trivial-libvirt");
+    let libvirt_src = "extern \"C\" { fn virGetVersion(l: *mut u64, t: *const i8, v: *mut u64) -> i32; }\n\
+        fn main() { if std::env::args().count() > 99 { unsafe { virGetVersion(std::ptr::null_mut(), std::ptr::null(), std::ptr::null_mut()); } } }\n";
+    let have_libvirt = rustc(libvirt_src, &with_libvirt, &["-l", "virt"]);
+
+    // In production the runtime directory is /run (tmpfs); use tmpfs here too when there is one,
+    // so the record's fsync costs what it costs on a hypervisor.
+    let shm = Path::new("/dev/shm");
+    let run_dir = if shm.is_dir() {
+        shm.join(format!("cpuguard-bench-{}", std::process::id()))
+    } else {
+        work.join("run")
+    };
+    let config = work.join("cpuguard.toml");
+    fs::write(
+        &config,
+        format!("runtime_dir = \"{}\"\n", run_dir.display()),
+    )
+    .expect("bench config");
+    std::env::set_var("CPUGUARD_CONFIG", &config);
+    let xml_4k = work.join("domain-4k.xml");
+    let xml_1m = work.join("domain-1m.xml");
+    fs::write(&xml_4k, domain_xml(4096)).expect("4k xml");
+    fs::write(&xml_1m, domain_xml(1024 * 1024)).expect("1m xml");
+
+    // Distinct names: a migrate run leaves an incoming record that the same name's next prepare
+    // would consume, and that prepare must measure a normal start.
+    let hook = |phase: &str| -> Vec<String> {
+        let name = if phase == "migrate" { "bench-incoming" } else { "bench-normal" };
+        ["hook", "qemu", name, phase, "begin", "-"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let mut scenarios = vec![
+        Scenario {
+            name: "trivial Rust binary",
+            program: trivial.clone(),
+            args: vec![],
+            stdin: Some(xml_4k.clone()),
+            every: 1,
+            samples: vec![],
+        },
+        Scenario {
+            name: "hook no-op phase (started), 4 KiB XML",
+            program: cpuguard.clone(),
+            args: hook("started"),
+            stdin: Some(xml_4k.clone()),
+            every: 1,
+            samples: vec![],
+        },
+        Scenario {
+            name: "hook prepare, normal start, 4 KiB XML",
+            program: cpuguard.clone(),
+            args: hook("prepare"),
+            stdin: Some(xml_4k.clone()),
+            every: 1,
+            samples: vec![],
+        },
+        Scenario {
+            name: "hook migrate phase, 4 KiB XML",
+            program: cpuguard.clone(),
+            args: hook("migrate"),
+            stdin: Some(xml_4k.clone()),
+            every: 1,
+            samples: vec![],
+        },
+        Scenario {
+            name: "hook migrate phase, 1 MiB XML",
+            program: cpuguard.clone(),
+            args: hook("migrate"),
+            stdin: Some(xml_1m.clone()),
+            every: 5,
+            samples: vec![],
+        },
+    ];
+    if have_libvirt {
+        scenarios.push(Scenario {
+            name: "trivial Rust binary linking libvirt",
+            program: with_libvirt,
+            args: vec![],
+            stdin: None,
+            every: 3,
+            samples: vec![],
+        });
+    }
+
+    // Warm the page cache before measuring.
+    for s in &scenarios {
+        run_once(s);
+    }
+    for round in 0..rounds {
+        for s in scenarios.iter_mut() {
+            if round % s.every == 0 {
+                let d = run_once(s);
+                s.samples.push(d);
+            }
+        }
+    }
+
+    let base = {
+        let mut t = scenarios[0].samples.clone();
+        stats(&mut t).0
+    };
+    println!(
+        "cpuguard hook exec cost, {rounds} rounds (wall time per fork+exec+exit, ms)"
+    );
+    println!(
+        "{:<42} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "scenario", "runs", "median", "mean", "p95", "x trivial"
+    );
+    for s in scenarios.iter_mut() {
+        let runs = s.samples.len();
+        let (median, mean, p95) = stats(&mut s.samples);
+        println!(
+            "{:<42} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>9.2}",
+            s.name,
+            runs,
+            median,
+            mean,
+            p95,
+            median / base
+        );
+    }
+    if !have_libvirt {
+        println!("(libvirt-linked baseline skipped: rustc -l virt failed; install libvirt-dev)");
+    }
+    let _ = fs::remove_dir_all(&work);
+    let _ = fs::remove_dir_all(&run_dir);
+}
