@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod cpuid;
 pub mod domain;
+pub mod fingerprint;
 pub mod fsutil;
 pub mod hook;
 pub mod incoming;

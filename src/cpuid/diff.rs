@@ -357,6 +357,17 @@ fn describe_field(
                 db,
             )
         }
+        (0x4000_0001 | 0x4000_0101, Register::Eax)
+            if is_kvm(a, leaf - 1) || is_kvm(b, leaf - 1) =>
+        {
+            let (da, db) = both(&|e| kvm_features(e.eax));
+            field(
+                "KVM paravirtual features",
+                cpuid_location(leaf, 0, register),
+                da,
+                db,
+            )
+        }
         (0x1, Register::Eax) => {
             let (da, db) = both(&|e| family_model_stepping(e.eax));
             field(
@@ -428,6 +439,52 @@ fn describe_field(
             })
         }
     }
+}
+
+/// QEMU's names for the bits of KVM's feature leaf (CPUID.0x40000001:EAX, target/i386/cpu.c
+/// `FEAT_KVM`); libvirt's CPU map does not name them.
+const KVM_FEATURE_NAMES: [(u8, &str); 16] = [
+    (0, "kvmclock"),
+    (1, "kvm-nopiodelay"),
+    (2, "kvm-mmu"),
+    (3, "kvmclock2"),
+    (4, "kvm-asyncpf"),
+    (5, "kvm-steal-time"),
+    (6, "kvm-pv-eoi"),
+    (7, "kvm-pv-unhalt"),
+    (9, "kvm-pv-tlb-flush"),
+    (10, "kvm-asyncpf-vmexit"),
+    (11, "kvm-pv-ipi"),
+    (12, "kvm-poll-control"),
+    (13, "kvm-pv-sched-yield"),
+    (14, "kvm-asyncpf-int"),
+    (15, "kvm-msi-ext-dest-id"),
+    (24, "kvmclock-stable-bit"),
+];
+
+/// Whether `leaf` carries KVM's signature `KVMKVMKVM\0\0\0` (0x40000000, or 0x40000100 when
+/// Hyper-V leaves come first).
+fn is_kvm(table: &CpuidTable, leaf: u32) -> bool {
+    table
+        .get(leaf, 0)
+        .is_some_and(|e| (e.ebx, e.ecx, e.edx) == (0x4b4d_564b, 0x564b_4d56, 0x0000_004d))
+}
+
+fn kvm_features(eax: u32) -> String {
+    let mut names: Vec<String> = Vec::new();
+    let mut known = 0u32;
+    for (bit, name) in KVM_FEATURE_NAMES {
+        known |= 1 << bit;
+        if eax & (1 << bit) != 0 {
+            names.push(name.to_string());
+        }
+    }
+    for bit in 0..32u8 {
+        if eax & !known & (1 << bit) != 0 {
+            names.push(format!("bit{bit}"));
+        }
+    }
+    format!("[{}] ({eax:#010x})", names.join(" "))
 }
 
 fn ascii(bytes: &[u8]) -> String {
@@ -513,7 +570,7 @@ fn deterministic_cache(e: &CpuidEntry) -> String {
 }
 
 fn human_size(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else if bytes >= 1 << 10 {
         format!("{} KiB", bytes >> 10)
@@ -723,6 +780,37 @@ mod tests {
             "{text}"
         );
         assert_eq!(d.fields.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn kvm_leaf_is_decoded_by_qemu_names() {
+        let kvm = |eax| {
+            let mut t = base();
+            t.entries.push(entry(
+                0x4000_0000,
+                0,
+                [0x4000_0001, 0x4b4d564b, 0x564b4d56, 0x4d],
+            ));
+            t.entries.push(entry(0x4000_0001, 0, [eax, 0, 0, 0]));
+            t
+        };
+        let d = diff(&kvm(0x0100_00fb), &kvm(0x0100_007b), &map());
+        assert_eq!(d.fields.len(), 1, "{d}");
+        let f = &d.fields[0];
+        assert_eq!(f.field, "KVM paravirtual features");
+        assert!(
+            f.a.contains("kvm-pv-unhalt") && !f.b.contains("kvm-pv-unhalt"),
+            "{d}"
+        );
+        assert!(f.a.contains("kvmclock-stable-bit"), "{d}");
+        // Without KVM's signature the leaf is somebody else's: shown raw.
+        let mut a = kvm(1);
+        let mut b = kvm(3);
+        for t in [&mut a, &mut b] {
+            t.entries.retain(|e| e.leaf != 0x4000_0000);
+        }
+        let d = diff(&a, &b, &map());
+        assert_eq!(d.fields[0].field, "leaf 0x40000001.0 EAX", "{d}");
     }
 
     #[test]

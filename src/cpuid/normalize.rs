@@ -84,6 +84,22 @@ pub fn standard_masks() -> Vec<Mask> {
             false,
         ),
         Mask::new(
+            0x8000_001e,
+            Some(0),
+            Ebx,
+            0xff,
+            "core ID (CPUID.0x8000001E:EBX[7:0]) names the core of the vCPU that executed CPUID; seen differing between CPU 0 and CPU 1 of one host",
+            false,
+        ),
+        Mask::new(
+            0x8000_001e,
+            Some(0),
+            Ecx,
+            0xff,
+            "node ID (CPUID.0x8000001E:ECX[7:0]) names the node of the vCPU that executed CPUID, not the CPU",
+            false,
+        ),
+        Mask::new(
             0x1,
             Some(0),
             Ecx,
@@ -219,6 +235,29 @@ mod tests {
             "no 0x1F entry to mask"
         );
         assert!(applied.iter().all(|m| !m.reason.is_empty()));
+    }
+
+    #[test]
+    fn masks_per_vcpu_ids_of_amd_and_v2_topology_leaves() {
+        let raw = table(vec![
+            entry(0x1f, 0, [1, 1, 0x100, 3]),
+            entry(0x1f, 1, [5, 2, 0x201, 3]),
+            entry(0x8000_001e, 0, [3, 0x0000_0101, 0x0000_0300, 0]),
+        ]);
+        let (norm, applied) = normalize(&raw);
+        assert_eq!(norm.get(0x1f, 1).unwrap().edx, 0);
+        assert_eq!(norm.get(0x1f, 1).unwrap().eax, 5, "shift width is topology");
+        let ext = norm.get(0x8000_001e, 0).unwrap();
+        assert_eq!(ext.eax, 0, "extended APIC ID");
+        assert_eq!(
+            ext.ebx, 0x100,
+            "threads per core (EBX[15:8]) stays, core ID goes"
+        );
+        assert_eq!(
+            ext.ecx, 0x300,
+            "nodes per processor (ECX[10:8]) stays, node ID goes"
+        );
+        assert_eq!(applied.len(), 4);
     }
 
     #[test]

@@ -1,0 +1,488 @@
+//! The guest-CPUID fingerprint: what a guest with one domain's CPU configuration sees on one host,
+//! as stored on disk (JSON) and compared between source and destination.
+//!
+//! The digest covers only the normalized table, so two hosts offering a guest the same CPU have
+//! the same digest whatever their APIC IDs or TSC frequency. A file whose digest does not match
+//! its table, or written by another format version, is refused rather than trusted.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::cpuid::diff::{diff, Diff};
+use crate::cpuid::dump::{detect_format, parse_dump_as, DumpError, DumpFormat};
+use crate::cpuid::features::FeatureMap;
+use crate::cpuid::normalize::{normalize, Mask};
+use crate::cpuid::table::CpuidTable;
+
+/// Bumped whenever the JSON layout, the masks or the digest's serialization change: fingerprints
+/// of another version are re-measured, never compared.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Facts about the host a fingerprint was measured on; for the operator and the cache key, not
+/// part of the digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub kernel_release: String,
+    pub cpu_model_name: String,
+    pub microcode: String,
+    pub qemu_version: String,
+    /// `kvm` or `tcg`.
+    pub accelerator: String,
+}
+
+impl HostFacts {
+    /// Reads hostname, kernel release, CPU model name and microcode revision of this host from
+    /// `/proc`; a value the kernel does not report (microcode inside a VM) is left empty.
+    pub fn of_this_host(qemu_version: &str, accelerator: &str) -> Self {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        let cpuinfo = read("/proc/cpuinfo");
+        let (cpu_model_name, microcode) = cpuinfo_facts(&cpuinfo);
+        HostFacts {
+            hostname: read("/proc/sys/kernel/hostname"),
+            kernel_release: read("/proc/sys/kernel/osrelease"),
+            cpu_model_name,
+            microcode,
+            qemu_version: qemu_version.to_string(),
+            accelerator: accelerator.to_string(),
+        }
+    }
+}
+
+/// `model name` and `microcode` of the first processor in `/proc/cpuinfo` text.
+pub fn cpuinfo_facts(cpuinfo: &str) -> (String, String) {
+    let mut model = None;
+    let mut microcode = None;
+    for line in cpuinfo.lines() {
+        if line.trim().is_empty() && (model.is_some() || microcode.is_some()) {
+            break; // end of the first processor's block
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        match key.trim() {
+            "model name" => model = model.or(Some(value.trim().to_string())),
+            "microcode" => microcode = microcode.or(Some(value.trim().to_string())),
+            _ => {}
+        }
+    }
+    (model.unwrap_or_default(), microcode.unwrap_or_default())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub format_version: u32,
+    pub host: HostFacts,
+    /// The canonical domain CPU configuration the table was measured for (defined by the probe;
+    /// opaque here).
+    pub config: serde_json::Value,
+    pub raw: CpuidTable,
+    pub normalized: CpuidTable,
+    pub masks: Vec<Mask>,
+    /// `sha256:<hex>` of [`canonical_text`] of `normalized`.
+    pub digest: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FingerprintError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("fingerprint {origin}: not a valid fingerprint JSON: {source}")]
+    Json {
+        origin: String,
+        source: serde_json::Error,
+    },
+    #[error("fingerprint {origin}: format_version {found} is not the supported version {FORMAT_VERSION}; re-measure it")]
+    Version { origin: String, found: String },
+    #[error("fingerprint {origin}: digest {recorded} does not match its normalized table ({computed}); the file is corrupt")]
+    Digest {
+        origin: String,
+        recorded: String,
+        computed: String,
+    },
+    #[error("fingerprint {origin}: normalized table or masks are not those of its raw table; the file is corrupt")]
+    Normalization { origin: String },
+    #[error("{origin}: {source}")]
+    Dump { origin: String, source: DumpError },
+    #[error(
+        "{origin}: neither a fingerprint JSON, a kvm-unit-tests CPUID dump nor 'cpuid -r' output"
+    )]
+    UnknownInput { origin: String },
+    #[error("cannot serialize fingerprint: {0}")]
+    Serialize(serde_json::Error),
+}
+
+/// The text the digest is computed over: one line per entry in table order, then one per MSR,
+/// under a version line. Fixed here rather than borrowed from the dump writer so that a change
+/// of dump format cannot silently change every digest.
+pub fn canonical_text(normalized: &CpuidTable) -> String {
+    let mut table = normalized.clone();
+    table.canonicalize();
+    let mut out = format!("cpuguard normalized cpuid v{FORMAT_VERSION}\n");
+    for e in &table.entries {
+        out.push_str(&format!(
+            "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}\n",
+            e.leaf, e.subleaf, e.eax, e.ebx, e.ecx, e.edx
+        ));
+    }
+    for m in &table.msrs {
+        out.push_str(&format!("msr {:08x}: {:016x}\n", m.index, m.value));
+    }
+    out
+}
+
+/// `sha256:<hex>` of [`canonical_text`].
+pub fn digest_of(normalized: &CpuidTable) -> String {
+    let hash = Sha256::digest(canonical_text(normalized).as_bytes());
+    format!("sha256:{}", hex::encode(hash))
+}
+
+impl Fingerprint {
+    /// Normalizes `raw` and digests the result.
+    pub fn new(host: HostFacts, config: serde_json::Value, raw: CpuidTable) -> Self {
+        let mut raw = raw;
+        raw.canonicalize();
+        let (normalized, masks) = normalize(&raw);
+        let digest = digest_of(&normalized);
+        Fingerprint {
+            format_version: FORMAT_VERSION,
+            host,
+            config,
+            raw,
+            normalized,
+            masks,
+            digest,
+        }
+    }
+
+    /// Reads and checks a fingerprint file (see [`Fingerprint::from_json`]).
+    pub fn load(path: &Path) -> Result<Self, FingerprintError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FingerprintError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses a fingerprint and refuses it when its format version is not [`FORMAT_VERSION`], its
+    /// digest does not match, or its normalized table is not its raw table's normalization.
+    /// `origin` names the input in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self, FingerprintError> {
+        let json_error = |source| FingerprintError::Json {
+            origin: origin.to_string(),
+            source,
+        };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
+        // The version is checked before the layout, so a foreign version is reported as such
+        // rather than as whatever field it renamed.
+        match value.get("format_version") {
+            Some(v) if v.as_u64() == Some(u64::from(FORMAT_VERSION)) => {}
+            found => {
+                return Err(FingerprintError::Version {
+                    origin: origin.to_string(),
+                    found: found.map_or_else(|| "(missing)".to_string(), |v| v.to_string()),
+                })
+            }
+        }
+        let fingerprint: Fingerprint = serde_json::from_value(value).map_err(json_error)?;
+        fingerprint.verify(origin)?;
+        Ok(fingerprint)
+    }
+
+    /// Checks the invariants [`Fingerprint::new`] establishes.
+    pub fn verify(&self, origin: &str) -> Result<(), FingerprintError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(FingerprintError::Version {
+                origin: origin.to_string(),
+                found: self.format_version.to_string(),
+            });
+        }
+        let computed = digest_of(&self.normalized);
+        if computed != self.digest {
+            return Err(FingerprintError::Digest {
+                origin: origin.to_string(),
+                recorded: self.digest.clone(),
+                computed,
+            });
+        }
+        let (normalized, masks) = normalize(&self.raw);
+        if normalized != self.normalized || masks != self.masks {
+            return Err(FingerprintError::Normalization {
+                origin: origin.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> Result<String, FingerprintError> {
+        serde_json::to_string_pretty(self).map_err(FingerprintError::Serialize)
+    }
+}
+
+/// How A (source) differs from B (destination), as the guest would see it.
+pub fn compare(a: &Fingerprint, b: &Fingerprint, features: &FeatureMap) -> Diff {
+    diff(&a.raw, &b.raw, features)
+}
+
+/// What an operator handed to `cpuguard diff`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Fingerprint(Box<Fingerprint>),
+    /// A bare table as JSON (`{"entries": [...], "msrs": [...]}`).
+    TableJson(CpuidTable),
+    Dump {
+        format: DumpFormat,
+        table: CpuidTable,
+    },
+}
+
+impl Input {
+    /// The raw table, whichever form it came in.
+    pub fn raw(&self) -> &CpuidTable {
+        match self {
+            Input::Fingerprint(f) => &f.raw,
+            Input::TableJson(table) | Input::Dump { table, .. } => table,
+        }
+    }
+
+    /// A fingerprint (host facts and configuration empty when the input was only a table).
+    pub fn into_fingerprint(self) -> Fingerprint {
+        match self {
+            Input::Fingerprint(f) => *f,
+            Input::TableJson(table) | Input::Dump { table, .. } => {
+                Fingerprint::new(HostFacts::default(), serde_json::Value::Null, table)
+            }
+        }
+    }
+}
+
+/// Recognizes a fingerprint JSON, a bare table JSON, a kvm-unit-tests dump or `cpuid -r` output.
+pub fn parse_input(text: &str, origin: &str) -> Result<Input, FingerprintError> {
+    if text.trim_start().starts_with('{') {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| FingerprintError::Json {
+                origin: origin.to_string(),
+                source,
+            })?;
+        if value.get("format_version").is_some() || value.get("digest").is_some() {
+            return Fingerprint::from_json(text, origin).map(|f| Input::Fingerprint(Box::new(f)));
+        }
+        let mut table: CpuidTable =
+            serde_json::from_value(value).map_err(|source| FingerprintError::Json {
+                origin: origin.to_string(),
+                source,
+            })?;
+        table.canonicalize();
+        return Ok(Input::TableJson(table));
+    }
+    let format = detect_format(text).ok_or_else(|| FingerprintError::UnknownInput {
+        origin: origin.to_string(),
+    })?;
+    let table = parse_dump_as(text, format).map_err(|source| FingerprintError::Dump {
+        origin: origin.to_string(),
+        source,
+    })?;
+    Ok(Input::Dump { format, table })
+}
+
+pub fn load_input(path: &Path) -> Result<Input, FingerprintError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FingerprintError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_input(&text, &path.display().to_string())
+}
+
+/// `cpuguard diff A B`: loads both inputs (any form [`parse_input`] knows) and explains how A
+/// (source) differs from B (destination).
+pub fn diff_inputs(a: &Path, b: &Path, features: &FeatureMap) -> Result<Diff, FingerprintError> {
+    let a = load_input(a)?;
+    let b = load_input(b)?;
+    Ok(diff(a.raw(), b.raw(), features))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpuid::table::{CpuidEntry, MsrEntry};
+
+    fn raw() -> CpuidTable {
+        let e = |leaf, subleaf, eax, ebx, ecx, edx| CpuidEntry {
+            leaf,
+            subleaf,
+            eax,
+            ebx,
+            ecx,
+            edx,
+        };
+        CpuidTable {
+            entries: vec![
+                e(0x1, 0, 0x000306c1, 0x05080800, 0xfffa3223, 0x178bfbff),
+                e(0x0, 0, 0xd, 0x756e6547, 0x6c65746e, 0x49656e69),
+                e(0x7, 0, 0, 0x7ab, 0, 0),
+                e(0x4000_0010, 0, 0x0027ac40, 0x000f4240, 0, 0),
+            ],
+            msrs: vec![MsrEntry {
+                index: 0x10a,
+                value: 0x2b,
+            }],
+        }
+    }
+
+    fn host() -> HostFacts {
+        HostFacts {
+            hostname: "node1".into(),
+            kernel_release: "6.1.0-18-amd64".into(),
+            cpu_model_name: "Intel(R) Xeon(R) CPU E5-2640 v3 @ 2.60GHz".into(),
+            microcode: "0x49".into(),
+            qemu_version: "7.2.0".into(),
+            accelerator: "tcg".into(),
+        }
+    }
+
+    #[test]
+    fn new_normalizes_and_digests_only_the_normalized_table() {
+        let fp = Fingerprint::new(host(), serde_json::json!({"model": "Haswell-noTSX"}), raw());
+        assert_eq!(fp.format_version, FORMAT_VERSION);
+        assert!(fp.digest.starts_with("sha256:") && fp.digest.len() == 7 + 64);
+        assert_eq!(fp.raw.entries[0].leaf, 0, "raw is canonicalized");
+        assert_eq!(fp.normalized.get(1, 0).unwrap().ebx, 0x00080800);
+        assert!(!fp.masks.is_empty());
+        // Another vCPU's APIC ID and another TSC frequency: same digest.
+        let mut other = raw();
+        other.entries[0].ebx = 0x00080800;
+        other.entries[3].eax = 0x0027ac3d;
+        let fp2 = Fingerprint::new(HostFacts::default(), serde_json::Value::Null, other);
+        assert_eq!(fp.digest, fp2.digest);
+        // A feature bit: different digest.
+        let mut third = raw();
+        third.entries[2].ebx = 0x7a9;
+        assert_ne!(
+            fp.digest,
+            Fingerprint::new(host(), serde_json::Value::Null, third).digest
+        );
+    }
+
+    #[test]
+    fn json_round_trip_and_corruption_checks() {
+        let fp = Fingerprint::new(host(), serde_json::json!({"model": "EPYC"}), raw());
+        let json = fp.to_json().unwrap();
+        assert_eq!(Fingerprint::from_json(&json, "fp.json").unwrap(), fp);
+
+        let mut tampered = fp.clone();
+        tampered.normalized.entries[2].ebx ^= 1;
+        let err = Fingerprint::from_json(&tampered.to_json().unwrap(), "fp.json").unwrap_err();
+        assert!(matches!(err, FingerprintError::Digest { .. }), "{err}");
+        assert!(err.to_string().contains("fp.json") && err.to_string().contains("corrupt"));
+
+        // A consistent digest over a table that is not the raw table's normalization.
+        tampered.digest = digest_of(&tampered.normalized);
+        let err = Fingerprint::from_json(&tampered.to_json().unwrap(), "fp.json").unwrap_err();
+        assert!(
+            matches!(err, FingerprintError::Normalization { .. }),
+            "{err}"
+        );
+
+        let mut value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        value["format_version"] = serde_json::json!(FORMAT_VERSION + 1);
+        let err = Fingerprint::from_json(&value.to_string(), "fp.json").unwrap_err();
+        assert!(matches!(err, FingerprintError::Version { .. }), "{err}");
+        value.as_object_mut().unwrap().remove("format_version");
+        let err = Fingerprint::from_json(&value.to_string(), "fp.json").unwrap_err();
+        assert!(err.to_string().contains("(missing)"), "{err}");
+
+        let err = Fingerprint::from_json("{not json", "fp.json").unwrap_err();
+        assert!(matches!(err, FingerprintError::Json { .. }), "{err}");
+        let err =
+            Fingerprint::from_json(r#"{"format_version": 1, "raw": 3}"#, "fp.json").unwrap_err();
+        assert!(matches!(err, FingerprintError::Json { .. }), "{err}");
+    }
+
+    #[test]
+    fn inputs_of_every_kind_are_recognized() {
+        let fp = Fingerprint::new(host(), serde_json::Value::Null, raw());
+        let input = parse_input(&fp.to_json().unwrap(), "a").unwrap();
+        assert!(matches!(input, Input::Fingerprint(_)));
+        assert_eq!(input.raw(), &fp.raw);
+
+        let table_json = serde_json::to_string(&raw()).unwrap();
+        let input = parse_input(&table_json, "b").unwrap();
+        assert_eq!(input.raw(), &fp.raw);
+        assert_eq!(input.into_fingerprint().digest, fp.digest);
+
+        let dump = crate::cpuid::dump::write_dump(&raw());
+        let input = parse_input(&dump, "c").unwrap();
+        assert!(matches!(
+            input,
+            Input::Dump {
+                format: DumpFormat::KvmUnitTests,
+                ..
+            }
+        ));
+        assert_eq!(input.raw(), &fp.raw);
+
+        let tool = "CPU 0:\n   0x00000000 0x00: eax=0x0000000d ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69\n";
+        let input = parse_input(tool, "d").unwrap();
+        assert!(matches!(
+            input,
+            Input::Dump {
+                format: DumpFormat::CpuidTool,
+                ..
+            }
+        ));
+
+        let err = parse_input("hello world\n", "e").unwrap_err();
+        assert!(
+            matches!(err, FingerprintError::UnknownInput { .. }),
+            "{err}"
+        );
+        let err = parse_input("00000001 00000000: zz\n", "f").unwrap_err();
+        assert!(err.to_string().starts_with("f: CPUID dump line 1"), "{err}");
+    }
+
+    #[test]
+    fn diff_inputs_reads_files_and_compares() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.txt");
+        let fp = Fingerprint::new(host(), serde_json::Value::Null, raw());
+        std::fs::write(&a, fp.to_json().unwrap()).unwrap();
+        let mut lacking = raw();
+        lacking.entries[0].ecx &= !0x20; // leaf 1 (first entry before canonicalizing): vmx
+        std::fs::write(&b, crate::cpuid::dump::write_dump(&lacking)).unwrap();
+        let map = FeatureMap::parse(
+            "<cpus><feature name='vmx'><cpuid eax_in='0x01' ecx='0x00000020'/></feature></cpus>",
+            "map",
+        )
+        .unwrap();
+        let d = diff_inputs(&a, &b, &map).unwrap();
+        assert_eq!(d.lost.len(), 1);
+        assert_eq!(d.lost[0].name, "vmx");
+        let same = diff_inputs(&a, &a, &map).unwrap();
+        assert!(same.is_equivalent());
+        let err = diff_inputs(&a, &dir.path().join("missing"), &map).unwrap_err();
+        assert!(matches!(err, FingerprintError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn cpuinfo_first_processor_facts() {
+        let text = "processor\t: 0\nmodel name\t: AMD EPYC 7763\nmicrocode\t: 0xa0011d1\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(
+            cpuinfo_facts(text),
+            ("AMD EPYC 7763".to_string(), "0xa0011d1".to_string())
+        );
+        assert_eq!(cpuinfo_facts(""), (String::new(), String::new()));
+        let here = HostFacts::of_this_host("7.2.0", "tcg");
+        assert_eq!(here.accelerator, "tcg");
+        assert!(!here.kernel_release.is_empty());
+    }
+}
