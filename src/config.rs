@@ -232,6 +232,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_file_documents_exactly_the_defaults() {
+        let shipped = include_str!("../packaging/cpuguard.toml");
+        assert_eq!(parse(shipped).expect("shipped file parses"), Config::default());
+        // Uncommenting every documented key must still give the defaults: the comments are true.
+        let uncommented: String = shipped
+            .lines()
+            .map(|l| l.strip_prefix('#').filter(|r| r.contains(" = ")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(parse(&uncommented).expect("uncommented parses"), Config::default());
+    }
+
+    #[test]
     fn missing_file_is_defaults_unreadable_is_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("none.toml");

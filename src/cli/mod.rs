@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::Config;
+use crate::cpuid::FeatureMap;
 use crate::domain::document;
 use crate::hook::rewrite_cpu;
 
@@ -52,6 +53,22 @@ enum Command {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Compare two CPUID views: fingerprints (JSON), kvm-unit-tests dumps (`LLLLLLLL SSSSSSSS: EAX
+    /// EBX ECX EDX`) or `cpuid -r` output, in any combination. A is the source, B the destination:
+    /// "lost" features are in A and missing in B.
+    #[command(after_help = "Example: cpuguard diff src.json dst.json\n\
+                            Exit codes: 0 equivalent after normalization (informational differences \
+                            are listed), 1 different, 2 bad input.")]
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print the difference as JSON.
+        #[arg(long)]
+        json: bool,
+        /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
+        #[arg(long)]
+        features: Option<PathBuf>,
+    },
     /// Write one of cpuguard's generated guest firmware images (64 KiB, booted with -bios).
     #[command(after_help = "Example: cpuguard firmware probe /tmp/probe.bin")]
     Firmware {
@@ -88,6 +105,12 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Rewrite { xml } => rewrite(&xml),
         Command::Config { file } => show_config(file),
         Command::Firmware { kind, path } => write_firmware(kind, &path),
+        Command::Diff {
+            a,
+            b,
+            json,
+            features,
+        } => diff(&a, &b, json, features.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -141,6 +164,32 @@ fn show_config(file: Option<PathBuf>) -> Result<i32, String> {
     println!("# settings in force from {}", path.display());
     print!("{text}");
     Ok(EXIT_OK)
+}
+
+pub const EXIT_DIFFERENT: i32 = 1;
+
+fn feature_map(path: Option<&Path>) -> Result<FeatureMap, String> {
+    match path {
+        Some(p) => FeatureMap::load(p),
+        None => FeatureMap::load_default(),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn diff(a: &Path, b: &Path, json: bool, features: Option<&Path>) -> Result<i32, String> {
+    let features = feature_map(features)?;
+    let diff = crate::fingerprint::diff_inputs(a, b, &features).map_err(|e| e.to_string())?;
+    if json {
+        let text = serde_json::to_string_pretty(&diff).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{diff}");
+    }
+    Ok(if diff.is_equivalent() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
 }
 
 fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {
