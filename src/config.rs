@@ -56,6 +56,34 @@ pub struct Config {
     pub incoming_ttl_secs: u64,
     pub probe: ProbeConfig,
     pub policy: PolicyConfig,
+    pub stamp: StampConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StampConfig {
+    /// Stamp every domain after it starts (the `started` hook detaches `cpuguard-libvirt stamp`).
+    pub on_start: bool,
+    /// The libvirt connection the stamp process uses.
+    pub uri: String,
+    /// How often the detached stamp process retries while libvirt finishes the start job.
+    pub retries: u32,
+    pub retry_interval_ms: u64,
+    /// Path of the libvirt-linked helper; empty: next to the `cpuguard` binary, then
+    /// /usr/libexec/cpuguard/cpuguard-libvirt.
+    pub helper: PathBuf,
+}
+
+impl Default for StampConfig {
+    fn default() -> Self {
+        StampConfig {
+            on_start: true,
+            uri: "qemu:///system".into(),
+            retries: 40,
+            retry_interval_ms: 250,
+            helper: PathBuf::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +119,7 @@ impl Default for Config {
             incoming_ttl_secs: 600,
             probe: ProbeConfig::default(),
             policy: PolicyConfig::default(),
+            stamp: StampConfig::default(),
         }
     }
 }
@@ -173,6 +202,9 @@ impl Config {
         }
         if self.probe.timeout_secs == 0 {
             return Err(invalid("probe.timeout_secs", "must be at least 1"));
+        }
+        if !self.stamp.helper.as_os_str().is_empty() && !self.stamp.helper.is_absolute() {
+            return Err(invalid("stamp.helper", "must be an absolute path"));
         }
         if let Some(p) = self.probe.emulators.iter().find(|p| !p.is_absolute()) {
             return Err(invalid(

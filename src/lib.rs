@@ -5,12 +5,17 @@
 //! cheap as a trivial binary (libvirt costs ~14 ms per exec just to load).
 
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod cpuid;
 pub mod domain;
 pub mod fingerprint;
 pub mod fsutil;
+pub mod guard;
+pub mod helper;
 pub mod hook;
 pub mod incoming;
+pub mod measure;
 pub mod probe;
+pub mod stamp;

@@ -7,8 +7,13 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::cpuid::FeatureMap;
+use crate::domain::guest::{Accel, GuestCpuConfig};
+use crate::guard::Decision;
+use crate::incoming::Origin;
+use crate::measure;
 use crate::domain::document;
 use crate::hook::rewrite_cpu;
 
@@ -69,6 +74,46 @@ enum Command {
         #[arg(long)]
         features: Option<PathBuf>,
     },
+    /// Measure this host's fingerprint for a domain: boot the probe under the domain's emulator,
+    /// machine and CPU configuration and print the fingerprint as JSON.
+    #[command(after_help = "Example: virsh dumpxml web1 > web1.xml && cpuguard probe --xml web1.xml > here.json\n\
+                            Exit codes: 0 measured, 2 error (bad XML, emulator not allowed, probe failed or timed out).")]
+    Probe {
+        /// Domain XML file, or `-` for stdin.
+        #[arg(long)]
+        xml: PathBuf,
+        /// Answer from the fingerprint cache when it has this configuration (and store a new one).
+        #[arg(long)]
+        cached: bool,
+        /// Run the probe under TCG whatever the domain's type (to compare with a TCG host).
+        #[arg(long)]
+        tcg: bool,
+    },
+    /// The decision the destination's hook would make for a stamped domain, without migrating:
+    /// run it on the candidate destination with the source's domain XML.
+    #[command(after_help = "Example: virsh -c qemu+ssh://src/system dumpxml web1 | ssh dst cpuguard check --xml -\n\
+                            Exit codes: 0 go, 1 no-go (the reasons follow), 2 error.")]
+    Check {
+        /// Domain XML (with cpuguard's stamp), or `-` for stdin.
+        #[arg(long, default_value = "-")]
+        xml: PathBuf,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt).
+    #[command(after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
+                            Exit codes: 0 all stamped, 1 some not stamped, 2 error.")]
+    Stamp {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// The fingerprint cache: list its entries or clear it.
+    #[command(after_help = "Examples: cpuguard cache list --json\n          cpuguard cache clear")]
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
     /// Write one of cpuguard's generated guest firmware images (64 KiB, booted with -bios).
     #[command(after_help = "Example: cpuguard firmware probe /tmp/probe.bin")]
     Firmware {
@@ -76,6 +121,17 @@ enum Command {
         /// Where to write the image.
         path: PathBuf,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheAction {
+    /// One line per entry (or JSON).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every entry.
+    Clear,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -105,6 +161,10 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Rewrite { xml } => rewrite(&xml),
         Command::Config { file } => show_config(file),
         Command::Firmware { kind, path } => write_firmware(kind, &path),
+        Command::Probe { xml, cached, tcg } => probe(&xml, cached, tcg),
+        Command::Check { xml, json } => check(&xml, json),
+        Command::Stamp { args } => run_helper("stamp", &args),
+        Command::Cache { action } => cache(action),
         Command::Diff {
             a,
             b,
@@ -190,6 +250,123 @@ fn diff(a: &Path, b: &Path, json: bool, features: Option<&Path>) -> Result<i32, 
     } else {
         EXIT_DIFFERENT
     })
+}
+
+fn load_config() -> Result<Config, String> {
+    Config::load().map_err(|e| e.to_string())
+}
+
+fn probe(xml: &Path, cached: bool, tcg: bool) -> Result<i32, String> {
+    let config = load_config()?;
+    let bytes = read_input(xml, config.max_xml_bytes)?;
+    let doc = document::parse_bytes(&bytes, config.max_xml_bytes)
+        .map_err(|e| format!("{}: {e}", xml.display()))?;
+    let guest = GuestCpuConfig::from_domain_xml(doc.text)
+        .map_err(|e| format!("{}: {e}", xml.display()))?;
+    let accel = tcg.then_some(Accel::Tcg);
+    let fingerprint = if cached {
+        measure::for_guest(&guest, &config, accel)
+            .map(|m| m.fingerprint)
+            .map_err(|e| e.to_string())?
+    } else {
+        measure::probe_now(&guest, &config, accel).map_err(|e| e.to_string())?
+    };
+    let json = fingerprint.to_json().map_err(|e| e.to_string())?;
+    println!("{json}");
+    Ok(EXIT_OK)
+}
+
+fn check(xml: &Path, json: bool) -> Result<i32, String> {
+    let config = load_config()?;
+    let bytes = read_input(xml, config.max_xml_bytes)?;
+    let doc = document::parse_bytes(&bytes, config.max_xml_bytes)
+        .map_err(|e| format!("{}: {e}", xml.display()))?;
+    let name = doc.display_name("domain").to_string();
+    let assessment = crate::hook::assess(&doc, &name, Origin::Migrate, &config)?;
+    let (go, reason, lines) = match &assessment.decision {
+        Decision::Allow {
+            reason,
+            informational,
+            ..
+        } => (true, reason.clone(), informational.clone()),
+        Decision::Refuse { reason, message } => (
+            false,
+            reason.clone(),
+            message.lines().skip(1).map(|l| l.trim().to_string()).collect(),
+        ),
+    };
+    if json {
+        let v = serde_json::json!({
+            "domain": name,
+            "go": go,
+            "reason": reason,
+            "details": lines,
+            "source_digest": assessment.stamp.as_ref().and_then(|s| s.digest.clone()),
+            "local_digest": assessment.measured.as_ref().and_then(|m| m.as_ref().ok()).map(|m| m.fingerprint.digest.clone()),
+        });
+        println!("{v:#}");
+    } else {
+        match &assessment.decision {
+            Decision::Allow { .. } => {
+                println!("go: {name}: {reason}");
+                for l in &lines {
+                    println!("  informational: {l}");
+                }
+            }
+            Decision::Refuse { message, .. } => {
+                println!("no-go: {}", message.trim_start_matches("cpuguard: "));
+            }
+        }
+    }
+    Ok(if go { EXIT_OK } else { EXIT_DIFFERENT })
+}
+
+/// Runs `cpuguard-libvirt SUBCOMMAND ARGS…` (the only program that links libvirt) and returns its
+/// exit status.
+fn run_helper(subcommand: &str, args: &[OsString]) -> Result<i32, String> {
+    let config = load_config()?;
+    let helper = crate::helper::locate(&config)?;
+    let status = std::process::Command::new(&helper)
+        .arg(subcommand)
+        .args(args)
+        .status()
+        .map_err(|e| format!("{}: {e}", helper.display()))?;
+    Ok(status.code().unwrap_or(EXIT_ERROR))
+}
+
+fn cache(action: CacheAction) -> Result<i32, String> {
+    let config = load_config()?;
+    let cache = Cache::open(&config.cache_dir).map_err(|e| e.to_string())?;
+    match action {
+        CacheAction::List { json } => {
+            let entries = cache.list().map_err(|e| e.to_string())?;
+            if json {
+                let text = serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?;
+                println!("{text}");
+            } else {
+                for e in &entries {
+                    let problem = e.problem.as_ref().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default();
+                    println!(
+                        "{}  {} {}  {} {}  {}  {}{}",
+                        &e.digest[..e.digest.len().min(16)],
+                        e.mode.as_deref().unwrap_or("-"),
+                        e.model.as_deref().unwrap_or("-"),
+                        e.machine.as_deref().unwrap_or("-"),
+                        e.accel.as_deref().unwrap_or("-"),
+                        e.emulator.as_deref().unwrap_or("-"),
+                        e.fingerprint_digest.as_deref().unwrap_or("-"),
+                        problem
+                    );
+                }
+                println!("{} entries in {}", entries.len(), cache.dir().display());
+            }
+        }
+        CacheAction::Clear => {
+            let n = cache.clear().map_err(|e| e.to_string())?;
+            println!("removed {n} entries from {}", cache.dir().display());
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {

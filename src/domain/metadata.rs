@@ -9,6 +9,7 @@
 //!   <cpuguard:stamp xmlns:cpuguard="http://cpuguard.dev/xmlns/stamp/1"
 //!                   version="1" host="hv-old-01" time="2026-11-22T05:00:00Z" digest="sha256:…">
 //!     <cpu mode='custom' match='exact' check='full'>…the source's live, expanded CPU…</cpu>
+//!     <table>…the source guest's raw CPUID table, kvm-unit-tests dump lines…</table>
 //!   </cpuguard:stamp>
 //!   <cpuguard-policy:policy xmlns:cpuguard-policy="http://cpuguard.dev/xmlns/policy/1"
 //!                           guard="off" reason="ticket 4711"/>
@@ -41,15 +42,41 @@ pub fn classify_namespace(uri: &[u8]) -> Option<Namespace> {
     }
 }
 
+/// Version of the stamp element's content.
+pub const STAMP_VERSION: &str = "1";
+/// The prefix libvirt gives the stamp element (`virsh metadata --key`).
+pub const STAMP_KEY: &str = "cpuguard";
+/// The prefix for the policy element.
+pub const POLICY_KEY: &str = "cpuguard-policy";
+
 /// What the hook reads back from a stamp element (the document was already checked whole).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stamp {
     pub version: Option<String>,
     pub host: Option<String>,
     pub time: Option<String>,
+    /// Digest of the source's normalized table (`sha256:…`), as the source computed it.
     pub digest: Option<String>,
     /// Span of the stamped `<cpu>` child, relative to the stamp element's text.
     pub cpu: Option<Span>,
+    /// The `<table>` child's text: the source guest's raw CPUID table as dump lines.
+    pub table: Option<String>,
+}
+
+/// Builds the stamp element handed to `virDomainSetMetadata` (libvirt adds the namespace).
+pub fn stamp_element(host: &str, time: &str, digest: &str, cpu_xml: &str, table_dump: &str) -> String {
+    format!(
+        "<stamp version='{STAMP_VERSION}' host='{}' time='{}' digest='{}'>\n{}\n<table>\n{}</table>\n</stamp>",
+        escape_attr(host),
+        escape_attr(time),
+        escape_attr(digest),
+        cpu_xml.trim(),
+        quick_xml::escape::escape(table_dump)
+    )
+}
+
+fn escape_attr(s: &str) -> String {
+    quick_xml::escape::escape(s).replace('\'', "&apos;")
 }
 
 impl Stamp {
@@ -61,6 +88,8 @@ impl Stamp {
         reader.config_mut().trim_text(false);
         let mut depth = 0usize;
         let mut cpu_start: Option<(usize, usize)> = None;
+        let mut in_table = false;
+        let mut table = String::new();
         loop {
             let start = reader.buffer_position() as usize;
             let Ok(event) = reader.read_event() else {
@@ -76,6 +105,11 @@ impl Stamp {
                         stamp.host = attribute(e, "host");
                         stamp.time = attribute(e, "time");
                         stamp.digest = attribute(e, "digest");
+                    } else if depth == 1 && e.local_name().as_ref() == b"table" {
+                        in_table = !empty;
+                        if empty {
+                            stamp.table.get_or_insert_with(String::new);
+                        }
                     } else if depth == 1 && e.local_name().as_ref() == b"cpu" {
                         if empty {
                             stamp.cpu.get_or_insert(Span {
@@ -91,8 +125,20 @@ impl Stamp {
                         depth += 1;
                     }
                 }
+                Event::Text(t) if in_table && depth == 2 => {
+                    if let Ok(text) = t.unescape() {
+                        table.push_str(&text);
+                    }
+                }
+                Event::CData(t) if in_table && depth == 2 => {
+                    table.push_str(&String::from_utf8_lossy(&t));
+                }
                 Event::End(_) => {
                     depth = depth.saturating_sub(1);
+                    if depth == 1 && in_table {
+                        in_table = false;
+                        stamp.table.get_or_insert(std::mem::take(&mut table));
+                    }
                     if depth == 1 {
                         if let Some((start, tag_end)) = cpu_start.take() {
                             stamp.cpu.get_or_insert(Span {
@@ -153,6 +199,22 @@ mod tests {
         assert_eq!(
             &text[cpu.start..cpu.end],
             "<cpu mode='custom'><model>qemu64</model></cpu>"
+        );
+    }
+
+    #[test]
+    fn stamp_element_round_trips() {
+        let cpu = "<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>Nehalem</model></cpu>";
+        let el = stamp_element("hv'a<", "2026-11-22T05:00:00Z", "sha256:ab", cpu, "00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n");
+        let stamp = Stamp::read(&el);
+        assert_eq!(stamp.host.as_deref(), Some("hv'a<"));
+        assert_eq!(stamp.digest.as_deref(), Some("sha256:ab"));
+        assert_eq!(stamp.version.as_deref(), Some(STAMP_VERSION));
+        let span = stamp.cpu.expect("cpu");
+        assert_eq!(&el[span.start..span.end], cpu);
+        assert_eq!(
+            stamp.table.as_deref().map(str::trim),
+            Some("00000000 00000000: 0000000d 756e6547 6c65746e 49656e69")
         );
     }
 

@@ -10,6 +10,7 @@
 
 mod migrate;
 mod prepare;
+mod started;
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -19,6 +20,7 @@ use crate::audit::{Record, Severity};
 use crate::config::Config;
 
 pub use migrate::{rewrite_cpu, CpuDecision};
+pub use prepare::{assess, Assessment};
 
 /// Exit codes: libvirt aborts the operation on any non-zero status.
 pub const EXIT_OK: i32 = 0;
@@ -125,6 +127,7 @@ pub fn run(args: &[OsString], input: &mut dyn Read) -> Outcome {
     match (call.operation.as_str(), call.subop.as_str()) {
         ("migrate", "begin") | ("restore", "begin") => migrate::run(&call, input),
         ("prepare", "begin") => prepare::run(&call, input),
+        ("started", "begin") => started::run(&call, input),
         // Phases cpuguard has nothing to do in: the fast path.
         ("start" | "started" | "stopped" | "release" | "reconnect" | "attach", _)
         | ("prepare" | "migrate" | "restore", _) => {
@@ -208,7 +211,7 @@ mod tests {
 
     #[test]
     fn no_op_phases_drain_and_say_nothing() {
-        for op in ["start", "started", "stopped", "release", "reconnect", "attach"] {
+        for op in ["start", "stopped", "release", "reconnect", "attach"] {
             let mut input: &[u8] = b"<domain><name>g</name></domain>";
             let out = run(&args(&["g", op, "begin", "-"]), &mut input);
             assert_eq!(out, Outcome::ok(), "{op}");

@@ -1,0 +1,336 @@
+//! The verdict on an incoming guest: the source's stamp against this host's measurement, under
+//! the configured policies. Pure: no I/O, so every policy path is tested directly.
+
+use crate::config::{PolicyConfig, Verdict};
+use crate::cpuid::diff::{diff, Diff};
+use crate::cpuid::{parse_dump, CpuidTable, FeatureMap};
+use crate::domain::metadata::{DomainPolicy, Stamp};
+use crate::fingerprint::{digest_of, Fingerprint};
+use crate::incoming::Origin;
+
+/// What the prepare phase does with an incoming guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        /// One line for the audit trail.
+        reason: String,
+        /// Informational differences (never a reason to refuse), for the audit trail.
+        informational: Vec<String>,
+        /// True when a policy let through what the default would refuse.
+        by_policy: bool,
+    },
+    Refuse {
+        /// One line for the audit trail.
+        reason: String,
+        /// The operator's message: first line, then one line per difference.
+        message: String,
+    },
+}
+
+/// The facts the verdict needs.
+pub struct Incoming<'a> {
+    pub domain: &'a str,
+    pub this_host: &'a str,
+    pub origin: Origin,
+    pub stamp: Option<&'a Stamp>,
+    pub opt_out: &'a DomainPolicy,
+    /// This host's fingerprint for the CPU the destination will start, or why it could not be had.
+    pub local: Result<&'a Fingerprint, String>,
+    /// Where the configuration lives, for messages that tell the operator what to change.
+    pub config_path: &'a str,
+}
+
+impl Incoming<'_> {
+    fn headline(&self, what: &str) -> String {
+        let verb = match self.origin {
+            Origin::Migrate => "incoming migration",
+            Origin::Restore => "restore",
+        };
+        format!("cpuguard: refusing {verb} of {}: {what}", self.domain)
+    }
+}
+
+/// The source's raw table from its stamp, or why it cannot be used.
+pub fn stamped_table(stamp: &Stamp) -> Result<CpuidTable, String> {
+    if let Some(v) = stamp.version.as_deref() {
+        if v != crate::domain::metadata::STAMP_VERSION {
+            return Err(format!("the source's cpuguard stamp has unknown version {v:?}"));
+        }
+    }
+    let text = stamp
+        .table
+        .as_deref()
+        .ok_or("the source's cpuguard stamp carries no CPUID table")?;
+    parse_dump(text).map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
+}
+
+pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
+    let refuse = |reason: String, message: String| Decision::Refuse { reason, message };
+
+    if inc.opt_out.guard_off && policy.allow_domain_opt_out {
+        let why = inc.opt_out.reason.as_deref().unwrap_or("no reason given");
+        return Decision::Allow {
+            reason: format!("domain opted out of cpuguard (guard='off': {why})"),
+            informational: Vec::new(),
+            by_policy: true,
+        };
+    }
+
+    let Some(stamp) = inc.stamp else {
+        return match policy.unstamped_source {
+            Verdict::Allow => Decision::Allow {
+                reason: "source left no cpuguard stamp; allowed by policy.unstamped_source".into(),
+                informational: Vec::new(),
+                by_policy: true,
+            },
+            Verdict::Refuse => {
+                let reason = "the source left no cpuguard stamp".to_string();
+                let message = format!(
+                    "{}\n  run `cpuguard stamp {}` on the source host and migrate again, or set \
+                     policy.unstamped_source = \"allow\" in {}",
+                    inc.headline(&reason),
+                    inc.domain,
+                    inc.config_path
+                );
+                refuse(reason, message)
+            }
+        };
+    };
+
+    let source_table = match stamped_table(stamp) {
+        Ok(t) => t,
+        Err(reason) => {
+            let message = format!(
+                "{}\n  run `cpuguard stamp {}` on the source host and migrate again",
+                inc.headline(&reason),
+                inc.domain
+            );
+            return refuse(reason, message);
+        }
+    };
+
+    let local = match inc.local {
+        Ok(f) => f,
+        Err(ref e) => {
+            let reason = format!("cannot measure this host's guest CPU: {e}");
+            return match policy.probe_failure {
+                Verdict::Allow => Decision::Allow {
+                    reason: format!("{reason}; allowed by policy.probe_failure"),
+                    informational: Vec::new(),
+                    by_policy: true,
+                },
+                Verdict::Refuse => refuse(reason.clone(), inc.headline(&reason)),
+            };
+        }
+    };
+
+    let d = diff(&source_table, &local.raw, features);
+    let informational: Vec<String> = d.informational.iter().map(ToString::to_string).collect();
+    if d.is_equivalent() {
+        let (source_digest, _) = crate::cpuid::normalize(&source_table);
+        let note = if Some(digest_of(&source_digest).as_str()) != stamp.digest.as_deref() {
+            " (the stamp's digest attribute differs: stamped by another cpuguard version or edited)"
+        } else {
+            ""
+        };
+        return Decision::Allow {
+            reason: format!("guest CPU identical to the source's{note}"),
+            informational,
+            by_policy: false,
+        };
+    }
+    let only_gained = d.lost.is_empty() && d.fields.is_empty();
+    if only_gained && policy.gained_features == Verdict::Allow {
+        return Decision::Allow {
+            reason: format!(
+                "guest would only gain features ({}); allowed by policy.gained_features",
+                names(&d)
+            ),
+            informational,
+            by_policy: true,
+        };
+    }
+    let what = format!("the guest CPU would change on {}", inc.this_host);
+    let mut message = inc.headline(&what);
+    for line in explain(&d) {
+        message.push_str("\n  ");
+        message.push_str(&line);
+    }
+    if only_gained {
+        message.push_str(
+            "\n  (only gained features: a guest that starts using them could not move back; \
+             policy.gained_features = \"allow\" lets this through)",
+        );
+    }
+    refuse(format!("{what}: {}", names(&d)), message)
+}
+
+/// The difference lines for the operator, without the "equivalent" header.
+fn explain(d: &Diff) -> Vec<String> {
+    d.to_string()
+        .lines()
+        .filter(|l| *l != "equivalent")
+        .map(str::to_string)
+        .collect()
+}
+
+/// A compact one-line summary for the audit trail.
+fn names(d: &Diff) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if !d.lost.is_empty() {
+        let n: Vec<&str> = d.lost.iter().map(|c| c.name.as_str()).collect();
+        parts.push(format!("lost {}", n.join(",")));
+    }
+    if !d.gained.is_empty() {
+        let n: Vec<&str> = d.gained.iter().map(|c| c.name.as_str()).collect();
+        parts.push(format!("gained {}", n.join(",")));
+    }
+    if !d.fields.is_empty() {
+        let n: Vec<&str> = d.fields.iter().map(|c| c.field.as_str()).collect();
+        parts.push(format!("changed {}", n.join(",")));
+    }
+    parts.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpuid::dump::write_dump;
+    use crate::fingerprint::HostFacts;
+
+    fn features() -> FeatureMap {
+        FeatureMap::load_default().expect("libvirt's cpu_map is installed (libvirt-daemon)")
+    }
+
+    fn table(dump: &str) -> CpuidTable {
+        parse_dump(dump).expect("dump")
+    }
+
+    const SRC: &str = "00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n00000001 00000000: 000306c1 00000800 fffa3223 078bfbff\n00000007 00000000: 00000000 000007ab 00000000 00000000\n";
+
+    fn fingerprint(dump: &str) -> Fingerprint {
+        let host = HostFacts {
+            hostname: "b".into(),
+            kernel_release: "k".into(),
+            cpu_model_name: "m".into(),
+            microcode: "0x1".into(),
+            qemu_version: "7.2".into(),
+            accelerator: "tcg".into(),
+        };
+        Fingerprint::new(host, serde_json::Value::Null, table(dump))
+    }
+
+    fn stamp(dump: &str) -> Stamp {
+        let el = crate::domain::metadata::stamp_element(
+            "a",
+            "t",
+            &fingerprint(dump).digest,
+            "<cpu mode='custom'><model>Haswell-noTSX</model></cpu>",
+            &write_dump(&table(dump)),
+        );
+        Stamp::read(&el)
+    }
+
+    fn judge_with(stamp: Option<&Stamp>, local: Result<&Fingerprint, String>, policy: &PolicyConfig) -> Decision {
+        let inc = Incoming {
+            domain: "web1",
+            this_host: "hv-new",
+            origin: Origin::Migrate,
+            stamp,
+            opt_out: &DomainPolicy::default(),
+            local,
+            config_path: "/etc/cpuguard/cpuguard.toml",
+        };
+        judge(&inc, policy, &features())
+    }
+
+    #[test]
+    fn identical_cpu_is_allowed() {
+        let s = stamp(SRC);
+        let local = fingerprint(SRC);
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(matches!(d, Decision::Allow { by_policy: false, .. }), "{d:?}");
+    }
+
+    #[test]
+    fn lost_feature_is_refused_and_named() {
+        let s = stamp(SRC);
+        // Destination lacks vmx (leaf 1 ECX bit 5) and tsc_adjust (leaf 7 EBX bit 1).
+        let local = fingerprint(&SRC.replace("fffa3223", "fffa3203").replace("000007ab", "000007a9"));
+        let Decision::Refuse { reason, message } = judge_with(Some(&s), Ok(&local), &PolicyConfig::default()) else {
+            panic!("must refuse");
+        };
+        let mut lines = message.lines();
+        assert_eq!(
+            lines.next(),
+            Some("cpuguard: refusing incoming migration of web1: the guest CPU would change on hv-new")
+        );
+        assert!(message.contains("  lost: vmx (CPUID.0x1:ECX[5])"), "{message}");
+        assert!(message.contains("  lost: tsc_adjust (CPUID.0x7.0:EBX[1])"), "{message}");
+        assert!(reason.contains("lost vmx,tsc_adjust"), "{reason}");
+    }
+
+    #[test]
+    fn gained_only_follows_policy() {
+        let s = stamp(&SRC.replace("fffa3223", "fffa3203"));
+        let local = fingerprint(SRC);
+        let refused = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(matches!(&refused, Decision::Refuse { message, .. } if message.contains("gained: vmx")), "{refused:?}");
+        let policy = PolicyConfig { gained_features: Verdict::Allow, ..PolicyConfig::default() };
+        let allowed = judge_with(Some(&s), Ok(&local), &policy);
+        assert!(matches!(allowed, Decision::Allow { by_policy: true, .. }), "{allowed:?}");
+    }
+
+    #[test]
+    fn non_feature_field_is_refused_and_named() {
+        let s = stamp(SRC);
+        // Another stepping: family/model/stepping differs, no feature bit does.
+        let local = fingerprint(&SRC.replace("000306c1", "000306c2"));
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("family/model/stepping")), "{d:?}");
+    }
+
+    #[test]
+    fn unstamped_and_unmeasurable_follow_policy() {
+        let local = fingerprint(SRC);
+        let d = judge_with(None, Ok(&local), &PolicyConfig::default());
+        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("run `cpuguard stamp web1` on the source host")), "{d:?}");
+        let policy = PolicyConfig { unstamped_source: Verdict::Allow, ..PolicyConfig::default() };
+        assert!(matches!(judge_with(None, Ok(&local), &policy), Decision::Allow { by_policy: true, .. }));
+
+        let s = stamp(SRC);
+        let d = judge_with(Some(&s), Err("emulator /x is not allowed".into()), &PolicyConfig::default());
+        assert!(matches!(&d, Decision::Refuse { reason, .. } if reason.contains("cannot measure this host's guest CPU: emulator /x")), "{d:?}");
+        let policy = PolicyConfig { probe_failure: Verdict::Allow, ..PolicyConfig::default() };
+        assert!(matches!(judge_with(Some(&s), Err("x".into()), &policy), Decision::Allow { by_policy: true, .. }));
+    }
+
+    #[test]
+    fn opt_out_is_honoured_only_when_allowed() {
+        let local = fingerprint(SRC);
+        let opt_out = DomainPolicy { guard_off: true, reason: Some("ticket 1".into()) };
+        let inc = Incoming {
+            domain: "web1",
+            this_host: "hv-new",
+            origin: Origin::Restore,
+            stamp: None,
+            opt_out: &opt_out,
+            local: Ok(&local),
+            config_path: "/etc/cpuguard/cpuguard.toml",
+        };
+        let d = judge(&inc, &PolicyConfig::default(), &features());
+        assert!(matches!(&d, Decision::Allow { reason, by_policy: true, .. } if reason.contains("ticket 1")));
+        let policy = PolicyConfig { allow_domain_opt_out: false, ..PolicyConfig::default() };
+        let d = judge(&inc, &policy, &features());
+        assert!(matches!(&d, Decision::Refuse { message, .. } if message.starts_with("cpuguard: refusing restore of web1")), "{d:?}");
+    }
+
+    #[test]
+    fn corrupt_stamp_table_is_refused() {
+        let mut s = stamp(SRC);
+        s.table = Some("garbage\n".into());
+        let local = fingerprint(SRC);
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(matches!(&d, Decision::Refuse { reason, .. } if reason.contains("unreadable table")), "{d:?}");
+    }
+}

@@ -1,0 +1,228 @@
+//! This host's fingerprint for a domain: the guest CPU configuration from the XML, the emulator
+//! checks, the cache, and the probe when the cache has nothing.
+//!
+//! Runs inside the prepare hook, so nothing here talks to libvirt: the emulators libvirt knows
+//! come from libvirt's own QEMU capabilities cache files, which list each probed `<emulator>`.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quick_xml::events::Event;
+use quick_xml::reader::Reader;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
+use crate::config::Config;
+use crate::domain::guest::{Accel, GuestCpuConfig, GuestError};
+use crate::fingerprint::{Fingerprint, HostFacts};
+use crate::probe::qemu_args::accel_name;
+use crate::probe::run::{emulator_version, probe, resolve_emulator, ProbeError, ProbeOptions};
+
+/// Where libvirt keeps what it learnt probing each emulator (one XML file per binary).
+pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
+
+#[derive(Debug, Error)]
+pub enum MeasureError {
+    #[error("domain XML: {0}")]
+    Guest(#[from] GuestError),
+    #[error("{0}")]
+    Probe(#[from] ProbeError),
+    #[error("{0}")]
+    Cache(#[from] CacheError),
+}
+
+/// A fingerprint and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub fingerprint: Fingerprint,
+    pub source: Source,
+    pub warnings: Vec<CacheWarning>,
+    pub emulator: PathBuf,
+}
+
+/// The emulators a probe may run: those libvirt has probed (its capabilities cache) plus the
+/// configuration's allow-list.
+pub fn allowed_emulators(config: &Config) -> Vec<PathBuf> {
+    let mut list = libvirt_capability_emulators(Path::new(LIBVIRT_QEMU_CAPS_DIR));
+    list.extend(config.probe.emulators.iter().cloned());
+    list.sort();
+    list.dedup();
+    list
+}
+
+/// Reads the `<emulator>` of every file in libvirt's QEMU capabilities cache. Unreadable or
+/// unexpected files are skipped: they only shrink the allow-list.
+pub fn libvirt_capability_emulators(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("xml") {
+            continue;
+        }
+        if let Some(emulator) = first_emulator_element(&path) {
+            out.push(emulator);
+        }
+    }
+    out
+}
+
+fn first_emulator_element(path: &Path) -> Option<PathBuf> {
+    // The element is on the second line; read only the head of files that run to megabytes.
+    let text = fs::read(path).ok()?;
+    let head = &text[..text.len().min(16 * 1024)];
+    let mut reader = Reader::from_reader(head);
+    let mut buf = Vec::new();
+    let mut inside = false;
+    loop {
+        match reader.read_event_into(&mut buf).ok()? {
+            Event::Start(e) if e.local_name().as_ref() == b"emulator" => inside = true,
+            Event::Text(t) if inside => {
+                let value = t.unescape().ok()?.trim().to_string();
+                return Path::new(&value).is_absolute().then(|| PathBuf::from(value));
+            }
+            Event::End(_) if inside => return None,
+            Event::Eof => return None,
+            _ => {}
+        }
+        buf.clear();
+    }
+}
+
+/// `<emulator> --version` costs tens of milliseconds (QEMU loads its libraries), more than the
+/// hook's whole warm-path budget, so the answer is remembered per binary, keyed by the file's
+/// identity (device, inode, size, mtime, ctime): an upgrade replaces the file and changes it.
+fn cached_emulator_version(
+    cache_dir: &Path,
+    emulator: &Path,
+    allowed: &[PathBuf],
+) -> Result<String, MeasureError> {
+    let identity = fs::metadata(emulator).ok().map(|m| {
+        format!(
+            "{}\0{}:{}:{}:{}.{}:{}.{}",
+            emulator.display(),
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
+        )
+    });
+    let file = identity.map(|id| {
+        cache_dir
+            .join("emulator-versions")
+            .join(hex::encode(&Sha256::digest(id.as_bytes())[..16]))
+    });
+    if let Some(text) = file.as_ref().and_then(|f| fs::read_to_string(f).ok()) {
+        let text = text.trim();
+        if !text.is_empty() && text.len() < 512 && !text.contains('\n') {
+            return Ok(text.to_string());
+        }
+    }
+    let path = emulator.to_string_lossy();
+    let version = emulator_version(&path, allowed)?;
+    if let Some(file) = file {
+        // Best effort: a failure only means asking the emulator again next time.
+        if let Some(dir) = file.parent() {
+            let _ = fs::create_dir_all(dir);
+        }
+        let _ = crate::fsutil::write_atomic(&file, version.as_bytes(), 0o600);
+    }
+    Ok(version)
+}
+
+/// This host's fingerprint for the CPU a domain XML describes: from the cache, or measured by
+/// the probe (once per configuration, whatever the concurrency) and stored.
+pub fn for_domain_xml(xml: &str, config: &Config) -> Result<Measurement, MeasureError> {
+    let guest = GuestCpuConfig::from_domain_xml(xml)?;
+    for_guest(&guest, config, None)
+}
+
+pub fn for_guest(
+    guest: &GuestCpuConfig,
+    config: &Config,
+    accel_override: Option<Accel>,
+) -> Result<Measurement, MeasureError> {
+    let allowed = allowed_emulators(config);
+    let emulator = resolve_emulator(guest, &allowed)?;
+    let cache = Cache::open(&config.cache_dir)?;
+    let version = cached_emulator_version(cache.dir(), &emulator, &allowed)?;
+    let accel = accel_override.unwrap_or(guest.accel);
+    let key = CacheKey::for_this_host(guest, accel, &emulator, &version)?;
+    let opts = ProbeOptions {
+        timeout: Duration::from_secs(config.probe.timeout_secs),
+        allowed_emulators: allowed,
+        accel_override,
+        ..ProbeOptions::default()
+    };
+    let obtained = cache.get_or_measure(&key, || measure_now(guest, &opts, &version, accel))?;
+    Ok(Measurement {
+        fingerprint: obtained.fingerprint,
+        source: obtained.source,
+        warnings: obtained.warnings,
+        emulator,
+    })
+}
+
+/// Probes now, bypassing the cache (`cpuguard probe`).
+pub fn probe_now(
+    guest: &GuestCpuConfig,
+    config: &Config,
+    accel_override: Option<Accel>,
+) -> Result<Fingerprint, MeasureError> {
+    let allowed = allowed_emulators(config);
+    let emulator = resolve_emulator(guest, &allowed)?;
+    let version = emulator_version(&emulator.to_string_lossy(), &allowed)?;
+    let accel = accel_override.unwrap_or(guest.accel);
+    let opts = ProbeOptions {
+        timeout: Duration::from_secs(config.probe.timeout_secs),
+        allowed_emulators: allowed,
+        accel_override,
+        ..ProbeOptions::default()
+    };
+    Ok(measure_now(guest, &opts, &version, accel)?)
+}
+
+fn measure_now(
+    guest: &GuestCpuConfig,
+    opts: &ProbeOptions,
+    version: &str,
+    accel: Accel,
+) -> Result<Fingerprint, ProbeError> {
+    let raw = probe(guest, opts)?;
+    let config = serde_json::to_value(guest).unwrap_or(serde_json::Value::Null);
+    Ok(Fingerprint::new(
+        HostFacts::of_this_host(version, accel_name(accel)),
+        config,
+        raw,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_emulators_from_libvirt_capability_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(
+            dir.path().join("a.xml"),
+            "<qemuCaps>\n  <emulator>/usr/bin/qemu-system-x86_64</emulator>\n  <qemuctime>1</qemuctime>\n</qemuCaps>\n",
+        )
+        .expect("write");
+        fs::write(dir.path().join("b.xml"), "<qemuCaps><emulator>relative/qemu</emulator></qemuCaps>")
+            .expect("write");
+        fs::write(dir.path().join("c.xml"), "not xml <<<").expect("write");
+        fs::write(dir.path().join("d.txt"), "<emulator>/bin/sh</emulator>").expect("write");
+        let found = libvirt_capability_emulators(dir.path());
+        assert_eq!(found, vec![PathBuf::from("/usr/bin/qemu-system-x86_64")]);
+        assert!(libvirt_capability_emulators(Path::new("/nonexistent")).is_empty());
+    }
+}

@@ -1,0 +1,415 @@
+//! Running the probe: a private work directory, the emulator in its own process group with a
+//! wall-time bound, and the firmware's debugcon output parsed into a [`CpuidTable`].
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::emulator::{check_emulator, EmulatorError};
+use super::firmware::{
+    HEARTBEAT_X86, PROBE_EXIT_STATUS, PROBE_FATAL_STATUS, PROBE_MSR_SELFTEST_X86, PROBE_X86,
+};
+use super::output::{self, OutputError};
+use super::qemu_args::{default_emulator, probe_args, ArgsError};
+use crate::cpuid::CpuidTable;
+use crate::domain::guest::{Accel, GuestCpuConfig};
+
+/// How long `qemu --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of the emulator's stderr quoted in an error (QEMU puts the reason on the last lines).
+const STDERR_TAIL_LINES: usize = 3;
+
+/// Which generated firmware to boot; anything but `Probe` exists for tests of the runner.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Probe,
+    /// The probe plus unconditional reads of MSRs that do and do not exist (exercises #GP).
+    MsrSelftest,
+    /// Never exits: exercises the wall-time bound.
+    Heartbeat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeOptions {
+    /// Wall-time bound for one emulator run; on expiry its whole process group is killed.
+    pub timeout: Duration,
+    /// Emulators that may be run: libvirt's capabilities emulators plus the config's allow-list.
+    pub allowed_emulators: Vec<PathBuf>,
+    /// Run under this accelerator instead of the domain's (tests use TCG for KVM domains).
+    pub accel_override: Option<Accel>,
+    /// Where the private work directory is created (default: the system temp directory).
+    pub work_dir: Option<PathBuf>,
+    pub firmware: Firmware,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            timeout: Duration::from_secs(10),
+            allowed_emulators: Vec::new(),
+            accel_override: None,
+            work_dir: None,
+            firmware: Firmware::Probe,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("probe: {0}")]
+    Args(#[from] ArgsError),
+    #[error("probe: {0}")]
+    Emulator(#[from] EmulatorError),
+    #[error("probe: domain XML names no <emulator> and none of the allowed emulators is {wanted}")]
+    NoEmulator { wanted: &'static str },
+    #[error("probe: cannot prepare work directory {path:?}: {reason}")]
+    WorkDir { path: PathBuf, reason: String },
+    #[error("probe: cannot start emulator {emulator:?}: {reason}")]
+    Spawn { emulator: PathBuf, reason: String },
+    #[error("probe: waiting for emulator {emulator:?} failed: {reason}")]
+    Wait { emulator: PathBuf, reason: String },
+    #[error("probe: emulator {emulator:?} did not finish within the {timeout:?} timeout; its process group was killed")]
+    Timeout {
+        emulator: PathBuf,
+        timeout: Duration,
+    },
+    #[error("probe: emulator {emulator:?} {status}: {stderr}")]
+    EmulatorFailed {
+        emulator: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("probe: output of emulator {emulator:?} is unusable: {source}")]
+    Output {
+        emulator: PathBuf,
+        #[source]
+        source: OutputError,
+    },
+    #[error("probe: `{emulator:?} --version` printed no version line")]
+    NoVersion { emulator: PathBuf },
+}
+
+/// One completed probe run with what it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeRun {
+    pub table: CpuidTable,
+    /// MSRs CPUID enumerates but whose read raised #GP.
+    pub absent_msrs: Vec<u32>,
+    pub emulator: PathBuf,
+    pub argv: Vec<String>,
+    pub wall_time: Duration,
+}
+
+/// Measures the CPUID table a guest with `config` sees on this host.
+pub fn probe(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<CpuidTable, ProbeError> {
+    probe_run(config, opts).map(|run| run.table)
+}
+
+/// Like [`probe`], with the emulator, argv and wall time of the run.
+pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRun, ProbeError> {
+    let emulator = resolve_emulator(config, &opts.allowed_emulators)?;
+    let work = WorkDir::create(opts.work_dir.as_deref())?;
+    let firmware_path = work.path.join("firmware.bin");
+    let output_path = work.path.join("debugcon.out");
+    let stderr_path = work.path.join("stderr.log");
+    let firmware = match opts.firmware {
+        Firmware::Probe => PROBE_X86,
+        Firmware::MsrSelftest => PROBE_MSR_SELFTEST_X86,
+        Firmware::Heartbeat => HEARTBEAT_X86,
+    };
+    std::fs::write(&firmware_path, firmware).map_err(|e| ProbeError::WorkDir {
+        path: firmware_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let accel = opts.accel_override.unwrap_or(config.accel);
+    let argv = probe_args(config, accel, &firmware_path, &output_path)?;
+
+    let started = Instant::now();
+    let stderr = File::create(&stderr_path).map_err(|e| ProbeError::WorkDir {
+        path: stderr_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut command = Command::new(&emulator);
+    command
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let status = run_bounded(command, &emulator, opts.timeout)?;
+    let wall_time = started.elapsed();
+
+    if status.code() != Some(PROBE_EXIT_STATUS) && status.code() != Some(PROBE_FATAL_STATUS) {
+        return Err(ProbeError::EmulatorFailed {
+            emulator,
+            status: describe(status),
+            stderr: stderr_tail(&stderr_path),
+        });
+    }
+    let bytes = std::fs::read(&output_path).map_err(|e| ProbeError::WorkDir {
+        path: output_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let parsed = output::parse(&bytes).map_err(|source| ProbeError::Output {
+        emulator: emulator.clone(),
+        source,
+    })?;
+    Ok(ProbeRun {
+        table: parsed.table,
+        absent_msrs: parsed.absent_msrs,
+        emulator,
+        argv,
+        wall_time,
+    })
+}
+
+/// The first line of `<emulator> --version` (e.g. "QEMU emulator version 7.2.22 (...)"), for the
+/// host facts and the cache key. The emulator is checked like for a probe.
+pub fn emulator_version(emulator: &str, allowed: &[PathBuf]) -> Result<String, ProbeError> {
+    let emulator = check_emulator(emulator, allowed)?;
+    let work = WorkDir::create(None)?;
+    let out_path = work.path.join("version.out");
+    let out = File::create(&out_path).map_err(|e| ProbeError::WorkDir {
+        path: out_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut command = Command::new(&emulator);
+    command
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::null());
+    let status = run_bounded(command, &emulator, VERSION_TIMEOUT)?;
+    if !status.success() {
+        return Err(ProbeError::EmulatorFailed {
+            emulator,
+            status: describe(status),
+            stderr: String::new(),
+        });
+    }
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+        .ok_or(ProbeError::NoVersion { emulator })
+}
+
+/// The checked, canonical emulator path a probe of `config` would run: the XML's `<emulator>`, or
+/// when it names none, the allow-list entry named like the architecture's QEMU.
+pub fn resolve_emulator(
+    config: &GuestCpuConfig,
+    allowed: &[PathBuf],
+) -> Result<PathBuf, ProbeError> {
+    match &config.emulator {
+        Some(path) => Ok(check_emulator(path, allowed)?),
+        None => {
+            let wanted = default_emulator(&config.arch)?;
+            let found = allowed
+                .iter()
+                .find(|p| p.file_name().is_some_and(|n| n == wanted))
+                .ok_or(ProbeError::NoEmulator { wanted })?;
+            let text = found.to_str().ok_or(ProbeError::NoEmulator { wanted })?;
+            Ok(check_emulator(text, allowed)?)
+        }
+    }
+}
+
+/// Spawns `command` in a new process group and waits at most `timeout`; on expiry kills the
+/// whole group (QEMU may have helpers) and reaps the child.
+fn run_bounded(
+    mut command: Command,
+    emulator: &Path,
+    timeout: Duration,
+) -> Result<ExitStatus, ProbeError> {
+    command.process_group(0);
+    let mut child = command.spawn().map_err(|e| ProbeError::Spawn {
+        emulator: emulator.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let deadline = Instant::now() + timeout;
+    // Short polls first: the probe itself finishes in tens of milliseconds.
+    let mut pause = Duration::from_micros(500);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => {}
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(ProbeError::Wait {
+                    emulator: emulator.to_path_buf(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            kill_group(&mut child);
+            return Err(ProbeError::Timeout {
+                emulator: emulator.to_path_buf(),
+                timeout,
+            });
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    if let Ok(raw) = i32::try_from(child.id()) {
+        // The group id is the child's pid (process_group(0)); ESRCH just means it is gone.
+        let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "ended without a status".to_string(),
+    }
+}
+
+/// The last few non-empty lines of the emulator's stderr, joined into one line.
+fn stderr_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(file) = File::open(path) {
+        let _ = file.take(64 * 1024).read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" | ");
+    if tail.is_empty() {
+        "no message on stderr".to_string()
+    } else {
+        tail
+    }
+}
+
+/// A mode-0700 directory that is removed with everything in it when dropped.
+struct WorkDir {
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn create(parent: Option<&Path>) -> Result<WorkDir, ProbeError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut last_error = String::new();
+        for _ in 0..16 {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = parent.join(format!(
+                "cpuguard-probe-{}-{nanos:08x}-{n}",
+                std::process::id()
+            ));
+            // create (not create_all): fails if the name exists, so nobody can pre-plant it.
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(WorkDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    last_error = e.to_string();
+                }
+                Err(e) => {
+                    return Err(ProbeError::WorkDir {
+                        path,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        Err(ProbeError::WorkDir {
+            path: parent,
+            reason: format!("no fresh directory name: {last_error}"),
+        })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_dir_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let path = {
+            let work = WorkDir::create(Some(parent.path())).unwrap();
+            let mode = std::fs::metadata(&work.path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+            std::fs::write(work.path.join("x"), b"x").unwrap();
+            work.path.clone()
+        };
+        assert!(!path.exists(), "{} left behind", path.display());
+    }
+
+    #[test]
+    fn timeout_kills_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let mut command = Command::new("/bin/sh");
+        // The background grandchild would outlive a kill of only the direct child.
+        command.args([
+            "-c",
+            &format!("sleep 30 & echo $! > {}; wait", pid_file.display()),
+        ]);
+        let started = Instant::now();
+        let err =
+            run_bounded(command, Path::new("/bin/sh"), Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, ProbeError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("timeout"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let grandchild = std::fs::read_to_string(&pid_file).unwrap();
+        let stat = format!("/proc/{}/stat", grandchild.trim());
+        // Gone, or a zombie waiting for init to reap it: either way no longer running.
+        for _ in 0..100 {
+            match std::fs::read_to_string(&stat) {
+                Err(_) => return,
+                Ok(s) if s.contains(") Z ") => return,
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        panic!(
+            "grandchild {} still running after the timeout",
+            grandchild.trim()
+        );
+    }
+
+    #[test]
+    fn exit_status_and_stderr_are_described() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("err");
+        std::fs::write(&log, "a\n\nb\nc\nqemu: fatal thing\n").unwrap();
+        assert_eq!(stderr_tail(&log), "b | c | qemu: fatal thing");
+        let status = Command::new("/bin/sh")
+            .args(["-c", "exit 3"])
+            .status()
+            .unwrap();
+        assert_eq!(describe(status), "exited with status 3");
+    }
+
+    #[test]
+    fn missing_emulator_is_named() {
+        let xml = "<domain type='qemu'><os><type arch='x86_64'>hvm</type></os></domain>";
+        let config = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        let err = probe(&config, &ProbeOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("qemu-system-x86_64"), "{err}");
+    }
+}
