@@ -139,9 +139,9 @@ fn main() {
             samples: vec![],
         },
         Scenario {
-            name: "hook no-op phase (started), 4 KiB XML",
+            name: "hook no-op phase (stopped), 4 KiB XML",
             program: cpuguard.clone(),
-            args: hook("started"),
+            args: hook("stopped"),
             stdin: Some(xml_4k.clone()),
             every: 1,
             samples: vec![],

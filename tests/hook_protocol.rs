@@ -20,8 +20,15 @@ struct Env {
 impl Env {
     fn new(extra_config: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Stamping after `started` is tested on its own below; elsewhere it would start real
+        // stamp processes against this machine's libvirt.
+        let stamp = if extra_config.contains("[stamp]") {
+            ""
+        } else {
+            "\n[stamp]\non_start = false\n"
+        };
         let config = format!(
-            "runtime_dir = \"{}\"\ncache_dir = \"{}\"\n{extra_config}",
+            "runtime_dir = \"{}\"\ncache_dir = \"{}\"\n{extra_config}{stamp}",
             dir.path().join("run").display(),
             dir.path().join("cache").display()
         );
@@ -110,11 +117,26 @@ fn incoming_record_links_migrate_to_prepare() {
     assert_eq!(record["origin"], "migrate");
     assert_eq!(record["uuid"], "06c0c0dc-1080-4d3f-bdac-967d624c94f9");
 
-    // prepare consumes it (and, for a normal start, finds nothing).
+    // prepare consumes it: the sample carries no stamp, so the default policy refuses.
     let out = env.hook(&["guest1", "prepare", "begin", "-"], PREPARE_XML.as_bytes());
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("cpuguard: refusing incoming migration of guest1: the source left no cpuguard stamp\n  run `cpuguard stamp guest1` on the source host"),
+        "{}",
+        stderr(&out)
+    );
     assert!(out.stdout.is_empty());
     assert_eq!(fs::read_dir(env.incoming_dir()).expect("dir").count(), 0);
+    // The next prepare is a normal start again.
+    let out = env.hook(&["guest1", "prepare", "begin", "-"], PREPARE_XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // With policy.unstamped_source = "allow" the same incoming guest passes.
+    let allow = Env::new("[policy]\nunstamped_source = \"allow\"\n");
+    let out = allow.hook(&["guest1", "migrate", "begin", "-"], MIGRATE_XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = allow.hook(&["guest1", "prepare", "begin", "-"], PREPARE_XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
     // restore begin records too.
     let out = env.hook(&["guest1", "restore", "begin", "-"], MIGRATE_XML.as_bytes());
@@ -369,4 +391,63 @@ fn works_without_syslog() {
         err.contains("cpuguard: audit: phase=migrate action=rewrote domain=guest1"),
         "{err}"
     );
+}
+
+/// The `started` phase must not keep libvirt waiting: the stamp process is detached (own session,
+/// stdio on /dev/null) and the hook returns while it still runs.
+#[test]
+fn started_phase_detaches_the_stamp_helper() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = dir.path().join("report");
+    let helper = dir.path().join("cpuguard-libvirt");
+    fs::write(
+        &helper,
+        format!(
+            "#!/bin/bash\nsleep 0.3\necho \"pid=$$ sid=$(ps -o sid= -p $$ | tr -d ' ') stdin=$(readlink /proc/$$/fd/0) stdout=$(readlink /proc/$$/fd/1) args=$*\" > {}.tmp\nmv {}.tmp {}\n",
+            report.display(),
+            report.display(),
+            report.display()
+        ),
+    )
+    .expect("helper");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&helper, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let env = Env::new(&format!(
+        "[stamp]\non_start = true\nhelper = \"{}\"\n",
+        helper.display()
+    ));
+    let started = std::time::Instant::now();
+    let out = env.hook(&["guest1", "started", "begin", "-"], PREPARE_XML.as_bytes());
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    assert!(!report.exists(), "the hook waited for the stamp process");
+    assert!(took < std::time::Duration::from_millis(300), "hook took {took:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !report.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let text = fs::read_to_string(&report).expect("the stamp process ran");
+    let field = |k: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(field("pid"), field("sid"), "own session: {text}");
+    assert_eq!(field("stdin"), "/dev/null", "{text}");
+    assert_eq!(field("stdout"), "/dev/null", "{text}");
+    assert!(text.trim_end().ends_with("args=stamp --after-start -- guest1"), "{text}");
+}
+
+/// libvirt costs ~15x a trivial exec to load: the hook binary must not link it, the helper must.
+#[test]
+fn only_the_helper_links_libvirt() {
+    let ldd = |bin: &str| {
+        let out = Command::new("ldd").arg(bin).output().expect("ldd");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(!ldd(BIN).contains("libvirt"), "{}", ldd(BIN));
+    let helper = env!("CARGO_BIN_EXE_cpuguard-libvirt");
+    assert!(ldd(helper).contains("libvirt.so"), "{}", ldd(helper));
 }
