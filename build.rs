@@ -72,7 +72,12 @@ fn main() {
         Ok(dir) => dir,
         Err(e) => panic!("build.rs: OUT_DIR is not set: {e}"),
     };
-    write_image(&out_dir, "probe-x86.bin", probe_image());
+    write_image(&out_dir, "probe-x86.bin", probe_image(MsrReads::Enumerated));
+    write_image(
+        &out_dir,
+        "probe-msr-selftest-x86.bin",
+        probe_image(MsrReads::Selftest),
+    );
     write_image(&out_dir, "heartbeat.bin", heartbeat_image());
 }
 
@@ -248,7 +253,21 @@ fn put_var(a: &mut CodeAssembler, l: &ProbeLabels, var: u64) -> Result<(), IcedE
     Ok(())
 }
 
-fn probe_image() -> Result<Vec<u8>, IcedError> {
+/// Which MSRs the probe reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MsrReads {
+    /// The real probe: each feature MSR only where CPUID enumerates it.
+    Enumerated,
+    /// A test image: a fixed list read unconditionally, so the RDMSR path and the #GP handler can
+    /// be exercised under TCG (which enumerates none of the feature MSRs).
+    Selftest,
+}
+
+/// MSRs the selftest image reads: APIC_BASE and EFER exist on every x86-64 CPU QEMU models;
+/// 0x480 (VMX basic) does not exist without VMX; 0x4D000000 is not an MSR at all.
+const SELFTEST_MSRS: [u32; 4] = [0x1B, 0xC000_0080, 0x480, 0x4D00_0000];
+
+fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
     let mut l = ProbeLabels {
         hex32: a.create_label(),
@@ -313,6 +332,13 @@ fn probe_image() -> Result<Vec<u8>, IcedError> {
     a.mov(eax, dword_ptr(V_EDX))?;
     a.mov(dword_ptr(V_L7_EDX), eax)?;
     a.set_label(&mut no_leaf7)?;
+
+    if msr_reads == MsrReads::Selftest {
+        for index in SELFTEST_MSRS {
+            a.mov(dword_ptr(V_MSR), index)?;
+            a.call(l.msr)?;
+        }
+    }
 
     // (MSR, CPUID fact variable, bit) — each MSR is read only where CPUID enumerates it.
     let msr_rules: [(u32, u64, u32); 3] = [

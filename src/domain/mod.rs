@@ -3,4 +3,5 @@
 
 pub mod cpu;
 pub mod document;
+pub mod guest;
 pub mod metadata;

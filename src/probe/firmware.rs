@@ -4,6 +4,11 @@
 /// isa-debug-exit at 0xf4.
 pub const PROBE_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-x86.bin"));
 
+/// The probe with a fixed list of MSR reads (APIC_BASE, EFER, VMX basic, a non-MSR) done
+/// unconditionally: exercises RDMSR output and the #GP handler where CPUID enumerates no MSR.
+pub const PROBE_MSR_SELFTEST_X86: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/probe-msr-selftest-x86.bin"));
+
 /// A test guest that prints "heartbeat NNNNNN" lines to COM1 a few times a second, forever.
 pub const HEARTBEAT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
 
@@ -11,3 +16,33 @@ pub const HEARTBEAT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heart
 pub const PROBE_EXIT_STATUS: i32 = (0x20 << 1) | 1;
 /// Exit status when the probe hit an unexpected CPU exception (it writes 0x30).
 pub const PROBE_FATAL_STATUS: i32 = (0x30 << 1) | 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contains(image: &[u8], needle: &[u8]) -> bool {
+        image.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn images_are_64k_and_enter_at_the_reset_vector() {
+        for image in [PROBE_X86, PROBE_MSR_SELFTEST_X86, HEARTBEAT_X86] {
+            assert_eq!(image.len(), 0x10000);
+            // jmp far F000:0000 at physical 0xFFFF0
+            assert_eq!(&image[0xFFF0..0xFFF5], &[0xEA, 0x00, 0x00, 0x00, 0xF0]);
+            // cli; cld as the first instructions
+            assert_eq!(&image[..2], &[0xFA, 0xFC]);
+        }
+    }
+
+    #[test]
+    fn the_probe_has_cpuid_rdmsr_and_its_gp_handler() {
+        assert!(contains(PROBE_X86, &[0x0F, 0xA2]), "no CPUID");
+        assert!(contains(PROBE_X86, &[0x0F, 0x32]), "no RDMSR");
+        // push bp; mov bp, sp at the fixed #GP handler offset the IVT points to.
+        assert_eq!(&PROBE_X86[0xE000..0xE003], &[0x55, 0x89, 0xE5]);
+        assert_ne!(PROBE_X86, PROBE_MSR_SELFTEST_X86);
+        assert_ne!(PROBE_X86, HEARTBEAT_X86);
+    }
+}

@@ -225,7 +225,7 @@ mod tests {
             );
         }
         assert!(matches!(
-            parse(full[..full.find("END").unwrap()].as_bytes()),
+            parse(&full.as_bytes()[..full.find("END").unwrap()]),
             Err(OutputError::Truncated { .. })
         ));
     }

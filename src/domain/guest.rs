@@ -1,0 +1,797 @@
+//! What in a libvirt domain XML decides the CPU a guest sees, and nothing else.
+//!
+//! [`GuestCpuConfig`] is the probe's input (src/probe/qemu_args.rs turns it into a QEMU command
+//! line), the cache key, and the "measured for" record in a fingerprint. It is canonical: lists are
+//! sorted and defaults are spelled out the way libvirt applies them, so two XML documents that give
+//! the guest the same CPU produce equal values whatever their element order.
+//!
+//! The XML comes from another host (the migration source), so it is parsed strictly: DOCTYPE
+//! (and with it any entity declaration) is refused, unknown entity references are errors, and
+//! values are validated before they reach a command line.
+
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+use serde::{Deserialize, Serialize};
+
+/// Nesting deeper than this is not a libvirt domain (libvirt's own documents stay under ~10).
+const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GuestError {
+    #[error("domain XML is not well-formed at byte {position}: {reason}")]
+    Malformed { position: u64, reason: String },
+    #[error("domain XML contains a DOCTYPE declaration: refused (no entity expansion, ever)")]
+    Doctype,
+    #[error("domain XML nests deeper than {MAX_DEPTH} elements")]
+    TooDeep,
+    #[error("domain XML root element is <{found}>, expected <domain>")]
+    NotADomain { found: String },
+    #[error("domain XML has a second root element <{found}>")]
+    SecondRoot { found: String },
+    #[error("domain XML has no root element")]
+    NoRoot,
+    #[error("domain XML: {what} is missing")]
+    Missing { what: &'static str },
+    #[error("domain XML: {what} has invalid value {value:?}: {reason}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// How QEMU runs the guest's vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// `<domain type='kvm'>`
+    Kvm,
+    /// `<domain type='qemu'>` (TCG emulation)
+    Tcg,
+}
+
+/// `<cpu mode=…>`; libvirt's default when the attribute is absent is `custom`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuMode {
+    Custom,
+    HostModel,
+    HostPassthrough,
+    Maximum,
+}
+
+/// `<feature policy=…>`; libvirt's default is `require`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeaturePolicy {
+    Force,
+    Require,
+    Optional,
+    Disable,
+    Forbid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CpuFeature {
+    /// libvirt's name (cpu_map spelling, e.g. `tsc_adjust`), not QEMU's.
+    pub name: String,
+    pub policy: FeaturePolicy,
+}
+
+/// `<topology>`; attributes libvirt leaves out are absent here too (QEMU then picks defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Topology {
+    pub sockets: Option<u32>,
+    pub dies: Option<u32>,
+    pub clusters: Option<u32>,
+    pub cores: Option<u32>,
+    pub threads: Option<u32>,
+}
+
+/// `<cache level=… mode=…>` decides the cache leaves (4, 0x8000001D) QEMU builds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuCache {
+    pub level: Option<u32>,
+    pub mode: String,
+}
+
+/// `<maxphysaddr mode=… bits=…>` decides CPUID 0x80000008 EAX.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MaxPhysAddr {
+    pub mode: String,
+    pub bits: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuDefinition {
+    pub mode: CpuMode,
+    /// `<model>`; for host-model after libvirt expanded it (live or prepare XML) this is the
+    /// expanded model.
+    pub model: Option<String>,
+    /// `<model fallback=…>`, libvirt default `allow`.
+    pub fallback: Option<String>,
+    pub vendor: Option<String>,
+    /// `<model vendor_id=…>`: the CPUID vendor string the guest sees instead of the model's.
+    pub vendor_id: Option<String>,
+    /// Sorted by name.
+    pub features: Vec<CpuFeature>,
+    pub topology: Option<Topology>,
+    /// `<cpu migratable=…>` (host-passthrough / maximum).
+    pub migratable: Option<bool>,
+    pub cache: Option<CpuCache>,
+    pub maxphysaddr: Option<MaxPhysAddr>,
+}
+
+/// One Hyper-V enlightenment under `<features><hyperv>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HypervFeature {
+    pub name: String,
+    /// `state` attribute (`on`/`off`).
+    pub state: Option<String>,
+    /// `retries` (spinlocks) or `value` (vendor_id).
+    pub value: Option<String>,
+    /// Sub-elements with their state, e.g. stimer's `direct`, tlbflush's `extended`; sorted.
+    pub sub: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Hyperv {
+    /// `custom` (default) or `passthrough`.
+    pub mode: String,
+    /// Sorted by name.
+    pub features: Vec<HypervFeature>,
+}
+
+/// The `<features>` and `<clock>` settings that change CPUID.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuidAffectingFeatures {
+    pub hyperv: Option<Hyperv>,
+    /// `<kvm>` children as (name, state), sorted: hidden, hint-dedicated, poll-control, pv-ipi…
+    pub kvm: Vec<(String, String)>,
+    /// `<pmu state=…>`
+    pub pmu: Option<bool>,
+    /// `<apic eoi=…>` (KVM PV EOI, CPUID 0x40000001)
+    pub apic_eoi: Option<bool>,
+    /// `<pvspinlock state=…>` (KVM PV unhalt, CPUID 0x40000001)
+    pub pvspinlock: Option<bool>,
+    /// `<clock><timer name=… present=…>` for kvmclock and hypervclock, sorted.
+    pub timers: Vec<(String, bool)>,
+    /// `<clock><timer name='tsc' frequency=…>` (Hz): CPUID 0x40000010 and invtsc checks.
+    pub tsc_frequency: Option<u64>,
+}
+
+/// Everything in a domain XML that decides the guest CPU.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct GuestCpuConfig {
+    pub accel: Accel,
+    /// `<devices><emulator>`: untrusted, checked by src/probe/emulator.rs before use.
+    pub emulator: Option<String>,
+    /// `<os><type arch=…>`
+    pub arch: String,
+    /// `<os><type machine=…>`
+    pub machine: Option<String>,
+    /// `<cpu>`; None when the domain has none (QEMU's default model).
+    pub cpu: Option<CpuDefinition>,
+    /// `<vcpu>`: maximum vCPUs.
+    pub vcpus: u32,
+    /// `<vcpu current=…>` when below the maximum.
+    pub current_vcpus: Option<u32>,
+    pub features: CpuidAffectingFeatures,
+}
+
+impl GuestCpuConfig {
+    /// Extracts the CPU configuration from a libvirt domain XML document.
+    pub fn from_domain_xml(xml: &str) -> Result<Self, GuestError> {
+        let root = parse_tree(xml)?;
+        if root.name != "domain" {
+            return Err(GuestError::NotADomain { found: root.name });
+        }
+        let accel = match root.attr("type") {
+            Some("kvm") => Accel::Kvm,
+            Some("qemu") => Accel::Tcg,
+            Some(other) => {
+                return Err(GuestError::Invalid {
+                    what: "<domain type>",
+                    value: other.to_string(),
+                    reason: "cpuguard probes only kvm and qemu domains",
+                })
+            }
+            None => {
+                return Err(GuestError::Missing {
+                    what: "<domain type>",
+                })
+            }
+        };
+        let emulator = root
+            .child("devices")
+            .and_then(|d| d.child("emulator"))
+            .map(|e| e.text.trim().to_string());
+        let os_type = root
+            .child("os")
+            .and_then(|os| os.child("type"))
+            .ok_or(GuestError::Missing { what: "<os><type>" })?;
+        let arch = os_type
+            .attr("arch")
+            .ok_or(GuestError::Missing {
+                what: "<os><type arch>",
+            })?
+            .to_string();
+        let machine = os_type.attr("machine").map(str::to_string);
+        for (what, value) in [
+            ("<os><type arch>", Some(arch.as_str())),
+            ("<os><type machine>", machine.as_deref()),
+        ] {
+            if let Some(value) = value {
+                check_token(what, value)?;
+            }
+        }
+
+        let (vcpus, current_vcpus) = match root.child("vcpu") {
+            None => (1, None),
+            Some(v) => {
+                let max = parse_u32("<vcpu>", v.text.trim())?;
+                if max == 0 {
+                    return Err(invalid("<vcpu>", "0", "must be at least 1"));
+                }
+                let current = v
+                    .attr("current")
+                    .map(|c| parse_u32("<vcpu current>", c))
+                    .transpose()?
+                    .filter(|&c| c != max);
+                if let Some(c) = current {
+                    if c == 0 || c > max {
+                        return Err(invalid(
+                            "<vcpu current>",
+                            &c.to_string(),
+                            "must be between 1 and the <vcpu> maximum",
+                        ));
+                    }
+                }
+                (max, current)
+            }
+        };
+
+        let cpu = root.child("cpu").map(parse_cpu).transpose()?;
+        let features = parse_features(&root)?;
+        Ok(GuestCpuConfig {
+            accel,
+            emulator,
+            arch,
+            machine,
+            cpu,
+            vcpus,
+            current_vcpus,
+            features,
+        })
+    }
+}
+
+fn parse_cpu(cpu: &Element) -> Result<CpuDefinition, GuestError> {
+    let mode = match cpu.attr("mode") {
+        None | Some("custom") => CpuMode::Custom,
+        Some("host-model") => CpuMode::HostModel,
+        Some("host-passthrough") => CpuMode::HostPassthrough,
+        Some("maximum") => CpuMode::Maximum,
+        Some(other) => return Err(invalid("<cpu mode>", other, "unknown CPU mode")),
+    };
+    let migratable = cpu
+        .attr("migratable")
+        .map(|v| parse_on_off("<cpu migratable>", v))
+        .transpose()?
+        // libvirt's default for the modes that have the attribute.
+        .or(match mode {
+            CpuMode::HostPassthrough | CpuMode::Maximum => Some(true),
+            _ => None,
+        });
+    let model_el = cpu.child("model");
+    let model = model_el
+        .map(|m| m.text.trim().to_string())
+        .filter(|m| !m.is_empty());
+    if let Some(model) = &model {
+        check_token("<cpu><model>", model)?;
+    }
+    let fallback = match model_el.and_then(|m| m.attr("fallback")) {
+        Some(f @ ("allow" | "forbid")) => Some(f.to_string()),
+        Some(other) => {
+            return Err(invalid(
+                "<model fallback>",
+                other,
+                "expected allow or forbid",
+            ))
+        }
+        None if model.is_some() => Some("allow".to_string()),
+        None => None,
+    };
+    let vendor_id = model_el
+        .and_then(|m| m.attr("vendor_id"))
+        .map(|v| check_token("<model vendor_id>", v).map(|()| v.to_string()))
+        .transpose()?;
+    let vendor = cpu
+        .child("vendor")
+        .map(|v| v.text.trim().to_string())
+        .filter(|v| !v.is_empty());
+    let mut features = Vec::new();
+    for f in cpu.children_named("feature") {
+        let name = f.attr("name").ok_or(GuestError::Missing {
+            what: "<cpu><feature name>",
+        })?;
+        check_token("<cpu><feature name>", name)?;
+        let policy = match f.attr("policy") {
+            None | Some("require") => FeaturePolicy::Require,
+            Some("force") => FeaturePolicy::Force,
+            Some("optional") => FeaturePolicy::Optional,
+            Some("disable") => FeaturePolicy::Disable,
+            Some("forbid") => FeaturePolicy::Forbid,
+            Some(other) => return Err(invalid("<feature policy>", other, "unknown policy")),
+        };
+        features.push(CpuFeature {
+            name: name.to_string(),
+            policy,
+        });
+    }
+    features.sort();
+    features.dedup_by(|a, b| a.name == b.name);
+    let topology = cpu
+        .child("topology")
+        .map(|t| -> Result<Topology, GuestError> {
+            let get = |name: &'static str| t.attr(name).map(|v| parse_u32(name, v)).transpose();
+            Ok(Topology {
+                sockets: get("sockets")?,
+                dies: get("dies")?,
+                clusters: get("clusters")?,
+                cores: get("cores")?,
+                threads: get("threads")?,
+            })
+        })
+        .transpose()?;
+    let cache = cpu
+        .child("cache")
+        .map(|c| -> Result<CpuCache, GuestError> {
+            Ok(CpuCache {
+                level: c
+                    .attr("level")
+                    .map(|l| parse_u32("<cache level>", l))
+                    .transpose()?,
+                mode: c
+                    .attr("mode")
+                    .ok_or(GuestError::Missing {
+                        what: "<cpu><cache mode>",
+                    })?
+                    .to_string(),
+            })
+        })
+        .transpose()?;
+    let maxphysaddr = cpu
+        .child("maxphysaddr")
+        .map(|m| -> Result<MaxPhysAddr, GuestError> {
+            Ok(MaxPhysAddr {
+                mode: m
+                    .attr("mode")
+                    .ok_or(GuestError::Missing {
+                        what: "<cpu><maxphysaddr mode>",
+                    })?
+                    .to_string(),
+                bits: m
+                    .attr("bits")
+                    .map(|b| parse_u32("<maxphysaddr bits>", b))
+                    .transpose()?,
+            })
+        })
+        .transpose()?;
+    Ok(CpuDefinition {
+        mode,
+        model,
+        fallback,
+        vendor,
+        vendor_id,
+        features,
+        topology,
+        migratable,
+        cache,
+        maxphysaddr,
+    })
+}
+
+fn parse_features(root: &Element) -> Result<CpuidAffectingFeatures, GuestError> {
+    let mut out = CpuidAffectingFeatures::default();
+    if let Some(features) = root.child("features") {
+        if let Some(hv) = features.child("hyperv") {
+            let mut list = Vec::new();
+            for f in &hv.children {
+                check_token("<hyperv> feature", &f.name)?;
+                let value = f.attr("retries").or_else(|| f.attr("value"));
+                if let Some(v) = value {
+                    check_token("<hyperv> feature value", v)?;
+                }
+                let mut sub = Vec::new();
+                for c in &f.children {
+                    check_token("<hyperv> sub-feature", &c.name)?;
+                    sub.push((c.name.clone(), c.attr("state").unwrap_or("on").to_string()));
+                }
+                sub.sort();
+                list.push(HypervFeature {
+                    name: f.name.clone(),
+                    state: f.attr("state").map(str::to_string),
+                    value: value.map(str::to_string),
+                    sub,
+                });
+            }
+            list.sort();
+            out.hyperv = Some(Hyperv {
+                mode: hv.attr("mode").unwrap_or("custom").to_string(),
+                features: list,
+            });
+        }
+        if let Some(kvm) = features.child("kvm") {
+            out.kvm = kvm
+                .children
+                .iter()
+                .map(|c| (c.name.clone(), c.attr("state").unwrap_or("on").to_string()))
+                .collect();
+            out.kvm.sort();
+        }
+        out.pmu = features
+            .child("pmu")
+            .map(|p| parse_on_off("<pmu state>", p.attr("state").unwrap_or("on")))
+            .transpose()?;
+        out.apic_eoi = features
+            .child("apic")
+            .and_then(|a| a.attr("eoi"))
+            .map(|v| parse_on_off("<apic eoi>", v))
+            .transpose()?;
+        out.pvspinlock = features
+            .child("pvspinlock")
+            .map(|p| parse_on_off("<pvspinlock state>", p.attr("state").unwrap_or("on")))
+            .transpose()?;
+    }
+    if let Some(clock) = root.child("clock") {
+        for t in clock.children_named("timer") {
+            match t.attr("name") {
+                Some(name @ ("kvmclock" | "hypervclock")) => {
+                    let present = t
+                        .attr("present")
+                        .map(|p| match p {
+                            "yes" => Ok(true),
+                            "no" => Ok(false),
+                            other => Err(invalid("<timer present>", other, "expected yes or no")),
+                        })
+                        .transpose()?;
+                    if let Some(present) = present {
+                        out.timers.push((name.to_string(), present));
+                    }
+                }
+                Some("tsc") => {
+                    if let Some(freq) = t.attr("frequency") {
+                        out.tsc_frequency = Some(freq.parse().map_err(|_| {
+                            invalid("<timer name='tsc' frequency>", freq, "not a number")
+                        })?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.timers.sort();
+    }
+    Ok(out)
+}
+
+fn invalid(what: &'static str, value: &str, reason: &'static str) -> GuestError {
+    GuestError::Invalid {
+        what,
+        value: value.chars().take(80).collect(),
+        reason,
+    }
+}
+
+fn parse_u32(what: &'static str, value: &str) -> Result<u32, GuestError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(what, value, "not a non-negative 32-bit number"))
+}
+
+fn parse_on_off(what: &'static str, value: &str) -> Result<bool, GuestError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(invalid(what, other, "expected on or off")),
+    }
+}
+
+/// Values that end up inside a QEMU `-cpu`/`-machine` option must not smuggle in another option:
+/// allow only what libvirt's own names use.
+fn check_token(what: &'static str, value: &str) -> Result<(), GuestError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            what,
+            value,
+            "only letters, digits, '-', '_' and '.' are allowed",
+        ))
+    }
+}
+
+/// A minimal element tree: what extraction needs, nothing more.
+#[derive(Debug, Default)]
+struct Element {
+    name: String,
+    attrs: Vec<(String, String)>,
+    children: Vec<Element>,
+    text: String,
+}
+
+impl Element {
+    fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn child(&self, name: &str) -> Option<&Element> {
+        self.children.iter().find(|c| c.name == name)
+    }
+
+    fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
+        self.children.iter().filter(move |c| c.name == name)
+    }
+}
+
+fn parse_tree(xml: &str) -> Result<Element, GuestError> {
+    let mut reader = Reader::from_str(xml);
+    reader.config_mut().check_end_names = true;
+    let mut stack: Vec<Element> = Vec::new();
+    let mut root: Option<Element> = None;
+    loop {
+        let position = reader.buffer_position();
+        let malformed = |reason: String| GuestError::Malformed { position, reason };
+        let event = reader.read_event().map_err(|e| malformed(e.to_string()))?;
+        match event {
+            Event::DocType(_) => return Err(GuestError::Doctype),
+            Event::Start(start) | Event::Empty(start) if root.is_some() && stack.is_empty() => {
+                let (name, _) = element_header(&start, position)?;
+                return Err(GuestError::SecondRoot { found: name });
+            }
+            Event::Start(start) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(GuestError::TooDeep);
+                }
+                let (name, attrs) = element_header(&start, position)?;
+                stack.push(Element {
+                    name,
+                    attrs,
+                    ..Element::default()
+                });
+            }
+            Event::Empty(start) => {
+                let (name, attrs) = element_header(&start, position)?;
+                let element = Element {
+                    name,
+                    attrs,
+                    ..Element::default()
+                };
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(element),
+                    None => root = Some(element),
+                }
+            }
+            Event::End(_) => {
+                let Some(element) = stack.pop() else {
+                    return Err(malformed("unexpected end tag".to_string()));
+                };
+                match stack.last_mut() {
+                    Some(parent) => parent.children.push(element),
+                    None => root = Some(element),
+                }
+            }
+            Event::Text(text) => {
+                let text = text.unescape().map_err(|e| malformed(e.to_string()))?;
+                match stack.last_mut() {
+                    Some(parent) => parent.text.push_str(&text),
+                    None if text.trim().is_empty() => {}
+                    None => return Err(malformed("text outside the root element".to_string())),
+                }
+            }
+            Event::CData(data) => {
+                let data = data.decode().map_err(|e| malformed(e.to_string()))?;
+                if let Some(parent) = stack.last_mut() {
+                    parent.text.push_str(&data);
+                }
+            }
+            Event::Eof => {
+                if !stack.is_empty() {
+                    return Err(malformed("document ends inside an element".to_string()));
+                }
+                return root.ok_or(GuestError::NoRoot);
+            }
+            Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
+        }
+    }
+}
+
+/// Local name (libvirt's elements are unprefixed; a prefixed element such as metadata content
+/// keeps its prefix and so never matches) and unescaped attributes.
+fn element_header(
+    start: &BytesStart<'_>,
+    position: u64,
+) -> Result<(String, Vec<(String, String)>), GuestError> {
+    let malformed = |reason: String| GuestError::Malformed { position, reason };
+    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
+    let mut attrs = Vec::new();
+    for attr in start.attributes() {
+        let attr = attr.map_err(|e| malformed(e.to_string()))?;
+        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
+        let value = attr
+            .unescape_value()
+            .map_err(|e| malformed(format!("attribute {key}: {e}")))?
+            .into_owned();
+        attrs.push((key, value));
+    }
+    Ok((name, attrs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PREPARE: &str = include_str!("../../tests/fixtures/domains/libvirt9-prepare-begin.xml");
+
+    #[test]
+    fn extracts_the_prepare_sample() {
+        let c = GuestCpuConfig::from_domain_xml(PREPARE).unwrap();
+        assert_eq!(c.accel, Accel::Kvm);
+        assert_eq!(c.emulator.as_deref(), Some("/usr/bin/qemu-system-x86_64"));
+        assert_eq!(c.arch, "x86_64");
+        assert_eq!(c.machine.as_deref(), Some("pc-i440fx-7.2"));
+        assert_eq!(c.vcpus, 1);
+        let cpu = c.cpu.unwrap();
+        assert_eq!(cpu.mode, CpuMode::Custom);
+        assert_eq!(cpu.model.as_deref(), Some("EPYC-Milan"));
+        assert_eq!(cpu.fallback.as_deref(), Some("forbid"));
+        assert_eq!(cpu.vendor.as_deref(), Some("AMD"));
+        let names: Vec<&str> = cpu.features.iter().map(|f| f.name.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "features must be sorted");
+        let tsc_adjust = cpu
+            .features
+            .iter()
+            .find(|f| f.name == "tsc_adjust")
+            .unwrap();
+        assert_eq!(tsc_adjust.policy, FeaturePolicy::Require);
+        let pni = cpu.features.iter().find(|f| f.name == "pni").unwrap();
+        assert_eq!(pni.policy, FeaturePolicy::Disable);
+    }
+
+    #[test]
+    fn element_order_does_not_change_the_config() {
+        let a = r#"<domain type='qemu'><os><type arch='x86_64' machine='pc'>hvm</type></os>
+            <cpu mode='custom'><model>Nehalem</model><feature name='vmx' policy='disable'/>
+            <feature name='aes'/></cpu><vcpu>2</vcpu></domain>"#;
+        let b = r#"<domain type='qemu'><vcpu>2</vcpu><cpu><feature policy='require' name='aes'/>
+            <feature policy='disable' name='vmx'/><model fallback='allow'>Nehalem</model></cpu>
+            <os><type machine='pc' arch='x86_64'>hvm</type></os></domain>"#;
+        let ca = GuestCpuConfig::from_domain_xml(a).unwrap();
+        let cb = GuestCpuConfig::from_domain_xml(b).unwrap();
+        assert_eq!(ca, cb);
+        assert_eq!(
+            serde_json::to_string(&ca).unwrap(),
+            serde_json::to_string(&cb).unwrap()
+        );
+        assert_eq!(ca.accel, Accel::Tcg);
+    }
+
+    #[test]
+    fn features_topology_and_enlightenments() {
+        let xml = r#"<domain type='kvm'><vcpu current='2'>4</vcpu>
+          <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
+          <features><hyperv mode='custom'><relaxed state='on'/><spinlocks state='on' retries='8191'/>
+            <stimer state='on'><direct state='on'/></stimer><vendor_id state='on' value='KVMKVM'/></hyperv>
+            <kvm><hidden state='on'/></kvm><pmu state='off'/><apic eoi='on'/></features>
+          <cpu mode='host-passthrough' migratable='off'><topology sockets='1' dies='1' cores='2' threads='2'/>
+            <cache mode='passthrough'/></cpu>
+          <clock offset='utc'><timer name='hypervclock' present='yes'/><timer name='tsc' frequency='2000000000'/></clock>
+          </domain>"#;
+        let c = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        assert_eq!((c.vcpus, c.current_vcpus), (4, Some(2)));
+        let cpu = c.cpu.as_ref().unwrap();
+        assert_eq!(cpu.mode, CpuMode::HostPassthrough);
+        assert_eq!(cpu.migratable, Some(false));
+        let topo = cpu.topology.as_ref().unwrap();
+        assert_eq!(
+            (
+                topo.sockets,
+                topo.dies,
+                topo.clusters,
+                topo.cores,
+                topo.threads
+            ),
+            (Some(1), Some(1), None, Some(2), Some(2))
+        );
+        assert_eq!(cpu.cache.as_ref().unwrap().mode, "passthrough");
+        let hv = c.features.hyperv.as_ref().unwrap();
+        let names: Vec<&str> = hv.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, vec!["relaxed", "spinlocks", "stimer", "vendor_id"]);
+        assert_eq!(hv.features[1].value.as_deref(), Some("8191"));
+        assert_eq!(
+            hv.features[2].sub,
+            vec![("direct".to_string(), "on".to_string())]
+        );
+        assert_eq!(
+            c.features.kvm,
+            vec![("hidden".to_string(), "on".to_string())]
+        );
+        assert_eq!(c.features.pmu, Some(false));
+        assert_eq!(c.features.apic_eoi, Some(true));
+        assert_eq!(c.features.timers, vec![("hypervclock".to_string(), true)]);
+        assert_eq!(c.features.tsc_frequency, Some(2_000_000_000));
+    }
+
+    #[test]
+    fn hostile_or_broken_documents_are_refused() {
+        let doctype = r#"<!DOCTYPE domain [<!ENTITY x "kvm">]><domain type='&x;'/>"#;
+        assert_eq!(
+            GuestCpuConfig::from_domain_xml(doctype),
+            Err(GuestError::Doctype)
+        );
+        let entity = r#"<domain type='kvm'><os><type arch='&x;'>hvm</type></os></domain>"#;
+        assert!(matches!(
+            GuestCpuConfig::from_domain_xml(entity),
+            Err(GuestError::Malformed { .. })
+        ));
+        let two_roots = r#"<domain type='kvm'/><domain type='kvm'/>"#;
+        assert!(matches!(
+            GuestCpuConfig::from_domain_xml(two_roots),
+            Err(GuestError::SecondRoot { .. })
+        ));
+        let unclosed = r#"<domain type='kvm'><os>"#;
+        assert!(matches!(
+            GuestCpuConfig::from_domain_xml(unclosed),
+            Err(GuestError::Malformed { .. })
+        ));
+        assert_eq!(
+            GuestCpuConfig::from_domain_xml("  "),
+            Err(GuestError::NoRoot)
+        );
+        let xen = r#"<domain type='xen'><os><type arch='x86_64'>hvm</type></os></domain>"#;
+        let err = GuestCpuConfig::from_domain_xml(xen).unwrap_err();
+        assert!(err.to_string().contains("xen"), "{err}");
+        let deep = format!(
+            "<domain type='kvm'>{}{}</domain>",
+            "<a>".repeat(100),
+            "</a>".repeat(100)
+        );
+        assert_eq!(
+            GuestCpuConfig::from_domain_xml(&deep),
+            Err(GuestError::TooDeep)
+        );
+    }
+
+    #[test]
+    fn values_that_could_inject_qemu_options_are_refused() {
+        let xml = r#"<domain type='qemu'><os><type arch='x86_64' machine='pc,accel=kvm'>hvm</type></os></domain>"#;
+        let err = GuestCpuConfig::from_domain_xml(xml).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                GuestError::Invalid {
+                    what: "<os><type machine>",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let xml = r#"<domain type='qemu'><os><type arch='x86_64'>hvm</type></os>
+            <cpu><model>qemu64</model><feature name='vmx=on,pmu'/></cpu></domain>"#;
+        assert!(GuestCpuConfig::from_domain_xml(xml).is_err());
+        let xml =
+            r#"<domain type='qemu'><os><type arch='x86_64'>hvm</type></os><vcpu>0</vcpu></domain>"#;
+        assert!(GuestCpuConfig::from_domain_xml(xml).is_err());
+    }
+}

@@ -1,0 +1,541 @@
+//! The QEMU command line that boots the probe with the guest's own CPU configuration.
+//!
+//! The `-machine` type, `-accel`, `-cpu` and `-smp` follow what libvirt 9 puts on the command line
+//! for the same domain XML (tests/probe_qemu_args.rs compares them with `virsh domxml-to-native`),
+//! so the probe's guest sees the CPU the real guest sees. Everything else (devices, memory,
+//! firmware) is the probe's own and does not change CPUID.
+//!
+//! Where this differs from libvirt, on purpose:
+//! - `host-model` without an expanded `<model>` is refused: libvirt expands it at start from its
+//!   own host CPU data, which cpuguard does not reproduce. The prepare-phase and live XML carry
+//!   the expanded model, which is used like `custom`.
+//! - `optional` features are left to the model's default; libvirt resolves them against the host
+//!   at start, and the prepare-phase / live XML already carries the result as require/disable.
+//!
+//! Like libvirt 9, features a cpu_map model marks `removed='yes'` (e.g. `monitor` in EPYC) are
+//! turned off explicitly unless the XML names them: QEMU's model still has them.
+
+use std::path::Path;
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ArgsError {
+    #[error("domain architecture {arch:?} is not supported by the probe (x86_64 and i686 only)")]
+    UnsupportedArch { arch: String },
+    #[error("domain CPU is host-model without an expanded <model>: probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
+    HostModelNotExpanded,
+    #[error("domain Hyper-V spinlocks retries {value:?} is not a number")]
+    BadSpinlocks { value: String },
+    #[error("libvirt CPU map {path:?} is unreadable: {reason}")]
+    CpuMap { path: String, reason: String },
+    #[error("probe path {path:?} is not valid UTF-8 text for the QEMU command line")]
+    BadPath { path: String },
+}
+
+/// libvirt feature names QEMU spells differently (libvirt 9's `virQEMUCapsCPUFeaturesX86`
+/// renames; each QEMU spelling is listed as a `source='qemu'` alias in libvirt's installed
+/// `cpu_map/x86_features.xml`). Every other name is passed through unchanged, as libvirt does.
+pub const FEATURE_RENAMES: &[(&str, &str)] = &[
+    ("cmp_legacy", "cmp-legacy"),
+    ("ds_cpl", "ds-cpl"),
+    ("fxsr_opt", "fxsr-opt"),
+    ("lahf_lm", "lahf-lm"),
+    ("nodeid_msr", "nodeid-msr"),
+    ("pclmuldq", "pclmulqdq"),
+    ("perfctr_core", "perfctr-core"),
+    ("perfctr_nb", "perfctr-nb"),
+    ("tsc_adjust", "tsc-adjust"),
+];
+
+/// QEMU's name for a libvirt CPU feature name.
+pub fn qemu_feature_name(libvirt_name: &str) -> &str {
+    FEATURE_RENAMES
+        .iter()
+        .find(|(from, _)| *from == libvirt_name)
+        .map_or(libvirt_name, |(_, to)| to)
+}
+
+/// The QEMU system emulator name for a domain architecture (when the XML names no emulator).
+pub fn default_emulator(arch: &str) -> Result<&'static str, ArgsError> {
+    match arch {
+        "x86_64" => Ok("qemu-system-x86_64"),
+        "i686" => Ok("qemu-system-i386"),
+        other => Err(ArgsError::UnsupportedArch {
+            arch: other.to_string(),
+        }),
+    }
+}
+
+fn default_model(arch: &str) -> &'static str {
+    if arch == "i686" {
+        "qemu32"
+    } else {
+        "qemu64"
+    }
+}
+
+pub fn accel_name(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    }
+}
+
+/// libvirt's installed CPU map (model definitions and feature names).
+pub const LIBVIRT_CPU_MAP: &str = "/usr/share/libvirt/cpu_map";
+
+/// Features the cpu_map definition of `model` marks `removed='yes'` (libvirt disables them
+/// explicitly because QEMU's model still enables them). No file for the model: none.
+pub fn removed_features(cpu_map: &Path, model: &str) -> Result<Vec<String>, ArgsError> {
+    let path = cpu_map.join(format!("x86_{model}.xml"));
+    let map_error = |reason: String| ArgsError::CpuMap {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(map_error(e.to_string())),
+    };
+    let mut reader = Reader::from_str(&text);
+    let mut removed = Vec::new();
+    loop {
+        match reader.read_event() {
+            Ok(Event::Start(e) | Event::Empty(e)) if e.name().as_ref() == b"feature" => {
+                let mut name = None;
+                let mut is_removed = false;
+                for attr in e.attributes() {
+                    let attr = attr.map_err(|e| map_error(e.to_string()))?;
+                    let value = attr
+                        .unescape_value()
+                        .map_err(|e| map_error(e.to_string()))?;
+                    match attr.key.as_ref() {
+                        b"name" => name = Some(value.into_owned()),
+                        b"removed" => is_removed = value == "yes",
+                        _ => {}
+                    }
+                }
+                if let (Some(name), true) = (name, is_removed) {
+                    removed.push(name);
+                }
+            }
+            Ok(Event::Eof) => return Ok(removed),
+            Ok(_) => {}
+            Err(e) => return Err(map_error(e.to_string())),
+        }
+    }
+}
+
+/// The `-cpu` value: model (or host/max), features, then the settings libvirt also puts there.
+/// Uses libvirt's installed cpu_map for removed model features.
+pub fn cpu_arg(config: &GuestCpuConfig) -> Result<String, ArgsError> {
+    cpu_arg_with_map(config, Path::new(LIBVIRT_CPU_MAP))
+}
+
+/// [`cpu_arg`] with the cpu_map directory given.
+pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<String, ArgsError> {
+    default_emulator(&config.arch)?;
+    let mut parts: Vec<String> = Vec::new();
+    match &config.cpu {
+        None => parts.push(default_model(&config.arch).to_string()),
+        Some(cpu) => {
+            match cpu.mode {
+                CpuMode::HostPassthrough | CpuMode::Maximum => {
+                    parts.push(
+                        if cpu.mode == CpuMode::HostPassthrough {
+                            "host"
+                        } else {
+                            "max"
+                        }
+                        .to_string(),
+                    );
+                    if let Some(m) = cpu.migratable {
+                        parts.push(format!("migratable={}", on_off(m)));
+                    }
+                }
+                CpuMode::HostModel if cpu.model.is_none() => {
+                    return Err(ArgsError::HostModelNotExpanded)
+                }
+                CpuMode::Custom | CpuMode::HostModel => {
+                    parts.push(
+                        cpu.model
+                            .clone()
+                            .unwrap_or_else(|| default_model(&config.arch).to_string()),
+                    );
+                    if let Some(v) = &cpu.vendor_id {
+                        parts.push(format!("vendor={v}"));
+                    }
+                }
+            }
+            for f in &cpu.features {
+                let state = match f.policy {
+                    FeaturePolicy::Force | FeaturePolicy::Require => "on",
+                    FeaturePolicy::Disable | FeaturePolicy::Forbid => "off",
+                    FeaturePolicy::Optional => continue,
+                };
+                parts.push(format!("{}={state}", qemu_feature_name(&f.name)));
+            }
+            if let Some(model) = cpu
+                .model
+                .as_deref()
+                .filter(|_| matches!(cpu.mode, CpuMode::Custom | CpuMode::HostModel))
+            {
+                for name in removed_features(cpu_map, model)? {
+                    if !cpu.features.iter().any(|f| f.name == name) {
+                        parts.push(format!("{}=off", qemu_feature_name(&name)));
+                    }
+                }
+            }
+        }
+    }
+
+    let features = &config.features;
+    for (timer, present) in &features.timers {
+        match (timer.as_str(), present) {
+            ("hypervclock", true) => parts.push("hv-time=on".to_string()),
+            ("kvmclock", present) => parts.push(format!("kvmclock={}", on_off(*present))),
+            _ => {}
+        }
+    }
+    if let Some(eoi) = features.apic_eoi {
+        parts.push(format!("kvm-pv-eoi={}", on_off(eoi)));
+    }
+    if let Some(unhalt) = features.pvspinlock {
+        parts.push(format!("kvm-pv-unhalt={}", on_off(unhalt)));
+    }
+    if let Some(hv) = &features.hyperv {
+        if hv.mode == "passthrough" {
+            parts.push("hv-passthrough=on".to_string());
+        }
+        for f in &hv.features {
+            if f.state.as_deref() != Some("on") {
+                continue;
+            }
+            let qemu = format!("hv-{}", f.name.replace('_', "-"));
+            match (f.name.as_str(), &f.value) {
+                ("spinlocks", Some(retries)) => {
+                    let n: u32 = retries.parse().map_err(|_| ArgsError::BadSpinlocks {
+                        value: retries.clone(),
+                    })?;
+                    parts.push(format!("{qemu}={n:#x}"));
+                }
+                ("vendor_id", Some(value)) => parts.push(format!("{qemu}={value}")),
+                _ => parts.push(format!("{qemu}=on")),
+            }
+            for (sub, state) in &f.sub {
+                let suffix = match (f.name.as_str(), sub.as_str()) {
+                    ("tlbflush", "extended") => "ext".to_string(),
+                    (_, sub) => sub.replace('_', "-"),
+                };
+                if state == "on" {
+                    parts.push(format!("{qemu}-{suffix}=on"));
+                }
+            }
+        }
+    }
+    for (name, state) in &features.kvm {
+        let on = state == "on";
+        match name.as_str() {
+            "hidden" if on => parts.push("kvm=off".to_string()),
+            "hint-dedicated" | "poll-control" if on => parts.push(format!("kvm-{name}=on")),
+            "pv-ipi" if !on => parts.push("kvm-pv-ipi=off".to_string()),
+            _ => {}
+        }
+    }
+    if let Some(pmu) = features.pmu {
+        parts.push(format!("pmu={}", on_off(pmu)));
+    }
+    if let Some(cpu) = &config.cpu {
+        if let Some(cache) = &cpu.cache {
+            // libvirt 9: emulate turns the host's cache info off (only meaningful for host and
+            // max), passthrough turns the emulated L3 off, disable turns both off.
+            let (host_off, l3_off) = match cache.mode.as_str() {
+                "emulate" => {
+                    parts.push("l3-cache=on".to_string());
+                    (true, false)
+                }
+                "passthrough" => {
+                    parts.push("host-cache-info=on".to_string());
+                    (false, true)
+                }
+                "disable" => (true, true),
+                _ => (false, false),
+            };
+            if host_off && matches!(cpu.mode, CpuMode::HostPassthrough | CpuMode::Maximum) {
+                parts.push("host-cache-info=off".to_string());
+            }
+            if l3_off {
+                parts.push("l3-cache=off".to_string());
+            }
+        }
+        if let Some(phys) = &cpu.maxphysaddr {
+            match (phys.mode.as_str(), phys.bits) {
+                ("passthrough", bits) => {
+                    parts.push("host-phys-bits=on".to_string());
+                    if let Some(bits) = bits {
+                        parts.push(format!("host-phys-bits-limit={bits}"));
+                    }
+                }
+                ("emulate", Some(bits)) => parts.push(format!("phys-bits={bits}")),
+                _ => {}
+            }
+        }
+    }
+    if let Some(hz) = features.tsc_frequency {
+        parts.push(format!("tsc-frequency={hz}"));
+    }
+    Ok(parts.join(","))
+}
+
+/// The `-smp` value, as libvirt 9 writes it.
+pub fn smp_arg(config: &GuestCpuConfig) -> String {
+    let max = config.vcpus;
+    let mut smp = match config.current_vcpus {
+        Some(current) => format!("{current},maxcpus={max}"),
+        None => max.to_string(),
+    };
+    let topology = config
+        .cpu
+        .as_ref()
+        .and_then(|c| c.topology.as_ref())
+        .filter(|t| t.sockets.is_some());
+    match topology {
+        Some(t) => {
+            smp.push_str(&format!(
+                ",sockets={},dies={}",
+                t.sockets.unwrap_or(1),
+                t.dies.unwrap_or(1)
+            ));
+            if let Some(clusters) = t.clusters {
+                smp.push_str(&format!(",clusters={clusters}"));
+            }
+            smp.push_str(&format!(
+                ",cores={},threads={}",
+                t.cores.unwrap_or(1),
+                t.threads.unwrap_or(1)
+            ));
+        }
+        None => smp.push_str(&format!(",sockets={max},cores=1,threads=1")),
+    }
+    smp
+}
+
+/// The complete argv (without the program) that boots `firmware` and writes its port 0xe9 output
+/// to `debugcon_out`.
+pub fn probe_args(
+    config: &GuestCpuConfig,
+    accel: Accel,
+    firmware: &Path,
+    debugcon_out: &Path,
+) -> Result<Vec<String>, ArgsError> {
+    let firmware = path_text(firmware)?;
+    let out = path_text(debugcon_out)?;
+    let mut args: Vec<String> = [
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        // A triple fault must end the probe, not reboot it into a loop until the wall-time bound.
+        "-no-reboot",
+        "-m",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(machine) = &config.machine {
+        args.extend(["-machine".to_string(), machine.clone()]);
+    }
+    args.extend([
+        "-accel".to_string(),
+        accel_name(accel).to_string(),
+        "-cpu".to_string(),
+        cpu_arg(config)?,
+        "-smp".to_string(),
+        smp_arg(config),
+        "-bios".to_string(),
+        firmware.to_string(),
+        "-chardev".to_string(),
+        // QEMU option values escape a comma by doubling it.
+        format!("file,id=cpuguard-probe,path={}", out.replace(',', ",,")),
+        "-device".to_string(),
+        "isa-debugcon,iobase=0xe9,chardev=cpuguard-probe".to_string(),
+        "-device".to_string(),
+        "isa-debug-exit,iobase=0xf4,iosize=0x04".to_string(),
+    ]);
+    Ok(args)
+}
+
+fn path_text(path: &Path) -> Result<&str, ArgsError> {
+    path.to_str().ok_or_else(|| ArgsError::BadPath {
+        path: path.display().to_string(),
+    })
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(xml_body: &str, domain_type: &str) -> GuestCpuConfig {
+        let xml = format!(
+            "<domain type='{domain_type}'><os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>{xml_body}</domain>"
+        );
+        GuestCpuConfig::from_domain_xml(&xml).unwrap()
+    }
+
+    #[test]
+    fn custom_model_features_are_translated() {
+        let c = config(
+            "<cpu><model>Haswell-noTSX</model><feature name='tsc_adjust'/>\
+             <feature policy='disable' name='vmx'/><feature policy='optional' name='ssse3'/>\
+             <feature policy='forbid' name='pclmuldq'/><feature policy='force' name='sse4.1'/></cpu>",
+            "qemu",
+        );
+        let cpu = cpu_arg(&c).unwrap();
+        let mut parts: Vec<&str> = cpu.split(',').collect();
+        assert_eq!(parts.remove(0), "Haswell-noTSX");
+        parts.sort();
+        assert_eq!(
+            parts,
+            vec!["pclmulqdq=off", "sse4.1=on", "tsc-adjust=on", "vmx=off"]
+        );
+    }
+
+    #[test]
+    fn removed_model_features_are_disabled_unless_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("x86_Old.xml"),
+            "<cpus><model name='Old'><vendor name='AMD'/><feature name='sse2'/>\
+             <feature name='monitor' removed='yes'/><feature name='tsc_adjust' removed='yes'/>\
+             </model></cpus>",
+        )
+        .unwrap();
+        let c = config("<cpu><model>Old</model></cpu>", "qemu");
+        assert_eq!(
+            cpu_arg_with_map(&c, dir.path()).unwrap(),
+            "Old,monitor=off,tsc-adjust=off"
+        );
+        let c = config(
+            "<cpu><model>Old</model><feature name='monitor'/></cpu>",
+            "qemu",
+        );
+        assert_eq!(
+            cpu_arg_with_map(&c, dir.path()).unwrap(),
+            "Old,monitor=on,tsc-adjust=off"
+        );
+        let c = config("<cpu><model>Unknown</model></cpu>", "qemu");
+        assert_eq!(cpu_arg_with_map(&c, dir.path()).unwrap(), "Unknown");
+        std::fs::write(dir.path().join("x86_Bad.xml"), "<cpus><model").unwrap();
+        let c = config("<cpu><model>Bad</model></cpu>", "qemu");
+        assert!(matches!(
+            cpu_arg_with_map(&c, dir.path()),
+            Err(ArgsError::CpuMap { .. })
+        ));
+    }
+
+    #[test]
+    fn no_cpu_element_means_the_architecture_default() {
+        let c = config("", "qemu");
+        assert_eq!(cpu_arg(&c).unwrap(), "qemu64");
+        assert_eq!(smp_arg(&c), "1,sockets=1,cores=1,threads=1");
+    }
+
+    #[test]
+    fn unexpanded_host_model_is_refused() {
+        let c = config("<cpu mode='host-model'/>", "kvm");
+        assert_eq!(cpu_arg(&c), Err(ArgsError::HostModelNotExpanded));
+        let c = config(
+            "<cpu mode='host-model'><model>EPYC-Milan</model></cpu>",
+            "kvm",
+        );
+        assert_eq!(cpu_arg(&c).unwrap(), "EPYC-Milan");
+    }
+
+    #[test]
+    fn smp_with_topology_and_offline_vcpus() {
+        let c = config(
+            "<vcpu current='3'>8</vcpu><cpu><topology sockets='2' cores='2' threads='2'/></cpu>",
+            "qemu",
+        );
+        assert_eq!(
+            smp_arg(&c),
+            "3,maxcpus=8,sockets=2,dies=1,cores=2,threads=2"
+        );
+    }
+
+    #[test]
+    fn enlightenments_and_pmu_become_cpu_properties() {
+        let c = config(
+            "<features><hyperv><relaxed state='on'/><reset state='off'/>\
+             <spinlocks state='on' retries='4095'/><tlbflush state='on'><extended state='on'/></tlbflush>\
+             </hyperv><kvm><hidden state='on'/></kvm><pmu state='off'/></features>\
+             <cpu mode='host-passthrough'/>",
+            "kvm",
+        );
+        let cpu = cpu_arg(&c).unwrap();
+        assert_eq!(
+            cpu,
+            "host,migratable=on,hv-relaxed=on,hv-spinlocks=0xfff,hv-tlbflush=on,hv-tlbflush-ext=on,kvm=off,pmu=off"
+        );
+    }
+
+    #[test]
+    fn argv_has_the_probe_devices_and_escapes_commas() {
+        let c = config("", "kvm");
+        let args = probe_args(
+            &c,
+            Accel::Tcg,
+            Path::new("/tmp/fw.bin"),
+            Path::new("/tmp/a,b/out"),
+        )
+        .unwrap();
+        let joined = args.join(" ");
+        assert!(joined.contains("-accel tcg"), "{joined}");
+        assert!(joined.contains("-machine pc-q35-7.2"), "{joined}");
+        assert!(joined.contains("path=/tmp/a,,b/out"), "{joined}");
+        assert!(joined.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"));
+        assert!(joined.contains("-bios /tmp/fw.bin"));
+    }
+
+    #[test]
+    fn unsupported_arch_is_an_error() {
+        let xml = "<domain type='qemu'><os><type arch='aarch64'>hvm</type></os></domain>";
+        let c = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        assert!(matches!(
+            cpu_arg(&c),
+            Err(ArgsError::UnsupportedArch { .. })
+        ));
+    }
+
+    #[test]
+    fn renames_are_qemu_aliases_in_the_installed_cpu_map() {
+        let path = "/usr/share/libvirt/cpu_map/x86_features.xml";
+        let Ok(map) = std::fs::read_to_string(path) else {
+            eprintln!("skipping: {path} not installed");
+            return;
+        };
+        for (from, to) in FEATURE_RENAMES {
+            assert!(
+                map.contains(&format!("<feature name='{from}'>")),
+                "{from} not in cpu_map"
+            );
+            assert!(
+                map.contains(&format!("<alias name='{to}' source='qemu'/>")),
+                "{to} not a qemu alias in cpu_map"
+            );
+        }
+    }
+}
