@@ -5,13 +5,11 @@
 //! come from libvirt's own QEMU capabilities cache files, which list each probed `<emulator>`.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use quick_xml::events::Event;
 use quick_xml::reader::Reader;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
@@ -94,50 +92,6 @@ fn first_emulator_element(path: &Path) -> Option<PathBuf> {
     }
 }
 
-/// `<emulator> --version` costs tens of milliseconds (QEMU loads its libraries), more than the
-/// hook's whole warm-path budget, so the answer is remembered per binary, keyed by the file's
-/// identity (device, inode, size, mtime, ctime): an upgrade replaces the file and changes it.
-fn cached_emulator_version(
-    cache_dir: &Path,
-    emulator: &Path,
-    allowed: &[PathBuf],
-) -> Result<String, MeasureError> {
-    let identity = fs::metadata(emulator).ok().map(|m| {
-        format!(
-            "{}\0{}:{}:{}:{}.{}:{}.{}",
-            emulator.display(),
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
-        )
-    });
-    let file = identity.map(|id| {
-        cache_dir
-            .join("emulator-versions")
-            .join(hex::encode(&Sha256::digest(id.as_bytes())[..16]))
-    });
-    if let Some(text) = file.as_ref().and_then(|f| fs::read_to_string(f).ok()) {
-        let text = text.trim();
-        if !text.is_empty() && text.len() < 512 && !text.contains('\n') {
-            return Ok(text.to_string());
-        }
-    }
-    let path = emulator.to_string_lossy();
-    let version = emulator_version(&path, allowed)?;
-    if let Some(file) = file {
-        // Best effort: a failure only means asking the emulator again next time.
-        if let Some(dir) = file.parent() {
-            let _ = fs::create_dir_all(dir);
-        }
-        let _ = crate::fsutil::write_atomic(&file, version.as_bytes(), 0o600);
-    }
-    Ok(version)
-}
-
 /// This host's fingerprint for the CPU a domain XML describes: from the cache, or measured by
 /// the probe (once per configuration, whatever the concurrency) and stored.
 pub fn for_domain_xml(xml: &str, config: &Config) -> Result<Measurement, MeasureError> {
@@ -152,17 +106,38 @@ pub fn for_guest(
 ) -> Result<Measurement, MeasureError> {
     let allowed = allowed_emulators(config);
     let emulator = resolve_emulator(guest, &allowed)?;
-    let cache = Cache::open(&config.cache_dir)?;
-    let version = cached_emulator_version(cache.dir(), &emulator, &allowed)?;
     let accel = accel_override.unwrap_or(guest.accel);
-    let key = CacheKey::for_this_host(guest, accel, &emulator, &version)?;
     let opts = ProbeOptions {
         timeout: Duration::from_secs(config.probe.timeout_secs),
-        allowed_emulators: allowed,
+        allowed_emulators: allowed.clone(),
         accel_override,
         ..ProbeOptions::default()
     };
-    let obtained = cache.get_or_measure(&key, || measure_now(guest, &opts, &version, accel))?;
+    let version = || emulator_version(&emulator.to_string_lossy(), &allowed);
+    let cache = match Cache::from_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            // An unusable cache must not decide a migration: measure without it, and say so.
+            let version = version()?;
+            let fingerprint = measure_now(guest, &opts, &version, accel)?;
+            return Ok(Measurement {
+                fingerprint,
+                source: Source::Measured,
+                warnings: vec![CacheWarning::Bypassed {
+                    dir: config.cache_dir.clone(),
+                    reason: e.to_string(),
+                }],
+                emulator,
+            });
+        }
+    };
+    // `--version` costs tens of milliseconds (QEMU loads its libraries), more than the warm-path
+    // budget: the cache remembers it per binary, keyed by the file's identity.
+    let identity = cache.emulator_identity(&emulator, version)?;
+    let version = identity.version.clone();
+    let key = CacheKey::new(guest, accel, identity);
+    let obtained =
+        cache.get_or_measure_or_bypass(&key, || measure_now(guest, &opts, &version, accel))?;
     Ok(Measurement {
         fingerprint: obtained.fingerprint,
         source: obtained.source,
