@@ -44,7 +44,9 @@ fn domain_xml(size: usize) -> String {
     let mut meta = String::from("  <metadata>\n    <app:data xmlns:app='urn:example:app'>\n");
     let mut i = 0;
     while sample.len() + meta.len() + 64 < size {
-        meta.push_str(&format!("      <app:item id='{i}'>payload {i:08}</app:item>\n"));
+        meta.push_str(&format!(
+            "      <app:item id='{i}'>payload {i:08}</app:item>\n"
+        ));
         i += 1;
     }
     meta.push_str("    </app:data>\n  </metadata>\n");
@@ -123,7 +125,11 @@ fn main() {
     // Distinct names: a migrate run leaves an incoming record that the same name's next prepare
     // would consume, and that prepare must measure a normal start.
     let hook = |phase: &str| -> Vec<String> {
-        let name = if phase == "migrate" { "bench-incoming" } else { "bench-normal" };
+        let name = if phase == "migrate" {
+            "bench-incoming"
+        } else {
+            "bench-normal"
+        };
         ["hook", "qemu", name, phase, "begin", "-"]
             .iter()
             .map(|s| s.to_string())
@@ -199,9 +205,7 @@ fn main() {
         let mut t = scenarios[0].samples.clone();
         stats(&mut t).0
     };
-    println!(
-        "cpuguard hook exec cost, {rounds} rounds (wall time per fork+exec+exit, ms)"
-    );
+    println!("cpuguard hook exec cost, {rounds} rounds (wall time per fork+exec+exit, ms)");
     println!(
         "{:<42} {:>7} {:>9} {:>9} {:>9} {:>9}",
         "scenario", "runs", "median", "mean", "p95", "x trivial"

@@ -236,8 +236,8 @@ mod tests {
 
     #[test]
     fn keys_override_defaults() {
-        let c = parse("max_xml_bytes = 4096\n[policy]\nunstamped_source = \"allow\"\n")
-            .expect("valid");
+        let c =
+            parse("max_xml_bytes = 4096\n[policy]\nunstamped_source = \"allow\"\n").expect("valid");
         assert_eq!(c.max_xml_bytes, 4096);
         assert_eq!(c.policy.unstamped_source, Verdict::Allow);
         assert_eq!(c.policy.probe_failure, Verdict::Refuse);
@@ -254,7 +254,10 @@ mod tests {
         );
         assert!(msg.contains("maybe") || msg.contains("variant"), "{msg}");
         let e = parse("cache_dri = \"/x\"\n").expect_err("typo");
-        assert!(e.to_string().contains(":1: unknown field `cache_dri`"), "{e}");
+        assert!(
+            e.to_string().contains(":1: unknown field `cache_dri`"),
+            "{e}"
+        );
         let e = parse("runtime_dir = \"run\"\n").expect_err("relative");
         assert_eq!(
             e.to_string(),
@@ -266,14 +269,24 @@ mod tests {
     #[test]
     fn shipped_config_file_documents_exactly_the_defaults() {
         let shipped = include_str!("../packaging/cpuguard.toml");
-        assert_eq!(parse(shipped).expect("shipped file parses"), Config::default());
+        assert_eq!(
+            parse(shipped).expect("shipped file parses"),
+            Config::default()
+        );
         // Uncommenting every documented key must still give the defaults: the comments are true.
         let uncommented: String = shipped
             .lines()
-            .map(|l| l.strip_prefix('#').filter(|r| r.contains(" = ")).unwrap_or(l))
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.contains(" = "))
+                    .unwrap_or(l)
+            })
             .collect::<Vec<_>>()
             .join("\n");
-        assert_eq!(parse(&uncommented).expect("uncommented parses"), Config::default());
+        assert_eq!(
+            parse(&uncommented).expect("uncommented parses"),
+            Config::default()
+        );
     }
 
     #[test]

@@ -54,14 +54,17 @@ impl Incoming<'_> {
 pub fn stamped_table(stamp: &Stamp) -> Result<CpuidTable, String> {
     if let Some(v) = stamp.version.as_deref() {
         if v != crate::domain::metadata::STAMP_VERSION {
-            return Err(format!("the source's cpuguard stamp has unknown version {v:?}"));
+            return Err(format!(
+                "the source's cpuguard stamp has unknown version {v:?}"
+            ));
         }
     }
     let text = stamp
         .table
         .as_deref()
         .ok_or("the source's cpuguard stamp carries no CPUID table")?;
-    parse_dump(text).map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
+    parse_dump(text)
+        .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
 
 pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
@@ -231,7 +234,11 @@ mod tests {
         Stamp::read(&el)
     }
 
-    fn judge_with(stamp: Option<&Stamp>, local: Result<&Fingerprint, String>, policy: &PolicyConfig) -> Decision {
+    fn judge_with(
+        stamp: Option<&Stamp>,
+        local: Result<&Fingerprint, String>,
+        policy: &PolicyConfig,
+    ) -> Decision {
         let inc = Incoming {
             domain: "web1",
             this_host: "hv-new",
@@ -249,15 +256,29 @@ mod tests {
         let s = stamp(SRC);
         let local = fingerprint(SRC);
         let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
-        assert!(matches!(d, Decision::Allow { by_policy: false, .. }), "{d:?}");
+        assert!(
+            matches!(
+                d,
+                Decision::Allow {
+                    by_policy: false,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn lost_feature_is_refused_and_named() {
         let s = stamp(SRC);
         // Destination lacks vmx (leaf 1 ECX bit 5) and tsc_adjust (leaf 7 EBX bit 1).
-        let local = fingerprint(&SRC.replace("fffa3223", "fffa3203").replace("000007ab", "000007a9"));
-        let Decision::Refuse { reason, message } = judge_with(Some(&s), Ok(&local), &PolicyConfig::default()) else {
+        let local = fingerprint(
+            &SRC.replace("fffa3223", "fffa3203")
+                .replace("000007ab", "000007a9"),
+        );
+        let Decision::Refuse { reason, message } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
             panic!("must refuse");
         };
         let mut lines = message.lines();
@@ -265,8 +286,14 @@ mod tests {
             lines.next(),
             Some("cpuguard: refusing incoming migration of web1: the guest CPU would change on hv-new")
         );
-        assert!(message.contains("  lost: vmx (CPUID.0x1:ECX[5])"), "{message}");
-        assert!(message.contains("  lost: tsc_adjust (CPUID.0x7.0:EBX[1])"), "{message}");
+        assert!(
+            message.contains("  lost: vmx (CPUID.0x1:ECX[5])"),
+            "{message}"
+        );
+        assert!(
+            message.contains("  lost: tsc_adjust (CPUID.0x7.0:EBX[1])"),
+            "{message}"
+        );
         assert!(reason.contains("lost vmx,tsc_adjust"), "{reason}");
     }
 
@@ -275,10 +302,25 @@ mod tests {
         let s = stamp(&SRC.replace("fffa3223", "fffa3203"));
         let local = fingerprint(SRC);
         let refused = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
-        assert!(matches!(&refused, Decision::Refuse { message, .. } if message.contains("gained: vmx")), "{refused:?}");
-        let policy = PolicyConfig { gained_features: Verdict::Allow, ..PolicyConfig::default() };
+        assert!(
+            matches!(&refused, Decision::Refuse { message, .. } if message.contains("gained: vmx")),
+            "{refused:?}"
+        );
+        let policy = PolicyConfig {
+            gained_features: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
         let allowed = judge_with(Some(&s), Ok(&local), &policy);
-        assert!(matches!(allowed, Decision::Allow { by_policy: true, .. }), "{allowed:?}");
+        assert!(
+            matches!(
+                allowed,
+                Decision::Allow {
+                    by_policy: true,
+                    ..
+                }
+            ),
+            "{allowed:?}"
+        );
     }
 
     #[test]
@@ -287,28 +329,62 @@ mod tests {
         // Another stepping: family/model/stepping differs, no feature bit does.
         let local = fingerprint(&SRC.replace("000306c1", "000306c2"));
         let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
-        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("family/model/stepping")), "{d:?}");
+        assert!(
+            matches!(&d, Decision::Refuse { message, .. } if message.contains("family/model/stepping")),
+            "{d:?}"
+        );
     }
 
     #[test]
     fn unstamped_and_unmeasurable_follow_policy() {
         let local = fingerprint(SRC);
         let d = judge_with(None, Ok(&local), &PolicyConfig::default());
-        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("run `cpuguard stamp web1` on the source host")), "{d:?}");
-        let policy = PolicyConfig { unstamped_source: Verdict::Allow, ..PolicyConfig::default() };
-        assert!(matches!(judge_with(None, Ok(&local), &policy), Decision::Allow { by_policy: true, .. }));
+        assert!(
+            matches!(&d, Decision::Refuse { message, .. } if message.contains("run `cpuguard stamp web1` on the source host")),
+            "{d:?}"
+        );
+        let policy = PolicyConfig {
+            unstamped_source: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            judge_with(None, Ok(&local), &policy),
+            Decision::Allow {
+                by_policy: true,
+                ..
+            }
+        ));
 
         let s = stamp(SRC);
-        let d = judge_with(Some(&s), Err("emulator /x is not allowed".into()), &PolicyConfig::default());
-        assert!(matches!(&d, Decision::Refuse { reason, .. } if reason.contains("cannot measure this host's guest CPU: emulator /x")), "{d:?}");
-        let policy = PolicyConfig { probe_failure: Verdict::Allow, ..PolicyConfig::default() };
-        assert!(matches!(judge_with(Some(&s), Err("x".into()), &policy), Decision::Allow { by_policy: true, .. }));
+        let d = judge_with(
+            Some(&s),
+            Err("emulator /x is not allowed".into()),
+            &PolicyConfig::default(),
+        );
+        assert!(
+            matches!(&d, Decision::Refuse { reason, .. } if reason.contains("cannot measure this host's guest CPU: emulator /x")),
+            "{d:?}"
+        );
+        let policy = PolicyConfig {
+            probe_failure: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            judge_with(Some(&s), Err("x".into()), &policy),
+            Decision::Allow {
+                by_policy: true,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn opt_out_is_honoured_only_when_allowed() {
         let local = fingerprint(SRC);
-        let opt_out = DomainPolicy { guard_off: true, reason: Some("ticket 1".into()) };
+        let opt_out = DomainPolicy {
+            guard_off: true,
+            reason: Some("ticket 1".into()),
+        };
         let inc = Incoming {
             domain: "web1",
             this_host: "hv-new",
@@ -319,10 +395,18 @@ mod tests {
             config_path: "/etc/cpuguard/cpuguard.toml",
         };
         let d = judge(&inc, &PolicyConfig::default(), &features());
-        assert!(matches!(&d, Decision::Allow { reason, by_policy: true, .. } if reason.contains("ticket 1")));
-        let policy = PolicyConfig { allow_domain_opt_out: false, ..PolicyConfig::default() };
+        assert!(
+            matches!(&d, Decision::Allow { reason, by_policy: true, .. } if reason.contains("ticket 1"))
+        );
+        let policy = PolicyConfig {
+            allow_domain_opt_out: false,
+            ..PolicyConfig::default()
+        };
         let d = judge(&inc, &policy, &features());
-        assert!(matches!(&d, Decision::Refuse { message, .. } if message.starts_with("cpuguard: refusing restore of web1")), "{d:?}");
+        assert!(
+            matches!(&d, Decision::Refuse { message, .. } if message.starts_with("cpuguard: refusing restore of web1")),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -331,6 +415,9 @@ mod tests {
         s.table = Some("garbage\n".into());
         let local = fingerprint(SRC);
         let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
-        assert!(matches!(&d, Decision::Refuse { reason, .. } if reason.contains("unreadable table")), "{d:?}");
+        assert!(
+            matches!(&d, Decision::Refuse { reason, .. } if reason.contains("unreadable table")),
+            "{d:?}"
+        );
     }
 }

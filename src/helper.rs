@@ -28,13 +28,10 @@ pub fn locate(config: &Config) -> Result<PathBuf, String> {
         v.push(PathBuf::from(LIBEXEC_PATH));
         v
     };
-    let found = candidates
-        .iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
-            format!("{HELPER_NAME} not found (looked at {})", list.join(", "))
-        })?;
+    let found = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+        let list: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        format!("{HELPER_NAME} not found (looked at {})", list.join(", "))
+    })?;
     check_trusted(found)?;
     Ok(found.clone())
 }
@@ -48,7 +45,11 @@ pub fn check_trusted(path: &Path) -> Result<(), String> {
     }
     let me = nix::unistd::Uid::effective().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!("{}: owned by uid {}, not root", path.display(), meta.uid()));
+        return Err(format!(
+            "{}: owned by uid {}, not root",
+            path.display(),
+            meta.uid()
+        ));
     }
     if meta.mode() & 0o022 != 0 {
         return Err(format!(
@@ -74,7 +75,9 @@ mod tests {
         assert!(locate(&config).expect_err("missing").contains("not found"));
         std::fs::write(&helper, b"#!").expect("write");
         std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o777)).expect("chmod");
-        assert!(locate(&config).expect_err("writable").contains("writable by group or others"));
+        assert!(locate(&config)
+            .expect_err("writable")
+            .contains("writable by group or others"));
         std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(locate(&config).expect("ok"), helper);
     }

@@ -170,7 +170,10 @@ mod tests {
         assert_eq!(p.parent(), Some(Path::new("/run/cpuguard/incoming")));
         let file = p.file_name().and_then(|n| n.to_str()).expect("file name");
         assert_eq!(file.len(), 32 + ".json".len());
-        assert!(file.trim_end_matches(".json").chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(file
+            .trim_end_matches(".json")
+            .chars()
+            .all(|c| c.is_ascii_hexdigit()));
         assert_ne!(record_path(run, "a"), record_path(run, "b"));
     }
 
@@ -180,14 +183,8 @@ mod tests {
         let r = record("guest1", Some(UUID), 1000, 600);
         let path = write(dir.path(), &r).expect("written");
         assert!(path.exists());
-        assert_eq!(
-            take(dir.path(), "guest1", 1001).expect("read"),
-            Some(r)
-        );
-        assert_eq!(
-            take(dir.path(), "guest1", 1002).expect("read"),
-            None
-        );
+        assert_eq!(take(dir.path(), "guest1", 1001).expect("read"), Some(r));
+        assert_eq!(take(dir.path(), "guest1", 1002).expect("read"), None);
         // No temp files are left behind.
         let left: Vec<_> = fs::read_dir(dir.path().join("incoming"))
             .expect("dir")

@@ -82,7 +82,9 @@ fn first_emulator_element(path: &Path) -> Option<PathBuf> {
             Event::Start(e) if e.local_name().as_ref() == b"emulator" => inside = true,
             Event::Text(t) if inside => {
                 let value = t.unescape().ok()?.trim().to_string();
-                return Path::new(&value).is_absolute().then(|| PathBuf::from(value));
+                return Path::new(&value)
+                    .is_absolute()
+                    .then(|| PathBuf::from(value));
             }
             Event::End(_) if inside => return None,
             Event::Eof => return None,
@@ -192,8 +194,11 @@ mod tests {
             "<qemuCaps>\n  <emulator>/usr/bin/qemu-system-x86_64</emulator>\n  <qemuctime>1</qemuctime>\n</qemuCaps>\n",
         )
         .expect("write");
-        fs::write(dir.path().join("b.xml"), "<qemuCaps><emulator>relative/qemu</emulator></qemuCaps>")
-            .expect("write");
+        fs::write(
+            dir.path().join("b.xml"),
+            "<qemuCaps><emulator>relative/qemu</emulator></qemuCaps>",
+        )
+        .expect("write");
         fs::write(dir.path().join("c.xml"), "not xml <<<").expect("write");
         fs::write(dir.path().join("d.txt"), "<emulator>/bin/sh</emulator>").expect("write");
         let found = libvirt_capability_emulators(dir.path());

@@ -67,7 +67,9 @@ pub fn rfc3339_now() -> String {
 
 /// Measures and stamps one running domain.
 pub fn stamp_domain(conn: &Connect, name: &str, config: &Config) -> Result<Stamped, StampError> {
-    let dom = conn.lookup_domain_by_name(name).map_err(|e| libvirt_err(name, e))?;
+    let dom = conn
+        .lookup_domain_by_name(name)
+        .map_err(|e| libvirt_err(name, e))?;
     stamp(&dom, name, config)
 }
 

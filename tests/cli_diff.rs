@@ -30,7 +30,10 @@ fn seed001_third_case_names_lost_and_gained_features() {
     assert_eq!(code, Some(1), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines.contains(&"lost: vmx (CPUID.0x1:ECX[5])"), "{out}");
-    assert!(lines.contains(&"lost: tsc_adjust (CPUID.0x7.0:EBX[1])"), "{out}");
+    assert!(
+        lines.contains(&"lost: tsc_adjust (CPUID.0x7.0:EBX[1])"),
+        "{out}"
+    );
     assert!(lines.contains(&"gained: vme (CPUID.0x1:EDX[1])"), "{out}");
 
     let (code, json, _) = diff(&[
@@ -77,7 +80,10 @@ fn bad_input_exits_2_with_one_line() {
     let junk = dir.path().join("junk.txt");
     std::fs::write(&junk, "hello\n").expect("write");
     let j = junk.to_string_lossy().to_string();
-    for args in [vec![j.as_str(), j.as_str()], vec!["/nonexistent/a", j.as_str()]] {
+    for args in [
+        vec![j.as_str(), j.as_str()],
+        vec!["/nonexistent/a", j.as_str()],
+    ] {
         let (code, out, err) = diff(&args);
         assert_eq!(code, Some(2), "{args:?}");
         assert!(out.is_empty());

@@ -92,7 +92,11 @@ fn migrate_phase_pins_the_real_sample_through_every_entry_point() {
     let args = ["guest1", "migrate", "begin", "-"];
     let outputs = [
         env.run(&hooks.join("qemu"), &args, MIGRATE_XML.as_bytes()),
-        env.run(&hooks.join("qemu.d/50-cpuguard"), &args, MIGRATE_XML.as_bytes()),
+        env.run(
+            &hooks.join("qemu.d/50-cpuguard"),
+            &args,
+            MIGRATE_XML.as_bytes(),
+        ),
         env.hook(&args, MIGRATE_XML.as_bytes()),
     ];
     for out in outputs {
@@ -167,7 +171,7 @@ impl Gen {
         items[(self.next() % items.len() as u64) as usize]
     }
     fn q(&mut self) -> char {
-        if self.next() % 2 == 0 {
+        if self.next().is_multiple_of(2) {
             '\''
         } else {
             '"'
@@ -188,7 +192,11 @@ fn generated_document(g: &mut Gen) -> (String, String, String) {
         "<metadata><nova:instance xmlns:nova=\"http://openstack.org/xmlns/libvirt/nova/1.1\"><nova:name>vm &amp; co</nova:name></nova:instance></metadata>",
         "<metadata>\n    <app1:foo xmlns:app1='urn:app1'><![CDATA[<cpu mode='host-model'/> & raw]]></app1:foo>\n    <app2:bar xmlns:app2=\"urn:app2\" a='1'   b=\"2\"/>\n  </metadata>",
     ]);
-    let pi = g.pick(&["", "<?app-hint keep me?>", "<!-- comment with <cpu> inside -->"]);
+    let pi = g.pick(&[
+        "",
+        "<?app-hint keep me?>",
+        "<!-- comment with <cpu> inside -->",
+    ]);
     let model = g.pick(&["Nehalem", "Haswell-noTSX", "EPYC-Milan", "qemu64"]);
     let check = g.pick(&["", " check='partial'", " check=\"none\"", " check='full'"]);
     let match_ = g.pick(&["", " match='exact'", " match=\"minimum\""]);
@@ -264,18 +272,18 @@ fn bad_input_is_refused_with_one_line_and_no_output() {
     let big = MIGRATE_XML; // 3.8 KiB, over the 2 KiB limit configured above
     let cases: [(&str, &[u8], &str); 9] = [
         ("malformed", b"<domain><name>x</name>", "malformed"),
-        (
-            "mismatched",
-            b"<domain><name>x</nom></domain>",
-            "malformed",
-        ),
+        ("mismatched", b"<domain><name>x</nom></domain>", "malformed"),
         ("second-root", b"<domain/><domain/>", "second root element"),
         (
             "doctype",
             b"<!DOCTYPE domain [<!ENTITY x SYSTEM 'file:///etc/shadow'>]><domain>&x;</domain>",
             "DOCTYPE",
         ),
-        ("entity", b"<domain><name>&x;</name></domain>", "entity reference &x;"),
+        (
+            "entity",
+            b"<domain><name>&x;</name></domain>",
+            "entity reference &x;",
+        ),
         ("oversize", big.as_bytes(), "over the 2048-byte limit"),
         ("not-utf8", b"<domain>\xff\xfe</domain>", "not UTF-8"),
         ("empty", b"", "empty"),
@@ -292,13 +300,17 @@ fn bad_input_is_refused_with_one_line_and_no_output() {
             .collect();
         assert_eq!(refusal.len(), 1, "{name}: {err}");
         assert!(
-            refusal[0].starts_with(&format!("cpuguard: refusing incoming migration of {name}: ")),
+            refusal[0].starts_with(&format!(
+                "cpuguard: refusing incoming migration of {name}: "
+            )),
             "{name}: {err}"
         );
         assert!(refusal[0].contains(reason), "{name}: {err}");
     }
     // No record is left for a refused migration.
-    assert!(!env.incoming_dir().exists() || fs::read_dir(env.incoming_dir()).expect("dir").count() == 0);
+    assert!(
+        !env.incoming_dir().exists() || fs::read_dir(env.incoming_dir()).expect("dir").count() == 0
+    );
 }
 
 #[test]
@@ -310,19 +322,33 @@ fn argument_errors_and_unknown_operations() {
     let out = env.hook(&["a", "b", "c", "d", "e"], b"");
     assert_eq!(out.status.code(), Some(2));
     // libvirt adds operations over time: an unknown one never blocks the VM.
-    let out = env.hook(&["guest1", "hibernate", "begin", "-"], MIGRATE_XML.as_bytes());
+    let out = env.hook(
+        &["guest1", "hibernate", "begin", "-"],
+        MIGRATE_XML.as_bytes(),
+    );
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stdout.is_empty());
     assert!(stderr(&out).contains("unknown hook operation \"hibernate\""));
     // Only the qemu driver is served.
-    let out = env.run(Path::new(BIN), &["hook", "lxc", "c", "start", "begin", "-"], b"");
+    let out = env.run(
+        Path::new(BIN),
+        &["hook", "lxc", "c", "start", "begin", "-"],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
 fn no_op_phases_are_silent() {
     let env = Env::new("");
-    for op in ["prepare", "start", "started", "stopped", "release", "reconnect"] {
+    for op in [
+        "prepare",
+        "start",
+        "started",
+        "stopped",
+        "release",
+        "reconnect",
+    ] {
         let out = env.hook(&["guest1", op, "begin", "-"], PREPARE_XML.as_bytes());
         assert_eq!(out.status.code(), Some(0), "{op}");
         assert!(out.stdout.is_empty(), "{op}");
@@ -372,9 +398,8 @@ fn works_without_syslog() {
         return;
     }
     let env = Env::new("");
-    let script = format!(
-        "mount --bind /dev/null /dev/log && exec {BIN} hook qemu guest1 migrate begin -"
-    );
+    let script =
+        format!("mount --bind /dev/null /dev/log && exec {BIN} hook qemu guest1 migrate begin -");
     let out = env.run(
         Path::new("unshare"),
         &["-m", "--propagation", "private", "sh", "-c", &script],
@@ -422,7 +447,10 @@ fn started_phase_detaches_the_stamp_helper() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(out.stdout.is_empty());
     assert!(!report.exists(), "the hook waited for the stamp process");
-    assert!(took < std::time::Duration::from_millis(300), "hook took {took:?}");
+    assert!(
+        took < std::time::Duration::from_millis(300),
+        "hook took {took:?}"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !report.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -437,7 +465,11 @@ fn started_phase_detaches_the_stamp_helper() {
     assert_eq!(field("pid"), field("sid"), "own session: {text}");
     assert_eq!(field("stdin"), "/dev/null", "{text}");
     assert_eq!(field("stdout"), "/dev/null", "{text}");
-    assert!(text.trim_end().ends_with("args=stamp --after-start -- guest1"), "{text}");
+    assert!(
+        text.trim_end()
+            .ends_with("args=stamp --after-start -- guest1"),
+        "{text}"
+    );
 }
 
 /// libvirt costs ~15x a trivial exec to load: the hook binary must not link it, the helper must.

@@ -8,7 +8,11 @@ use cpuguard::config::Config;
 use cpuguard::stamp;
 
 #[derive(Parser, Debug)]
-#[command(name = "cpuguard-libvirt", version, about = "cpuguard's libvirt client (stamping)")]
+#[command(
+    name = "cpuguard-libvirt",
+    version,
+    about = "cpuguard's libvirt client (stamping)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,8 +21,10 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Measure this host's fingerprint for running domains and record it in their live metadata.
-    #[command(after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
-                            Exit codes: 0 all stamped, 1 some not stamped, 2 error.")]
+    #[command(
+        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
+                            Exit codes: 0 all stamped, 1 some not stamped, 2 error."
+    )]
     Stamp {
         /// Domain names.
         names: Vec<String>,

@@ -10,12 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::cpuid::FeatureMap;
+use crate::domain::document;
 use crate::domain::guest::{Accel, GuestCpuConfig};
 use crate::guard::Decision;
+use crate::hook::rewrite_cpu;
 use crate::incoming::Origin;
 use crate::measure;
-use crate::domain::document;
-use crate::hook::rewrite_cpu;
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_ERROR: i32 = 2;
@@ -45,7 +45,9 @@ enum Command {
     },
     /// Show what the destination's migrate phase would send back to libvirt for a domain XML:
     /// the document with its <cpu> pinned; the decision goes to stderr. Records nothing.
-    #[command(after_help = "Example: virsh dumpxml --migratable guest1 | cpuguard rewrite --xml -")]
+    #[command(
+        after_help = "Example: virsh dumpxml --migratable guest1 | cpuguard rewrite --xml -"
+    )]
     Rewrite {
         /// Domain XML file, or `-` for stdin.
         #[arg(long, default_value = "-")]
@@ -76,8 +78,10 @@ enum Command {
     },
     /// Measure this host's fingerprint for a domain: boot the probe under the domain's emulator,
     /// machine and CPU configuration and print the fingerprint as JSON.
-    #[command(after_help = "Example: virsh dumpxml web1 > web1.xml && cpuguard probe --xml web1.xml > here.json\n\
-                            Exit codes: 0 measured, 2 error (bad XML, emulator not allowed, probe failed or timed out).")]
+    #[command(
+        after_help = "Example: virsh dumpxml web1 > web1.xml && cpuguard probe --xml web1.xml > here.json\n\
+                            Exit codes: 0 measured, 2 error (bad XML, emulator not allowed, probe failed or timed out)."
+    )]
     Probe {
         /// Domain XML file, or `-` for stdin.
         #[arg(long)]
@@ -91,8 +95,10 @@ enum Command {
     },
     /// The decision the destination's hook would make for a stamped domain, without migrating:
     /// run it on the candidate destination with the source's domain XML.
-    #[command(after_help = "Example: virsh -c qemu+ssh://src/system dumpxml web1 | ssh dst cpuguard check --xml -\n\
-                            Exit codes: 0 go, 1 no-go (the reasons follow), 2 error.")]
+    #[command(
+        after_help = "Example: virsh -c qemu+ssh://src/system dumpxml web1 | ssh dst cpuguard check --xml -\n\
+                            Exit codes: 0 go, 1 no-go (the reasons follow), 2 error."
+    )]
     Check {
         /// Domain XML (with cpuguard's stamp), or `-` for stdin.
         #[arg(long, default_value = "-")]
@@ -102,8 +108,10 @@ enum Command {
         json: bool,
     },
     /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt).
-    #[command(after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
-                            Exit codes: 0 all stamped, 1 some not stamped, 2 error.")]
+    #[command(
+        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
+                            Exit codes: 0 all stamped, 1 some not stamped, 2 error."
+    )]
     Stamp {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -188,7 +196,8 @@ pub fn read_input(path: &Path, limit: usize) -> Result<Vec<u8>, String> {
         Box::new(std::io::stdin())
     } else {
         Box::new(
-            std::fs::File::open(path).map_err(|e| format!("{}: cannot open: {e}", path.display()))?,
+            std::fs::File::open(path)
+                .map_err(|e| format!("{}: cannot open: {e}", path.display()))?,
         )
     };
     reader
@@ -261,8 +270,8 @@ fn probe(xml: &Path, cached: bool, tcg: bool) -> Result<i32, String> {
     let bytes = read_input(xml, config.max_xml_bytes)?;
     let doc = document::parse_bytes(&bytes, config.max_xml_bytes)
         .map_err(|e| format!("{}: {e}", xml.display()))?;
-    let guest = GuestCpuConfig::from_domain_xml(doc.text)
-        .map_err(|e| format!("{}: {e}", xml.display()))?;
+    let guest =
+        GuestCpuConfig::from_domain_xml(doc.text).map_err(|e| format!("{}: {e}", xml.display()))?;
     let accel = tcg.then_some(Accel::Tcg);
     let fingerprint = if cached {
         measure::for_guest(&guest, &config, accel)
@@ -292,7 +301,11 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
         Decision::Refuse { reason, message } => (
             false,
             reason.clone(),
-            message.lines().skip(1).map(|l| l.trim().to_string()).collect(),
+            message
+                .lines()
+                .skip(1)
+                .map(|l| l.trim().to_string())
+                .collect(),
         ),
     };
     if json {
@@ -345,7 +358,11 @@ fn cache(action: CacheAction) -> Result<i32, String> {
                 println!("{text}");
             } else {
                 for e in &entries {
-                    let problem = e.problem.as_ref().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default();
+                    let problem = e
+                        .problem
+                        .as_ref()
+                        .map(|p| format!("  PROBLEM: {p}"))
+                        .unwrap_or_default();
                     println!(
                         "{}  {} {}  {} {}  {}  {}{}",
                         &e.digest[..e.digest.len().min(16)],

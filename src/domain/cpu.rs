@@ -245,9 +245,7 @@ pub fn replace_host_model(
     let carried: Vec<&str> = original
         .children
         .iter()
-        .filter(|(name, _)| {
-            VM_SHAPE_CHILDREN.contains(&name.as_str()) && !stamped.has_child(name)
-        })
+        .filter(|(name, _)| VM_SHAPE_CHILDREN.contains(&name.as_str()) && !stamped.has_child(name))
         .map(|(_, span)| &original.text[span.start..span.end])
         .collect();
     if carried.is_empty() {

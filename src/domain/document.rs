@@ -365,8 +365,7 @@ fn check_entities(raw: &[u8], base: usize) -> Result<(), DocumentError> {
                 })
             }
         };
-        let ok = matches!(name, b"lt" | b"gt" | b"amp" | b"quot" | b"apos")
-            || is_char_ref(name);
+        let ok = matches!(name, b"lt" | b"gt" | b"amp" | b"quot" | b"apos") || is_char_ref(name);
         if !ok {
             return Err(DocumentError::Entity {
                 name: String::from_utf8_lossy(name).chars().take(40).collect(),
@@ -444,7 +443,10 @@ mod tests {
             err("<domain><cpu>"),
             DocumentError::Malformed { .. }
         ));
-        assert_eq!(err("<network/>"), DocumentError::NotADomain("network".into()));
+        assert_eq!(
+            err("<network/>"),
+            DocumentError::NotADomain("network".into())
+        );
         assert!(matches!(
             err("junk<domain/>"),
             DocumentError::TextOutsideRoot { .. }

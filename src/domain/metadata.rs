@@ -64,7 +64,13 @@ pub struct Stamp {
 }
 
 /// Builds the stamp element handed to `virDomainSetMetadata` (libvirt adds the namespace).
-pub fn stamp_element(host: &str, time: &str, digest: &str, cpu_xml: &str, table_dump: &str) -> String {
+pub fn stamp_element(
+    host: &str,
+    time: &str,
+    digest: &str,
+    cpu_xml: &str,
+    table_dump: &str,
+) -> String {
     format!(
         "<stamp version='{STAMP_VERSION}' host='{}' time='{}' digest='{}'>\n{}\n<table>\n{}</table>\n</stamp>",
         escape_attr(host),
@@ -205,7 +211,13 @@ mod tests {
     #[test]
     fn stamp_element_round_trips() {
         let cpu = "<cpu mode='custom' match='exact' check='full'><model fallback='forbid'>Nehalem</model></cpu>";
-        let el = stamp_element("hv'a<", "2026-11-22T05:00:00Z", "sha256:ab", cpu, "00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n");
+        let el = stamp_element(
+            "hv'a<",
+            "2026-11-22T05:00:00Z",
+            "sha256:ab",
+            cpu,
+            "00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n",
+        );
         let stamp = Stamp::read(&el);
         assert_eq!(stamp.host.as_deref(), Some("hv'a<"));
         assert_eq!(stamp.digest.as_deref(), Some("sha256:ab"));

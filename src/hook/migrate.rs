@@ -54,7 +54,10 @@ impl CpuDecision {
                 .field("mode", "host-model")
                 .field("model", model)
                 .field("changes", &list(changes))
-                .field("reason", "replaced host-model with the source's stamped CPU"),
+                .field(
+                    "reason",
+                    "replaced host-model with the source's stamped CPU",
+                ),
             CpuDecision::Unchanged { mode, reason, .. } => {
                 record.field("mode", mode).field("reason", reason)
             }
@@ -114,8 +117,8 @@ pub fn rewrite_cpu(doc: &DomainDocument<'_>) -> Result<(String, CpuDecision), St
                     true,
                 );
             };
-            let stamped = CpuElement::parse(stamped_text)
-                .map_err(|e| format!("cpuguard stamp: {e}"))?;
+            let stamped =
+                CpuElement::parse(stamped_text).map_err(|e| format!("cpuguard stamp: {e}"))?;
             match replace_host_model(&cpu, &stamped) {
                 Some((text, changes)) => {
                     let model = stamped.model_name().unwrap_or_default().to_string();

@@ -104,7 +104,10 @@ pub fn main(args: &[OsString]) -> i32 {
         let mut out = io::stdout().lock();
         if let Err(e) = out.write_all(&outcome.stdout).and_then(|()| out.flush()) {
             // libvirt got a truncated document or none: it must not use it.
-            let _ = writeln!(io::stderr(), "cpuguard: cannot write the hook's output: {e}");
+            let _ = writeln!(
+                io::stderr(),
+                "cpuguard: cannot write the hook's output: {e}"
+            );
             return EXIT_REFUSED;
         }
     }

@@ -96,8 +96,14 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             .field("domain", &call.domain)
             .opt_field("uuid", doc.uuid.as_deref())
             .field("incoming", record.origin.as_str())
-            .opt_field("source_host", stamp.as_ref().and_then(|s| s.host.as_deref()))
-            .opt_field("source_digest", stamp.as_ref().and_then(|s| s.digest.as_deref()))
+            .opt_field(
+                "source_host",
+                stamp.as_ref().and_then(|s| s.host.as_deref()),
+            )
+            .opt_field(
+                "source_digest",
+                stamp.as_ref().and_then(|s| s.digest.as_deref()),
+            )
             .opt_field(
                 "local_digest",
                 measured
@@ -107,10 +113,13 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             )
             .opt_field(
                 "fingerprint",
-                measured.as_ref().and_then(|m| m.as_ref().ok()).map(|m| match m.source {
-                    Source::Hit => "cached",
-                    Source::Measured => "measured",
-                }),
+                measured
+                    .as_ref()
+                    .and_then(|m| m.as_ref().ok())
+                    .map(|m| match m.source {
+                        Source::Hit => "cached",
+                        Source::Measured => "measured",
+                    }),
             )
     };
     match decision {
@@ -132,7 +141,9 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             Outcome::ok()
         }
         Decision::Refuse { reason, message } => {
-            base(Severity::Error, "refused").field("reason", &reason).emit();
+            base(Severity::Error, "refused")
+                .field("reason", &reason)
+                .emit();
             Outcome::refused(message)
         }
     }

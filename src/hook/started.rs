@@ -37,7 +37,11 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             .stderr(Stdio::null());
         // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
         }
         cmd.spawn()
             .map(|_child| ())
@@ -47,7 +51,10 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         // A missing stamp is caught at the destination (policy.unstamped_source); never fail a start.
         Record::new(Severity::Error, "started", "failed")
             .field("domain", &call.domain)
-            .field("reason", &format!("cannot start the stamp process: {reason}"))
+            .field(
+                "reason",
+                &format!("cannot start the stamp process: {reason}"),
+            )
             .emit();
     }
     Outcome::ok()
