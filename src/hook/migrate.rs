@@ -4,9 +4,8 @@
 use std::io::Read;
 
 use crate::audit::{Record, Severity};
-use crate::domain::cpu::{pin_custom, replace_host_model, AttributeChange, CpuElement, CpuMode};
+use crate::domain::cpu::{pin_custom, AttributeChange, CpuElement, CpuMode};
 use crate::domain::document::{self, DomainDocument};
-use crate::domain::metadata::Stamp;
 use crate::hook::{drain, read_limited, strict_config, HookCall, Outcome};
 use crate::incoming::{self, IncomingRecord, Origin};
 
@@ -15,11 +14,6 @@ use crate::incoming::{self, IncomingRecord, Origin};
 pub enum CpuDecision {
     /// A custom CPU, now pinned (`changes` empty: it already was).
     Pinned {
-        model: String,
-        changes: Vec<AttributeChange>,
-    },
-    /// host-model replaced by the source's expanded CPU from cpuguard's stamp.
-    ReplacedHostModel {
         model: String,
         changes: Vec<AttributeChange>,
     },
@@ -50,14 +44,6 @@ impl CpuDecision {
                 .field("model", model)
                 .field("changes", &list(changes))
                 .field("reason", "pinned the source's custom CPU"),
-            CpuDecision::ReplacedHostModel { model, changes } => record
-                .field("mode", "host-model")
-                .field("model", model)
-                .field("changes", &list(changes))
-                .field(
-                    "reason",
-                    "replaced host-model with the source's stamped CPU",
-                ),
             CpuDecision::Unchanged { mode, reason, .. } => {
                 record.field("mode", mode).field("reason", reason)
             }
@@ -67,7 +53,7 @@ impl CpuDecision {
     fn action(&self) -> &'static str {
         match self {
             CpuDecision::Pinned { changes, .. } if changes.is_empty() => "unchanged",
-            CpuDecision::Pinned { .. } | CpuDecision::ReplacedHostModel { .. } => "rewrote",
+            CpuDecision::Pinned { .. } => "rewrote",
             CpuDecision::Unchanged { .. } => "unchanged",
         }
     }
@@ -104,34 +90,22 @@ pub fn rewrite_cpu(doc: &DomainDocument<'_>) -> Result<(String, CpuDecision), St
             }
             None => return unchanged("custom", "custom CPU without a model", false),
         },
+        // libvirt's ABI check refuses a hook output whose CPU mode differs from the incoming one,
+        // so a host-model CPU cannot be swapped for the source's expanded CPU here. (libvirt 9
+        // sends a running host-model guest's CPU already expanded to custom.)
+        CpuMode::HostModel if doc.stamp.is_some() => {
+            return unchanged(
+                "host-model",
+                "host-model left as sent (libvirt refuses a changed CPU mode); the stamp's fingerprint guards it",
+                false,
+            )
+        }
         CpuMode::HostModel => {
-            let stamp = doc.stamp.map(|s| (s, Stamp::read(doc.slice(s))));
-            let stamped_cpu = stamp.and_then(|(s, st)| {
-                st.cpu
-                    .map(|c| &doc.text[s.start + c.start..s.start + c.end])
-            });
-            let Some(stamped_text) = stamped_cpu else {
-                return unchanged(
-                    "host-model",
-                    "host-model CPU and no cpuguard stamp with the source's expanded CPU",
-                    true,
-                );
-            };
-            let stamped =
-                CpuElement::parse(stamped_text).map_err(|e| format!("cpuguard stamp: {e}"))?;
-            match replace_host_model(&cpu, &stamped) {
-                Some((text, changes)) => {
-                    let model = stamped.model_name().unwrap_or_default().to_string();
-                    (text, CpuDecision::ReplacedHostModel { model, changes })
-                }
-                None => {
-                    return unchanged(
-                        "host-model",
-                        "the cpuguard stamp's CPU is not a custom CPU with a model",
-                        true,
-                    )
-                }
-            }
+            return unchanged(
+                "host-model",
+                "host-model left as sent (libvirt refuses a changed CPU mode) and no cpuguard stamp to guard it",
+                true,
+            )
         }
         CpuMode::HostPassthrough => {
             return unchanged(
@@ -248,18 +222,19 @@ mod tests {
     fn real_sample_is_pinned_and_nothing_else_changes() {
         let xml = include_str!("../../tests/fixtures/xml/libvirt9-migrate-begin.xml");
         let (out, decision) = rewrite(xml);
+        // Already match='exact' and fallback='forbid': pinned as it is, byte for byte.
         assert!(matches!(
             &decision,
-            CpuDecision::Pinned { model, changes } if model == "EPYC-Milan" && changes.len() == 1
+            CpuDecision::Pinned { model, changes } if model == "EPYC-Milan" && changes.is_empty()
         ));
-        assert_eq!(
-            out,
-            xml.replacen(
-                "<cpu mode='custom' match='exact' check='partial'>",
-                "<cpu mode='custom' match='exact' check='full'>",
-                1
-            )
-        );
+        assert_eq!(out, xml);
+        // A looser CPU is pinned; `check` is never touched.
+        let loose = xml
+            .replacen("match='exact'", "match='minimum'", 1)
+            .replacen("fallback='forbid'", "fallback='allow'", 1);
+        let (out, decision) = rewrite(&loose);
+        assert_eq!(out, xml);
+        assert!(matches!(&decision, CpuDecision::Pinned { changes, .. } if changes.len() == 2));
     }
 
     #[test]
@@ -285,22 +260,13 @@ mod tests {
     }
 
     #[test]
-    fn host_model_with_stamp_becomes_the_stamped_cpu() {
+    fn host_model_is_never_swapped() {
         let xml = format!(
             "<domain>\n  <cpu mode='host-model' check='partial'/>\n  <metadata>\n    <cg:stamp xmlns:cg=\"{}\" digest='sha256:ab'>\n      <cpu mode='custom' match='exact' check='full'>\n        <model fallback='forbid'>Nehalem</model>\n      </cpu>\n    </cg:stamp>\n  </metadata>\n</domain>",
             crate::domain::metadata::STAMP_NS
         );
         let (out, decision) = rewrite(&xml);
-        assert!(matches!(
-            &decision,
-            CpuDecision::ReplacedHostModel { model, .. } if model == "Nehalem"
-        ));
-        let doc = DomainDocument::parse(&out).expect("output parses");
-        let cpu = CpuElement::parse(doc.slice(doc.cpu.expect("cpu"))).expect("cpu parses");
-        assert_eq!(cpu.mode, CpuMode::Custom);
-        assert_eq!(cpu.model_name(), Some("Nehalem"));
-        // The metadata (and the stamp inside it) is untouched.
-        let meta = doc.slice(doc.metadata.expect("metadata"));
-        assert!(xml.contains(meta));
+        assert_eq!(out, xml);
+        assert_eq!(decision.severity(), Severity::Info);
     }
 }
