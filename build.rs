@@ -79,6 +79,19 @@ fn main() {
         probe_image(MsrReads::Selftest),
     );
     write_image(&out_dir, "heartbeat.bin", heartbeat_image());
+    write_image(&out_dir, "exit.bin", exit_image());
+}
+
+/// A guest that quits at once through isa-debug-exit: the baseline "bare QEMU start-to-quit" the
+/// probe's cost is measured against (benches/probe.rs). Same exit value as the probe.
+fn exit_image() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(16)?;
+    prologue(&mut a)?;
+    a.mov(dx, 0xF4u32)?;
+    a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
+    a.out(dx, al)?;
+    a.hlt()?;
+    Ok(layout(a.assemble(0)?, &[]))
 }
 
 fn write_image(out_dir: &str, name: &str, image: Result<Vec<u8>, IcedError>) {

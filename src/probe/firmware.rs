@@ -12,6 +12,10 @@ pub const PROBE_MSR_SELFTEST_X86: &[u8] =
 /// A test guest that prints "heartbeat NNNNNN" lines to COM1 a few times a second, forever.
 pub const HEARTBEAT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
 
+/// A guest that exits at once (status [`PROBE_EXIT_STATUS`]): QEMU's own start-to-quit cost, the
+/// baseline the probe is benchmarked against.
+pub const EXIT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/exit.bin"));
+
 /// isa-debug-exit makes QEMU exit with `(value << 1) | 1`; the probe writes 0x20 when complete.
 pub const PROBE_EXIT_STATUS: i32 = (0x20 << 1) | 1;
 /// Exit status when the probe hit an unexpected CPU exception (it writes 0x30).

@@ -1,0 +1,157 @@
+//! What a fingerprint costs: the probe's wall time beside a bare QEMU start-to-quit of the same
+//! configuration (same emulator, same -machine/-cpu/-smp, a firmware that exits at once), run
+//! round-robin in one process, and what a cache hit costs, in-process and as `cpuguard probe
+//! --cached`.
+//!
+//! Run: `cargo bench --bench probe` (optionally `-- ROUNDS`, default 15). Uses TCG.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cpuguard::config::Config;
+use cpuguard::domain::guest::{Accel, GuestCpuConfig};
+use cpuguard::measure;
+use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS};
+use cpuguard::probe::qemu_args::probe_args;
+use cpuguard::probe::run::{probe_run, ProbeOptions};
+
+const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
+
+fn median_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1000.0
+}
+
+fn bare_run(config: &GuestCpuConfig, work: &Path) -> Duration {
+    let firmware = work.join("exit.bin");
+    let out = work.join("bare.out");
+    let argv = probe_args(config, Accel::Tcg, &firmware, &out).expect("argv");
+    let start = Instant::now();
+    let status = Command::new(EMULATOR)
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("spawn qemu");
+    let took = start.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(PROBE_EXIT_STATUS),
+        "bare QEMU run failed"
+    );
+    took
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(15);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let work = dir.path();
+    std::fs::write(work.join("exit.bin"), EXIT_X86).expect("exit firmware");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains");
+    let names = [
+        "tcg-haswell-features.xml",
+        "tcg-epyc-topology.xml",
+        "tcg-skylake-current-vcpus.xml",
+        "libvirt9-prepare-begin.xml",
+    ];
+    let configs: Vec<(String, GuestCpuConfig)> = names
+        .iter()
+        .map(|n| {
+            let xml = std::fs::read_to_string(fixtures.join(n)).expect("fixture");
+            (
+                n.to_string(),
+                GuestCpuConfig::from_domain_xml(&xml).expect("guest config"),
+            )
+        })
+        .collect();
+    let opts = ProbeOptions {
+        timeout: Duration::from_secs(60),
+        allowed_emulators: vec![PathBuf::from(EMULATOR)],
+        accel_override: Some(Accel::Tcg),
+        ..ProbeOptions::default()
+    };
+
+    let mut bare: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut probe: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    for (i, (_, c)) in configs.iter().enumerate() {
+        bare_run(c, work);
+        probe_run(c, &opts).expect("warm-up probe");
+        let _ = i;
+    }
+    for _ in 0..rounds {
+        for (i, (_, c)) in configs.iter().enumerate() {
+            bare[i].push(bare_run(c, work));
+            let start = Instant::now();
+            probe_run(c, &opts).expect("probe");
+            probe[i].push(start.elapsed());
+        }
+    }
+    println!("probe wall time vs bare QEMU start-to-quit, TCG, {rounds} rounds each (median ms)");
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "configuration", "bare QEMU", "probe", "ratio"
+    );
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let b = median_ms(&mut bare[i]);
+        let p = median_ms(&mut probe[i]);
+        println!("{name:<34} {b:>10.1} {p:>10.1} {:>8.2}", p / b);
+    }
+
+    // Cache hit: the hook's warm path, in-process and as a whole `cpuguard probe --cached` exec.
+    let mut config = Config::default();
+    config.cache_dir = work.join("cache");
+    config.probe.emulators = vec![PathBuf::from(EMULATOR)];
+    let (_, guest) = &configs[0];
+    let cold_start = Instant::now();
+    measure::for_guest(guest, &config, Some(Accel::Tcg)).expect("cold measure");
+    let cold = cold_start.elapsed();
+    let mut hits = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        let m = measure::for_guest(guest, &config, Some(Accel::Tcg)).expect("hit");
+        hits.push(start.elapsed());
+        assert!(matches!(m.source, cpuguard::cache::Source::Hit));
+    }
+    let toml = work.join("cpuguard.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "cache_dir = \"{}\"\n[probe]\nemulators = [\"{EMULATOR}\"]\n",
+            config.cache_dir.display()
+        ),
+    )
+    .expect("config");
+    let xml = fixtures.join(names[0]);
+    let mut execs = Vec::new();
+    for _ in 0..20 {
+        let start = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_cpuguard"))
+            .args(["probe", "--cached", "--tcg", "--xml"])
+            .arg(&xml)
+            .env("CPUGUARD_CONFIG", &toml)
+            .stdout(Stdio::null())
+            .status()
+            .expect("cpuguard probe");
+        execs.push(start.elapsed());
+        assert!(out.success());
+    }
+    println!();
+    println!("fingerprint cache ({names0})", names0 = names[0]);
+    println!(
+        "  miss (version + probe + store), once: {:>8.1} ms",
+        cold.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  hit, in-process (median of 50):       {:>8.2} ms",
+        median_ms(&mut hits)
+    );
+    println!(
+        "  hit, `cpuguard probe --cached` exec (median of 20): {:>8.2} ms",
+        median_ms(&mut execs)
+    );
+}
