@@ -336,6 +336,28 @@ mod tests {
     }
 
     #[test]
+    fn cross_vendor_is_refused_naming_both_vendors() {
+        // Leaf 0's vendor string: GenuineIntel on the source, HygonGenuine / AuthenticAMD here.
+        let s = stamp(SRC);
+        for (ebx, edx, ecx, name) in [
+            ("6f677948", "6e65476e", "656e6975", "HygonGenuine"),
+            ("68747541", "69746e65", "444d4163", "AuthenticAMD"),
+        ] {
+            let dst = SRC.replace(
+                "0000000d 756e6547 6c65746e 49656e69",
+                &format!("0000000d {ebx} {ecx} {edx}"),
+            );
+            let local = fingerprint(&dst);
+            let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+            let Decision::Refuse { message, .. } = &d else {
+                panic!("cross-vendor must be refused: {d:?}");
+            };
+            assert!(message.contains("GenuineIntel"), "{message}");
+            assert!(message.contains(name), "{message}");
+        }
+    }
+
+    #[test]
     fn unstamped_and_unmeasurable_follow_policy() {
         let local = fingerprint(SRC);
         let d = judge_with(None, Ok(&local), &PolicyConfig::default());
