@@ -269,4 +269,73 @@ mod tests {
         assert_eq!(out, xml);
         assert_eq!(decision.severity(), Severity::Info);
     }
+
+    /// Hostile input: thousands of byte-level mutations of the real sample (deletions,
+    /// duplications, quotes, angle brackets, ampersands, multi-byte characters) never panic, and
+    /// whatever the rewrite accepts comes back as a document that parses again.
+    #[test]
+    fn mutated_documents_never_panic() {
+        let base = include_str!("../../tests/fixtures/xml/libvirt9-migrate-begin.xml");
+        let inserts = [
+            "'",
+            "\"",
+            "<",
+            ">",
+            "&",
+            "&amp;",
+            "/>",
+            "</cpu>",
+            "<cpu>",
+            "é",
+            "\u{1F600}",
+            "=",
+            " ",
+        ];
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let mut doc = base.to_string();
+            for _ in 0..(1 + next() % 4) {
+                let mut at = (next() as usize) % doc.len();
+                while !doc.is_char_boundary(at) {
+                    at -= 1;
+                }
+                match next() % 3 {
+                    0 => {
+                        let mut end = (at + 1 + (next() as usize) % 8).min(doc.len());
+                        while !doc.is_char_boundary(end) {
+                            end += 1;
+                        }
+                        doc.replace_range(at..end, "");
+                    }
+                    1 => doc.insert_str(at, inserts[(next() as usize) % inserts.len()]),
+                    _ => {
+                        let mut end = (at + (next() as usize) % 64).min(doc.len());
+                        while !doc.is_char_boundary(end) {
+                            end += 1;
+                        }
+                        let copy = doc[at..end].to_string();
+                        doc.insert_str(at, &copy);
+                    }
+                }
+            }
+            let Ok(parsed) = DomainDocument::parse(&doc) else {
+                continue;
+            };
+            if let Ok((out, _)) = rewrite_cpu(&parsed) {
+                accepted += 1;
+                DomainDocument::parse(&out).expect("accepted output parses again");
+            }
+        }
+        assert!(
+            accepted > 100,
+            "mutations too destructive to test the rewrite: {accepted}"
+        );
+    }
 }
