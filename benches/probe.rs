@@ -103,8 +103,10 @@ fn main() {
     }
 
     // Cache hit: the hook's warm path, in-process and as a whole `cpuguard probe --cached` exec.
-    let mut config = Config::default();
-    config.cache_dir = work.join("cache");
+    let mut config = Config {
+        cache_dir: work.join("cache"),
+        ..Config::default()
+    };
     config.probe.emulators = vec![PathBuf::from(EMULATOR)];
     let (_, guest) = &configs[0];
     let cold_start = Instant::now();
