@@ -15,6 +15,7 @@
 //! Like libvirt 9, features a cpu_map model marks `removed='yes'` (e.g. `monitor` in EPYC) are
 //! turned off explicitly unless the XML names them: QEMU's model still has them.
 
+use crate::cpuid::features::libvirt_to_qemu;
 use std::path::Path;
 
 use quick_xml::events::Event;
@@ -34,29 +35,6 @@ pub enum ArgsError {
     CpuMap { path: String, reason: String },
     #[error("probe path {path:?} is not valid UTF-8 text for the QEMU command line")]
     BadPath { path: String },
-}
-
-/// libvirt feature names QEMU spells differently (libvirt 9's `virQEMUCapsCPUFeaturesX86`
-/// renames; each QEMU spelling is listed as a `source='qemu'` alias in libvirt's installed
-/// `cpu_map/x86_features.xml`). Every other name is passed through unchanged, as libvirt does.
-pub const FEATURE_RENAMES: &[(&str, &str)] = &[
-    ("cmp_legacy", "cmp-legacy"),
-    ("ds_cpl", "ds-cpl"),
-    ("fxsr_opt", "fxsr-opt"),
-    ("lahf_lm", "lahf-lm"),
-    ("nodeid_msr", "nodeid-msr"),
-    ("pclmuldq", "pclmulqdq"),
-    ("perfctr_core", "perfctr-core"),
-    ("perfctr_nb", "perfctr-nb"),
-    ("tsc_adjust", "tsc-adjust"),
-];
-
-/// QEMU's name for a libvirt CPU feature name.
-pub fn qemu_feature_name(libvirt_name: &str) -> &str {
-    FEATURE_RENAMES
-        .iter()
-        .find(|(from, _)| *from == libvirt_name)
-        .map_or(libvirt_name, |(_, to)| to)
 }
 
 /// The QEMU system emulator name for a domain architecture (when the XML names no emulator).
@@ -177,7 +155,7 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
                     FeaturePolicy::Disable | FeaturePolicy::Forbid => "off",
                     FeaturePolicy::Optional => continue,
                 };
-                parts.push(format!("{}={state}", qemu_feature_name(&f.name)));
+                parts.push(format!("{}={state}", libvirt_to_qemu(&f.name)));
             }
             if let Some(model) = cpu
                 .model
@@ -186,7 +164,7 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
             {
                 for name in removed_features(cpu_map, model)? {
                     if !cpu.features.iter().any(|f| f.name == name) {
-                        parts.push(format!("{}=off", qemu_feature_name(&name)));
+                        parts.push(format!("{}=off", libvirt_to_qemu(&name)));
                     }
                 }
             }
