@@ -645,6 +645,31 @@ mod tests {
         }
     }
 
+    /// Each renamed CPU-map feature has its QEMU spelling listed as a `source='qemu'` alias in
+    /// libvirt's installed map: the table agrees with the libvirt on this host. (`kvm_pv_eoi` and
+    /// `kvm_pv_unhalt` are libvirt's `<kvm>` features, not in the CPU map.)
+    #[test]
+    fn renames_are_qemu_aliases_in_the_installed_cpu_map() {
+        let map = std::fs::read_to_string(DEFAULT_X86_FEATURES_PATH)
+            .expect("libvirt's cpu_map is installed");
+        let mut checked = 0;
+        for (from, to) in LIBVIRT_TO_QEMU {
+            if from.starts_with("kvm_") {
+                continue;
+            }
+            assert!(
+                map.contains(&format!("<feature name='{from}'>")),
+                "{from} not in cpu_map"
+            );
+            assert!(
+                map.contains(&format!("<alias name='{to}' source='qemu'/>")),
+                "{to} not a qemu alias in cpu_map"
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, LIBVIRT_TO_QEMU.len() - 2);
+    }
+
     #[test]
     fn bit_locations_print_in_sdm_notation() {
         let vmx = FeatureBit::Cpuid {
