@@ -97,6 +97,37 @@ enum Sink {
 
 static SINK: Lazy<Mutex<Sink>> = Lazy::new(|| Mutex::new(open_sink()));
 
+/// Lines meant for stderr while stderr is deferred (see [`defer_stderr`]).
+static DEFERRED: Mutex<Option<Vec<String>>> = Mutex::new(None);
+
+/// Holds back what the audit trail would write to stderr until [`flush_deferred`]. The hook
+/// uses it so that the first line libvirt shows the operator is cpuguard's verdict, not a note
+/// that syslog is down.
+pub fn defer_stderr() {
+    let mut d = DEFERRED.lock().unwrap_or_else(|p| p.into_inner());
+    d.get_or_insert_with(Vec::new);
+}
+
+/// Writes (and stops deferring) the held-back stderr lines.
+pub fn flush_deferred() {
+    let lines = DEFERRED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .unwrap_or_default();
+    for line in lines {
+        eprintln!("{line}");
+    }
+}
+
+fn to_stderr(line: String) {
+    let mut d = DEFERRED.lock().unwrap_or_else(|p| p.into_inner());
+    match d.as_mut() {
+        Some(held) => held.push(line),
+        None => eprintln!("{line}"),
+    }
+}
+
 fn open_sink() -> Sink {
     let formatter = Formatter3164 {
         facility: Facility::LOG_DAEMON,
@@ -107,7 +138,9 @@ fn open_sink() -> Sink {
     match syslog::unix(formatter) {
         Ok(logger) => Sink::Syslog(Box::new(logger)),
         Err(e) => {
-            eprintln!("cpuguard: syslog is unavailable ({e}); audit lines go to stderr");
+            to_stderr(format!(
+                "cpuguard: syslog is unavailable ({e}); audit lines go to stderr"
+            ));
             Sink::Stderr
         }
     }
@@ -129,7 +162,9 @@ fn emit_line(severity: Severity, line: &str) {
                 Ok(()) => true,
                 Err(e) => {
                     // The daemon went away after we connected: say so once, then use stderr.
-                    eprintln!("cpuguard: syslog write failed ({e}); audit lines go to stderr");
+                    to_stderr(format!(
+                        "cpuguard: syslog write failed ({e}); audit lines go to stderr"
+                    ));
                     *sink = Sink::Stderr;
                     false
                 }
@@ -138,7 +173,7 @@ fn emit_line(severity: Severity, line: &str) {
         Sink::Stderr => false,
     };
     if !sent {
-        eprintln!("{TAG}: audit: {line}");
+        to_stderr(format!("{TAG}: audit: {line}"));
     }
 }
 

@@ -412,19 +412,37 @@ fn works_without_syslog() {
         return;
     }
     let env = Env::new("");
-    let script =
-        format!("mount --bind /dev/null /dev/log && exec {BIN} hook qemu guest1 migrate begin -");
-    let out = env.run(
-        Path::new("unshare"),
-        &["-m", "--propagation", "private", "sh", "-c", &script],
-        loose_sample().as_bytes(),
-    );
+    // Hide /dev/log (when there is one) in a private mount namespace.
+    let no_syslog = |phase: &str, input: &[u8]| {
+        let script = format!(
+            "if [ -e /dev/log ]; then mount --bind /dev/null /dev/log || exit 99; fi; \
+             exec {BIN} hook qemu guest1 {phase} begin -"
+        );
+        env.run(
+            Path::new("unshare"),
+            &["-m", "--propagation", "private", "sh", "-c", &script],
+            input,
+        )
+    };
+    let out = no_syslog("migrate", loose_sample().as_bytes());
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), MIGRATE_XML);
     assert_eq!(err.matches("syslog is unavailable").count(), 1, "{err}");
     assert!(
         err.contains("cpuguard: audit: phase=migrate action=rewrote domain=guest1"),
+        "{err}"
+    );
+    // A refusal is still the first thing libvirt shows the operator; the audit lines follow.
+    let out = no_syslog("prepare", PREPARE_XML.as_bytes());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("cpuguard: refusing incoming migration of guest1: "),
+        "{err}"
+    );
+    assert!(
+        err.contains("cpuguard: audit: phase=prepare action=refused"),
         "{err}"
     );
 }

@@ -95,11 +95,14 @@ impl Outcome {
 
 /// Entry point for the process: reads stdin, runs the phase, writes stdout in one piece.
 pub fn main(args: &[OsString]) -> i32 {
+    crate::audit::defer_stderr();
     let stdin = io::stdin();
     let outcome = run(args, &mut stdin.lock());
     if !outcome.stderr.is_empty() {
         let _ = writeln!(io::stderr(), "{}", outcome.stderr.trim_end());
     }
+    // Audit lines that could not reach syslog come after the verdict.
+    crate::audit::flush_deferred();
     if !outcome.stdout.is_empty() {
         let mut out = io::stdout().lock();
         if let Err(e) = out.write_all(&outcome.stdout).and_then(|()| out.flush()) {
