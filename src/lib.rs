@@ -5,6 +5,7 @@
 //! cheap as a trivial binary (libvirt costs ~14 ms per exec just to load).
 
 pub mod audit;
+pub mod baseline;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,8 @@ pub mod guard;
 pub mod helper;
 pub mod hook;
 pub mod incoming;
+pub mod install;
+pub mod matrix;
 pub mod measure;
 pub mod probe;
 pub mod stamp;

@@ -38,6 +38,33 @@ enum Command {
         #[arg(long)]
         uri: Option<String>,
     },
+    /// The CPU to give new VMs so they can live on every listed host (libvirt's migratable
+    /// hypervisor baseline of the hosts' host-model CPUs, migration blockers disabled), and what
+    /// each host's VMs give up against the host's own CPU.
+    #[command(
+        after_help = "Example: cpuguard baseline qemu+ssh://hv-old-01/system hv-new-01-domcaps.xml\n\
+                      HOST is a libvirt URI (its domain capabilities are read) or a file saved with \
+                      `virsh domcapabilities`, `virsh capabilities`, or a host <cpu>.\n\
+                      The baseline is bounded by what the --hypervisor can run: use a host of the pool.\n\
+                      Exit codes: 0 baseline printed, 2 error (unreachable URI, unreadable file, \
+                      mixed architectures, no hosts)."
+    )]
+    Baseline {
+        /// libvirt URIs or saved capabilities files, one per host.
+        hosts: Vec<String>,
+        /// The libvirt connection that computes the baseline (default: stamp.uri).
+        #[arg(long)]
+        hypervisor: Option<String>,
+        /// Virtualization type for domain capabilities and the baseline: kvm or qemu (TCG).
+        #[arg(long)]
+        virttype: Option<String>,
+        /// libvirt's CPU map directory, for what each host gives up.
+        #[arg(long, default_value = cpuguard::baseline::DEFAULT_CPU_MAP)]
+        cpu_map: std::path::PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +77,26 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Baseline {
+            hosts,
+            hypervisor,
+            virttype,
+            cpu_map,
+            json,
+        } => {
+            let hypervisor = hypervisor.unwrap_or_else(|| config.stamp.uri.clone());
+            match cpuguard::baseline::run(&hosts, &hypervisor, virttype.as_deref(), &cpu_map, json)
+            {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cpuguard: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Stamp {
             names,
             all,

@@ -103,6 +103,9 @@ enum Command {
         /// Domain XML (with cpuguard's stamp), or `-` for stdin.
         #[arg(long, default_value = "-")]
         xml: PathBuf,
+        /// The same as --xml (`cpuguard check -`, `cpuguard check web1.xml`).
+        #[arg(conflicts_with = "xml")]
+        file: Option<PathBuf>,
         /// Print the decision as JSON.
         #[arg(long)]
         json: bool,
@@ -115,6 +118,57 @@ enum Command {
     Stamp {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// The CPU to give new VMs so they can live on every listed host, and what each host's VMs
+    /// give up (runs cpuguard-libvirt; `cpuguard baseline --help` shows its options).
+    #[command(
+        disable_help_flag = true,
+        after_help = "Example: cpuguard baseline qemu+ssh://hv-old-01/system hv-new-01-domcaps.xml\n\
+                            Exit codes: 0 baseline printed, 2 error."
+    )]
+    Baseline {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Install the hook: a link to cpuguard as HOOKS_DIR/qemu, or as HOOKS_DIR/qemu.d/50-cpuguard
+    /// when HOOKS_DIR/qemu belongs to another program (never replaced).
+    #[command(after_help = "Example: cpuguard install && systemctl restart libvirtd && cpuguard stamp --all\n\
+                            Exit codes: 0 installed (or already), 2 error.")]
+    Install {
+        #[arg(long, default_value = crate::install::DEFAULT_HOOKS_DIR)]
+        hooks_dir: PathBuf,
+        /// The binary the hook leads to (default /usr/bin/cpuguard, else this executable).
+        #[arg(long)]
+        target: Option<PathBuf>,
+    },
+    /// Remove cpuguard's hook links (other programs' hooks are left alone).
+    #[command(after_help = "Example: cpuguard uninstall && systemctl restart libvirtd\n\
+                            Exit codes: 0 removed (or nothing to remove), 2 error.")]
+    Uninstall {
+        #[arg(long, default_value = crate::install::DEFAULT_HOOKS_DIR)]
+        hooks_dir: PathBuf,
+        #[arg(long)]
+        target: Option<PathBuf>,
+    },
+    /// This host's measured fingerprints, for `cpuguard matrix` on another machine.
+    #[command(after_help = "Example: cpuguard fingerprint export > $(hostname).json")]
+    Fingerprint {
+        #[command(subcommand)]
+        action: FingerprintAction,
+    },
+    /// Which host can receive a VM from which, per CPU configuration, from every host's
+    /// `cpuguard fingerprint export`.
+    #[command(after_help = "Example: cpuguard matrix hv-old-01.json hv-new-01.json --json\n\
+                            Exit codes: 0 every measured pair is a go, 1 some pair is a no-go, 2 error.")]
+    Matrix {
+        /// Bundles written by `cpuguard fingerprint export`, one per host.
+        files: Vec<PathBuf>,
+        /// Print the matrix as JSON.
+        #[arg(long)]
+        json: bool,
+        /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
+        #[arg(long)]
+        features: Option<PathBuf>,
     },
     /// The fingerprint cache: list its entries or clear it.
     #[command(after_help = "Examples: cpuguard cache list --json\n          cpuguard cache clear")]
@@ -140,6 +194,18 @@ enum CacheAction {
     },
     /// Remove every entry.
     Clear,
+}
+
+#[derive(Subcommand, Debug)]
+enum FingerprintAction {
+    /// Every verified cache entry as one JSON bundle on stdout, with the host's name.
+    #[command(after_help = "Example: cpuguard fingerprint export > $(hostname).json\n\
+                            Exit codes: 0 exported (skipped bad entries are named on stderr), 2 error.")]
+    Export {
+        /// The name to record (default: this host's hostname).
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -170,8 +236,19 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Config { file } => show_config(file),
         Command::Firmware { kind, path } => write_firmware(kind, &path),
         Command::Probe { xml, cached, tcg } => probe(&xml, cached, tcg),
-        Command::Check { xml, json } => check(&xml, json),
+        Command::Check { xml, file, json } => check(file.as_deref().unwrap_or(&xml), json),
         Command::Stamp { args } => run_helper("stamp", &args),
+        Command::Baseline { args } => run_helper("baseline", &args),
+        Command::Install { hooks_dir, target } => install(&hooks_dir, target),
+        Command::Fingerprint {
+            action: FingerprintAction::Export { host },
+        } => export_fingerprints(host),
+        Command::Matrix {
+            files,
+            json,
+            features,
+        } => matrix(&files, json, features.as_deref()),
+        Command::Uninstall { hooks_dir, target } => uninstall(&hooks_dir, target),
         Command::Cache { action } => cache(action),
         Command::Diff {
             a,
@@ -394,4 +471,59 @@ fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {
     crate::fsutil::write_atomic(path, image, 0o644)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
     Ok(EXIT_OK)
+}
+
+fn install(hooks_dir: &Path, target: Option<PathBuf>) -> Result<i32, String> {
+    let target = target.unwrap_or_else(crate::install::default_target);
+    let installed = crate::install::install(hooks_dir, &target).map_err(|e| e.to_string())?;
+    print!("{}", crate::install::install_message(&installed));
+    Ok(EXIT_OK)
+}
+
+fn uninstall(hooks_dir: &Path, target: Option<PathBuf>) -> Result<i32, String> {
+    let target = target.unwrap_or_else(crate::install::default_target);
+    let removed = crate::install::uninstall(hooks_dir, &target).map_err(|e| e.to_string())?;
+    if removed.is_empty() {
+        println!("no cpuguard hook in {}", hooks_dir.display());
+    }
+    for path in &removed {
+        println!("removed {}", path.display());
+    }
+    if !removed.is_empty() {
+        println!("restart libvirtd so that it forgets the hook");
+    }
+    Ok(EXIT_OK)
+}
+
+fn export_fingerprints(host: Option<String>) -> Result<i32, String> {
+    let config = load_config()?;
+    let cache = Cache::open(&config.cache_dir).map_err(|e| e.to_string())?;
+    let host = host.unwrap_or_else(crate::matrix::this_hostname);
+    let (bundle, warnings) = crate::matrix::export(&cache, &host).map_err(|e| e.to_string())?;
+    for w in &warnings {
+        eprintln!("cpuguard: {w}");
+    }
+    let text = serde_json::to_string_pretty(&bundle).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(EXIT_OK)
+}
+
+fn matrix(files: &[PathBuf], json: bool, features: Option<&Path>) -> Result<i32, String> {
+    let bundles = files
+        .iter()
+        .map(|f| crate::matrix::load_bundle(f).map(|b| (f.clone(), b)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if bundles.is_empty() {
+        return Err(crate::matrix::MatrixError::NoBundles.to_string());
+    }
+    let features = feature_map(features)?;
+    let m = crate::matrix::build(&bundles, &features).map_err(|e| e.to_string())?;
+    if json {
+        let text = serde_json::to_string_pretty(&m).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", m.to_text());
+    }
+    Ok(if m.all_go() { EXIT_OK } else { EXIT_DIFFERENT })
 }

@@ -1,0 +1,531 @@
+//! `cpuguard fingerprint export` and `cpuguard matrix`: every host exports the fingerprints it
+//! has measured (its cache), and the matrix says, per guest CPU configuration, which host can
+//! receive a VM from which: the verdict the destination's hook would give on the CPUID alone
+//! (equivalent after normalization; informational differences never refuse, features only
+//! gained refuse like the default `policy.gained_features`).
+//!
+//! A configuration is the canonical guest CPU configuration of the cache key without the
+//! emulator path (hosts install QEMU in different places), so the same domain measured on two
+//! hosts meets in one matrix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cache::Cache;
+use crate::cpuid::diff::diff;
+use crate::cpuid::features::FeatureMap;
+use crate::fingerprint::Fingerprint;
+
+pub const BUNDLE_FORMAT: &str = "cpuguard-fingerprints";
+pub const BUNDLE_VERSION: u32 = 1;
+const MAX_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum MatrixError {
+    #[error("{0}")]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("cache entry {path}: cannot read: {reason}")]
+    Entry { path: PathBuf, reason: String },
+    #[error("{path}: cannot read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: not a cpuguard fingerprint bundle: {reason}")]
+    NotABundle { path: PathBuf, reason: String },
+    #[error("{path}: bundle version {found}, this cpuguard reads version {BUNDLE_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: entry {index}: {reason}")]
+    BadEntry {
+        path: PathBuf,
+        index: usize,
+        reason: String,
+    },
+    #[error("{path}: host {host} was already given by {first}")]
+    DuplicateHost {
+        path: PathBuf,
+        host: String,
+        first: PathBuf,
+    },
+    #[error("no bundles given: name the files `cpuguard fingerprint export` wrote on each host")]
+    NoBundles,
+    #[error("cannot serialize: {0}")]
+    Serialize(serde_json::Error),
+}
+
+/// One measured configuration of one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleEntry {
+    /// The cache key (its `config`, `machine`, `accel`, emulator and host identity).
+    pub key: serde_json::Value,
+    pub measured_at_unix: u64,
+    pub fingerprint: Fingerprint,
+}
+
+/// What `cpuguard fingerprint export` writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bundle {
+    pub format: String,
+    pub version: u32,
+    pub hostname: String,
+    pub entries: Vec<BundleEntry>,
+}
+
+/// This host's name as the kernel has it.
+pub fn this_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+/// Every verified entry of the cache (entries with a problem are skipped and named in the
+/// returned warnings: a lookup would discard them too).
+pub fn export(cache: &Cache, hostname: &str) -> Result<(Bundle, Vec<String>), MatrixError> {
+    let mut entries = Vec::new();
+    let mut warnings = Vec::new();
+    for summary in cache.list()? {
+        if let Some(problem) = &summary.problem {
+            warnings.push(format!(
+                "skipped cache entry {}: {problem}",
+                summary.file.display()
+            ));
+            continue;
+        }
+        let entry_error = |reason: String| MatrixError::Entry {
+            path: summary.file.clone(),
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(&summary.file).map_err(|e| entry_error(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| entry_error(e.to_string()))?;
+        let fingerprint = value
+            .get("fingerprint")
+            .cloned()
+            .ok_or_else(|| entry_error("no fingerprint".to_string()))?;
+        let fingerprint = Fingerprint::from_json(
+            &fingerprint.to_string(),
+            &summary.file.display().to_string(),
+        )
+        .map_err(|e| entry_error(e.to_string()))?;
+        entries.push(BundleEntry {
+            key: value
+                .get("key")
+                .cloned()
+                .ok_or_else(|| entry_error("no key".to_string()))?,
+            measured_at_unix: summary.measured_at_unix.unwrap_or(0),
+            fingerprint,
+        });
+    }
+    Ok((
+        Bundle {
+            format: BUNDLE_FORMAT.to_string(),
+            version: BUNDLE_VERSION,
+            hostname: hostname.to_string(),
+            entries,
+        },
+        warnings,
+    ))
+}
+
+/// Reads and checks a bundle file (each fingerprint is verified like a cache entry).
+pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
+    use std::io::Read;
+    let read_error = |reason: String| MatrixError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| read_error(e.to_string()))?;
+    let mut text = String::new();
+    file.take(MAX_BUNDLE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| read_error(e.to_string()))?;
+    if text.len() as u64 > MAX_BUNDLE_BYTES {
+        return Err(read_error(format!("larger than {MAX_BUNDLE_BYTES} bytes")));
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| MatrixError::NotABundle {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(BUNDLE_FORMAT) {
+        return Err(MatrixError::NotABundle {
+            path: path.to_path_buf(),
+            reason: format!("no \"format\": \"{BUNDLE_FORMAT}\""),
+        });
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    if version != u64::from(BUNDLE_VERSION) {
+        return Err(MatrixError::Version {
+            path: path.to_path_buf(),
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+        });
+    }
+    let bundle: Bundle = serde_json::from_value(value).map_err(|e| MatrixError::NotABundle {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    for (index, entry) in bundle.entries.iter().enumerate() {
+        entry
+            .fingerprint
+            .verify(&format!("{} entry {index}", path.display()))
+            .map_err(|e| MatrixError::BadEntry {
+                path: path.to_path_buf(),
+                index,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(bundle)
+}
+
+/// The configuration a matrix groups by: the key's canonical guest configuration without the
+/// emulator path, and the accelerator the probe ran under.
+pub fn configuration_of(key: &serde_json::Value) -> serde_json::Value {
+    let mut config = key
+        .get("config")
+        .cloned()
+        .unwrap_or(serde_json::Value::Null);
+    if let Some(map) = config.as_object_mut() {
+        map.remove("emulator");
+    }
+    serde_json::json!({ "config": config, "accel": key.get("accel") })
+}
+
+/// `EPYC-Milan (custom), pc-i440fx-7.2/kvm, 2 vCPUs`.
+pub fn label(configuration: &serde_json::Value) -> String {
+    let config = &configuration["config"];
+    let cpu = &config["cpu"];
+    let model = cpu["model"].as_str().unwrap_or("default model");
+    let mode = cpu["mode"].as_str().unwrap_or("no <cpu>");
+    let machine = config["machine"].as_str().unwrap_or("default machine");
+    let accel = configuration["accel"].as_str().unwrap_or("?");
+    let vcpus = config["vcpus"].as_u64().unwrap_or(1);
+    format!("{model} ({mode}), {machine}/{accel}, {vcpus} vCPUs")
+}
+
+/// One source → destination verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pair {
+    pub from: String,
+    pub to: String,
+    pub go: bool,
+    pub lost: Vec<String>,
+    pub gained: Vec<String>,
+    /// Other differences (vendor, family/model/stepping, leaves), one line each.
+    pub changed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigurationMatrix {
+    pub label: String,
+    pub configuration: serde_json::Value,
+    /// Hosts that measured this configuration, sorted.
+    pub hosts: Vec<String>,
+    /// Every ordered pair of distinct hosts in `hosts`.
+    pub pairs: Vec<Pair>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Matrix {
+    /// Every host of every bundle, sorted.
+    pub hosts: Vec<String>,
+    pub configurations: Vec<ConfigurationMatrix>,
+}
+
+impl Matrix {
+    /// True when every measured pair would be let through.
+    pub fn all_go(&self) -> bool {
+        self.configurations
+            .iter()
+            .all(|c| c.pairs.iter().all(|p| p.go))
+    }
+
+    /// One table per configuration: rows are sources, columns destinations.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for c in &self.configurations {
+            out.push_str(&format!("configuration: {}\n", c.label));
+            let missing: Vec<&str> = self
+                .hosts
+                .iter()
+                .filter(|h| !c.hosts.contains(h))
+                .map(String::as_str)
+                .collect();
+            let width = c.hosts.iter().map(String::len).max().unwrap_or(0).max(9);
+            let cells: Vec<Vec<String>> = c
+                .hosts
+                .iter()
+                .map(|from| {
+                    c.hosts
+                        .iter()
+                        .map(|to| {
+                            if from == to {
+                                return "-".to_string();
+                            }
+                            c.pairs
+                                .iter()
+                                .find(|p| &p.from == from && &p.to == to)
+                                .map_or("?".to_string(), cell)
+                        })
+                        .collect()
+                })
+                .collect();
+            let col = cells
+                .iter()
+                .flatten()
+                .map(String::len)
+                .chain(c.hosts.iter().map(String::len))
+                .max()
+                .unwrap_or(1);
+            let mut header = format!("  {:width$}", "from \\ to");
+            for h in &c.hosts {
+                header.push_str(&format!("  {h:col$}"));
+            }
+            out.push_str(header.trim_end());
+            out.push('\n');
+            for (from, row) in c.hosts.iter().zip(&cells) {
+                let mut line = format!("  {from:width$}");
+                for v in row {
+                    line.push_str(&format!("  {v:col$}"));
+                }
+                out.push_str(line.trim_end());
+                out.push('\n');
+            }
+            for p in c.pairs.iter().filter(|p| !p.go) {
+                let mut why = Vec::new();
+                if !p.lost.is_empty() {
+                    why.push(format!("lost {}", p.lost.join(",")));
+                }
+                if !p.gained.is_empty() {
+                    why.push(format!("gained {}", p.gained.join(",")));
+                }
+                why.extend(p.changed.iter().cloned());
+                out.push_str(&format!("  {} -> {}: {}\n", p.from, p.to, why.join("; ")));
+            }
+            if !missing.is_empty() {
+                out.push_str(&format!("  not measured on: {}\n", missing.join(", ")));
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn cell(p: &Pair) -> String {
+    if p.go {
+        "go".to_string()
+    } else if !p.lost.is_empty() {
+        format!("lost {}", p.lost.len())
+    } else if !p.gained.is_empty() {
+        format!("gained {}", p.gained.len())
+    } else {
+        "differs".to_string()
+    }
+}
+
+/// Builds the matrix from named bundles (`(file, bundle)`); hosts are named by their bundle's
+/// hostname, which must be unique.
+pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Matrix, MatrixError> {
+    if bundles.is_empty() {
+        return Err(MatrixError::NoBundles);
+    }
+    let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
+    for (path, bundle) in bundles {
+        if let Some(first) = seen.insert(&bundle.hostname, path) {
+            return Err(MatrixError::DuplicateHost {
+                path: path.clone(),
+                host: bundle.hostname.clone(),
+                first: first.to_path_buf(),
+            });
+        }
+    }
+    // configuration (as canonical JSON text) -> host -> fingerprint (the newest measurement).
+    let mut groups: BTreeMap<String, (serde_json::Value, BTreeMap<String, &BundleEntry>)> =
+        BTreeMap::new();
+    for (_, bundle) in bundles {
+        for entry in &bundle.entries {
+            let configuration = configuration_of(&entry.key);
+            let text = configuration.to_string();
+            let group = groups
+                .entry(text)
+                .or_insert_with(|| (configuration, BTreeMap::new()));
+            let slot = group.1.entry(bundle.hostname.clone()).or_insert(entry);
+            if entry.measured_at_unix > slot.measured_at_unix {
+                *slot = entry;
+            }
+        }
+    }
+    let mut configurations = Vec::new();
+    for (configuration, hosts) in groups.into_values() {
+        let mut pairs = Vec::new();
+        for (from, a) in &hosts {
+            for (to, b) in &hosts {
+                if from == to {
+                    continue;
+                }
+                let d = diff(&a.fingerprint.raw, &b.fingerprint.raw, features);
+                pairs.push(Pair {
+                    from: from.clone(),
+                    to: to.clone(),
+                    go: d.is_equivalent(),
+                    lost: d.lost.iter().map(|c| c.name.clone()).collect(),
+                    gained: d.gained.iter().map(|c| c.name.clone()).collect(),
+                    changed: d.fields.iter().map(ToString::to_string).collect(),
+                });
+            }
+        }
+        configurations.push(ConfigurationMatrix {
+            label: label(&configuration),
+            configuration,
+            hosts: hosts.keys().cloned().collect(),
+            pairs,
+        });
+    }
+    configurations.sort_by(|a, b| a.label.cmp(&b.label));
+    let mut all_hosts: Vec<String> = bundles.iter().map(|(_, b)| b.hostname.clone()).collect();
+    all_hosts.sort();
+    Ok(Matrix {
+        hosts: all_hosts,
+        configurations,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpuid::table::{CpuidEntry, CpuidTable};
+    use crate::fingerprint::HostFacts;
+
+    fn fingerprint(ecx: u32) -> Fingerprint {
+        let raw = CpuidTable {
+            entries: vec![
+                CpuidEntry {
+                    leaf: 0,
+                    subleaf: 0,
+                    eax: 1,
+                    ebx: 0x756e_6547,
+                    ecx: 0x6c65_746e,
+                    edx: 0x4965_6e69,
+                },
+                CpuidEntry {
+                    leaf: 1,
+                    subleaf: 0,
+                    eax: 0x306c3,
+                    ebx: 0,
+                    ecx,
+                    edx: 0,
+                },
+            ],
+            msrs: vec![],
+        };
+        Fingerprint::new(HostFacts::default(), serde_json::Value::Null, raw)
+    }
+
+    fn bundle(host: &str, emulator: &str, ecx: u32) -> Bundle {
+        Bundle {
+            format: BUNDLE_FORMAT.into(),
+            version: BUNDLE_VERSION,
+            hostname: host.into(),
+            entries: vec![BundleEntry {
+                key: serde_json::json!({
+                    "config": {"emulator": emulator, "machine": "pc", "vcpus": 2,
+                               "cpu": {"model": "Haswell-noTSX", "mode": "custom"}},
+                    "accel": "tcg"
+                }),
+                measured_at_unix: 1,
+                fingerprint: fingerprint(ecx),
+            }],
+        }
+    }
+
+    fn features() -> FeatureMap {
+        FeatureMap::parse(
+            "<cpus><feature name='vmx'><cpuid eax_in='0x01' ecx='0x00000020'/></feature></cpus>",
+            "test",
+        )
+        .expect("map")
+    }
+
+    #[test]
+    fn same_configuration_meets_across_emulator_paths() {
+        let bundles = vec![
+            (
+                PathBuf::from("a.json"),
+                bundle("a", "/usr/bin/qemu-system-x86_64", 0x20),
+            ),
+            (
+                PathBuf::from("b.json"),
+                bundle("b", "/usr/libexec/qemu-kvm", 0),
+            ),
+            (
+                PathBuf::from("c.json"),
+                bundle("c", "/usr/bin/qemu-system-x86_64", 0x20),
+            ),
+        ];
+        let m = build(&bundles, &features()).expect("build");
+        assert_eq!(m.configurations.len(), 1);
+        let c = &m.configurations[0];
+        assert_eq!(c.label, "Haswell-noTSX (custom), pc/tcg, 2 vCPUs");
+        assert_eq!(c.pairs.len(), 6);
+        let pair = |f: &str, t: &str| {
+            c.pairs
+                .iter()
+                .find(|p| p.from == f && p.to == t)
+                .expect("pair")
+                .clone()
+        };
+        assert!(pair("a", "c").go);
+        assert_eq!(pair("a", "b").lost, vec!["vmx"]);
+        assert_eq!(pair("b", "a").gained, vec!["vmx"]);
+        assert!(!pair("b", "a").go, "gained only is refused by default");
+        assert!(!m.all_go());
+        let text = m.to_text();
+        assert!(text.contains("a -> b: lost vmx"), "{text}");
+        assert!(text.contains("b -> a: gained vmx"), "{text}");
+        assert!(text.lines().all(|l| l == l.trim_end()), "{text:?}");
+        assert!(
+            text.contains("  from \\ to  a         b         c\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn duplicate_hosts_and_no_bundles_are_errors() {
+        let bundles = vec![
+            (PathBuf::from("a.json"), bundle("a", "/q", 0)),
+            (PathBuf::from("a2.json"), bundle("a", "/q", 0)),
+        ];
+        let e = build(&bundles, &features()).expect_err("dup");
+        assert_eq!(e.to_string(), "a2.json: host a was already given by a.json");
+        assert!(matches!(
+            build(&[], &features()),
+            Err(MatrixError::NoBundles)
+        ));
+    }
+
+    #[test]
+    fn bundles_round_trip_and_tampering_is_caught() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.json");
+        let b = bundle("a", "/q", 0x20);
+        std::fs::write(&path, serde_json::to_string(&b).expect("json")).expect("write");
+        assert_eq!(load_bundle(&path).expect("load"), b);
+        let mut bad = b.clone();
+        bad.entries[0].fingerprint.raw.entries[1].ecx = 0;
+        std::fs::write(&path, serde_json::to_string(&bad).expect("json")).expect("write");
+        let e = load_bundle(&path).expect_err("tampered");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: entry 0:", path.display())),
+            "{e}"
+        );
+        std::fs::write(&path, "{\"format\":\"other\"}").expect("write");
+        assert!(matches!(
+            load_bundle(&path),
+            Err(MatrixError::NotABundle { .. })
+        ));
+        let e = load_bundle(&dir.path().join("missing")).expect_err("missing");
+        assert!(e.to_string().contains("cannot read"), "{e}");
+    }
+}

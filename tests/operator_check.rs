@@ -1,0 +1,170 @@
+//! `cpuguard check` on real stamped domain XML: the stamp carries a fingerprint the probe really
+//! measured (TCG) on the "source"; `check` runs as the candidate destination would. The second
+//! host's emulator is a wrapper that takes `avx2` away from every `-cpu`.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cpuguard::cpuid::dump::write_dump;
+use cpuguard::domain::metadata::{stamp_element, STAMP_NS};
+use cpuguard::fingerprint::Fingerprint;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const CPU: &str =
+    "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>";
+
+fn config(dir: &Path, name: &str, emulator: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
+            dir.join(format!("{name}-cache")).display(),
+            dir.join(format!("{name}-run")).display(),
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+fn domain(emulator: &str, metadata: &str) -> String {
+    format!(
+        "<domain type='qemu'><name>web1</name><uuid>06c0c0dc-1080-4d3f-bdac-967d624c94f9</uuid>\
+         <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
+         <devices><emulator>{emulator}</emulator></devices></domain>"
+    )
+}
+
+fn cpuguard(config: &Path, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
+    let mut child = Command::new(BIN)
+        .env("CPUGUARD_CONFIG", config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cpuguard");
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .expect("write stdin");
+    drop(input);
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The source's stamp as libvirt shows it in the domain XML (namespaced by the API).
+fn stamped(config: &Path, emulator: &str, dir: &Path) -> String {
+    let plain = dir.join("plain.xml");
+    std::fs::write(&plain, domain(emulator, "")).expect("write");
+    let (code, out, err) = cpuguard(
+        config,
+        &["probe", "--cached", "--xml", plain.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let fingerprint = Fingerprint::from_json(&out, "probe").expect("fingerprint");
+    let element = stamp_element(
+        "hv-src",
+        "2026-11-22T05:00:00Z",
+        &fingerprint.digest,
+        CPU,
+        &write_dump(&fingerprint.raw),
+    )
+    .replacen(
+        "<stamp ",
+        &format!("<cpuguard:stamp xmlns:cpuguard='{STAMP_NS}' "),
+        1,
+    )
+    .replace("</stamp>", "</cpuguard:stamp>");
+    element
+}
+
+#[test]
+fn check_gives_the_hooks_verdict_without_migrating() {
+    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: the probe runs only root-owned emulators");
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let wrapper = dir.path().join("qemu-no-avx2");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  \
+             if [[ $prev == -cpu ]]; then a=\"$a,avx2=off\"; fi\n  args+=(\"$a\"); prev=$1; shift\ndone\n\
+             exec {QEMU} \"${{args[@]}}\"\n"
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let wrapper = wrapper.to_str().expect("utf-8").to_string();
+    let full = config(dir.path(), "full", QEMU);
+    let reduced = config(dir.path(), "reduced", &wrapper);
+
+    // Same host, same CPU: go.
+    let stamp_full = stamped(&full, QEMU, dir.path());
+    let xml = dir.path().join("web1.xml");
+    std::fs::write(&xml, domain(QEMU, &stamp_full)).expect("write");
+    let xml_arg = xml.to_str().expect("utf-8");
+    let (code, out, err) = cpuguard(&full, &["check", "--xml", xml_arg], None);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with("go: web1"), "{out}");
+
+    // The positional form and stdin (`virsh dumpxml … | ssh dst cpuguard check -`).
+    let (code, out, _) = cpuguard(&full, &["check", xml_arg], None);
+    assert_eq!(code, Some(0), "{out}");
+    let text = std::fs::read_to_string(&xml).expect("read");
+    let (code, out, err) = cpuguard(&full, &["check", "-", "--json"], Some(&text));
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["go"], true);
+    assert_eq!(v["domain"], "web1");
+    assert_eq!(v["source_digest"], v["local_digest"]);
+
+    // To a host whose QEMU withholds avx2: no-go, the lost feature named.
+    let to_reduced = dir.path().join("to-reduced.xml");
+    std::fs::write(&to_reduced, domain(&wrapper, &stamp_full)).expect("write");
+    let (code, out, err) = cpuguard(
+        &reduced,
+        &["check", to_reduced.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.starts_with("no-go"), "{out}");
+    assert!(out.contains("avx2"), "{out}");
+    let (code, out, _) = cpuguard(
+        &reduced,
+        &["check", "--json", to_reduced.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(1));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["go"], false);
+    assert_ne!(v["source_digest"], v["local_digest"]);
+
+    // Back the other way the guest would only gain avx2: refused by default policy too.
+    let stamp_reduced = stamped(&reduced, &wrapper, dir.path());
+    std::fs::write(&xml, domain(QEMU, &stamp_reduced)).expect("write");
+    let (code, out, _) = cpuguard(&full, &["check", xml_arg], None);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("avx2"), "{out}");
+
+    // Bad input: exit 2, one line naming the file.
+    let bad = dir.path().join("bad.xml");
+    std::fs::write(&bad, "<domain><name>x</name>").expect("write");
+    let (code, out, err) = cpuguard(&full, &["check", bad.to_str().expect("utf-8")], None);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.xml"), "{err}");
+}

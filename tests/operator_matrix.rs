@@ -1,0 +1,190 @@
+//! `cpuguard fingerprint export` and `cpuguard matrix` on real fingerprints: the probe runs under
+//! TCG for two "hosts", each with its own cache. Host B's emulator is a wrapper that takes `avx2`
+//! away from every `-cpu` (how the test bed makes a different destination on one machine), so a
+//! guest moving from A to B would lose it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+struct Host {
+    config: PathBuf,
+    emulator: String,
+}
+
+fn host(dir: &Path, name: &str, emulator: &str) -> Host {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
+            dir.join(format!("{name}-cache")).display(),
+            dir.join(format!("{name}-run")).display(),
+        ),
+    )
+    .expect("write config");
+    Host {
+        config,
+        emulator: emulator.to_string(),
+    }
+}
+
+fn domain(dir: &Path, host: &Host, model: &str) -> PathBuf {
+    let path = dir.join(format!("{model}-{}.xml", host.emulator.len()));
+    std::fs::write(
+        &path,
+        format!(
+            "<domain type='qemu'><name>m</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>\
+             <cpu mode='custom' match='exact'><model fallback='forbid'>{model}</model></cpu>\
+             <devices><emulator>{}</emulator></devices></domain>",
+            host.emulator
+        ),
+    )
+    .expect("write domain");
+    path
+}
+
+fn cpuguard(host: &Host, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .env("CPUGUARD_CONFIG", &host.config)
+        .args(args)
+        .output()
+        .expect("run cpuguard");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn matrix_of_two_hosts_from_real_probes() {
+    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: the probe runs only root-owned emulators");
+        return;
+    }
+    // Under target/: every directory on the way is root's and not world-writable, as the
+    // emulator checks require.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let wrapper = dir.path().join("qemu-no-avx2");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  \
+             if [[ $prev == -cpu ]]; then a=\"$a,avx2=off\"; fi\n  args+=(\"$a\"); prev=$1; shift\ndone\n\
+             exec {QEMU} \"${{args[@]}}\"\n"
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let a = host(dir.path(), "a", QEMU);
+    let b = host(dir.path(), "b", wrapper.to_str().expect("utf-8"));
+    for (h, model) in [
+        (&a, "Haswell-noTSX"),
+        (&a, "Nehalem"),
+        (&b, "Haswell-noTSX"),
+    ] {
+        let xml = domain(dir.path(), h, model);
+        let (code, out, err) = cpuguard(
+            h,
+            &["probe", "--cached", "--xml", xml.to_str().expect("utf-8")],
+        );
+        assert_eq!(code, Some(0), "probe {model}: {err}");
+        assert!(out.contains("\"digest\""), "{out}");
+    }
+
+    let mut bundles = Vec::new();
+    for (h, name, count) in [(&a, "hv-a", 2), (&b, "hv-b", 1)] {
+        let (code, out, err) = cpuguard(h, &["fingerprint", "export", "--host", name]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("bundle JSON");
+        assert_eq!(v["format"], "cpuguard-fingerprints");
+        assert_eq!(v["hostname"], name);
+        assert_eq!(v["entries"].as_array().map(Vec::len), Some(count), "{out}");
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, out).expect("write bundle");
+        bundles.push(path.to_str().expect("utf-8").to_string());
+    }
+    // Without --host the bundle names this machine.
+    let (_, out, _) = cpuguard(&a, &["fingerprint", "export"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bundle JSON");
+    assert_eq!(
+        v["hostname"].as_str(),
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .as_deref()
+    );
+
+    let mut args = vec!["matrix", "--json"];
+    args.extend(bundles.iter().map(String::as_str));
+    let (code, out, err) = cpuguard(&a, &args);
+    assert_eq!(code, Some(1), "a no-go pair exists: {err}");
+    let m: serde_json::Value = serde_json::from_str(&out).expect("matrix JSON");
+    let configurations = m["configurations"].as_array().expect("configurations");
+    assert_eq!(configurations.len(), 2, "{out}");
+    let haswell = configurations
+        .iter()
+        .find(|c| {
+            c["label"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("Haswell-noTSX"))
+        })
+        .expect("Haswell configuration");
+    assert_eq!(haswell["hosts"], serde_json::json!(["hv-a", "hv-b"]));
+    let pair = |from: &str| {
+        haswell["pairs"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["from"] == from))
+            .expect("pair")
+            .clone()
+    };
+    assert_eq!(pair("hv-a")["go"], false);
+    assert_eq!(pair("hv-a")["lost"], serde_json::json!(["avx2"]));
+    assert_eq!(pair("hv-b")["gained"], serde_json::json!(["avx2"]));
+    let nehalem = configurations
+        .iter()
+        .find(|c| {
+            c["label"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("Nehalem"))
+        })
+        .expect("Nehalem configuration");
+    assert_eq!(nehalem["hosts"], serde_json::json!(["hv-a"]));
+
+    let mut args = vec!["matrix"];
+    args.extend(bundles.iter().map(String::as_str));
+    let (code, out, _) = cpuguard(&a, &args);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("hv-a -> hv-b: lost avx2"), "{out}");
+    assert!(out.contains("not measured on: hv-b"), "{out}");
+
+    // Only the pairs that agree: the same bundle under two names is a go both ways.
+    let (_, text, _) = cpuguard(&a, &["fingerprint", "export", "--host", "hv-a2"]);
+    let a2 = dir.path().join("hv-a2.json");
+    std::fs::write(&a2, text).expect("write");
+    let (code, out, err) = cpuguard(&a, &["matrix", &bundles[0], a2.to_str().expect("utf-8")]);
+    assert_eq!(code, Some(0), "{out}{err}");
+
+    // Errors: one line, exit 2.
+    for (args, expected) in [
+        (vec!["matrix"], "no bundles given"),
+        (
+            vec!["matrix", "/nonexistent.json"],
+            "/nonexistent.json: cannot read",
+        ),
+        (vec!["matrix", &bundles[0], &bundles[0]], "already given by"),
+    ] {
+        let (code, out, err) = cpuguard(&a, &args);
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{expected} not in {err}");
+    }
+}
