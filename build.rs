@@ -80,6 +80,7 @@ fn main() {
     );
     write_image(&out_dir, "heartbeat.bin", heartbeat_image());
     write_image(&out_dir, "exit.bin", exit_image());
+    write_image(&out_dir, "probe-aarch64.bin", arm_probe_image());
 }
 
 /// A guest that quits at once through isa-debug-exit: the baseline "bare QEMU start-to-quit" the
@@ -749,4 +750,23 @@ fn heartbeat_image() -> Result<Vec<u8>, IcedError> {
 
     let main = a.assemble(0)?;
     Ok(layout(main, &[]))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The aarch64 ID-register probe (src/arm/firmware.rs holds the encoder and the program, shared
+// with the library so both are unit-tested there)
+// ---------------------------------------------------------------------------------------------
+
+// The shared file also carries library API the build script does not call.
+#[allow(dead_code)]
+#[path = "src/arm/firmware.rs"]
+mod arm_firmware;
+
+/// The aarch64 probe for QEMU's `virt` machine (`-bios`, entered at EL1 in flash at 0x0).
+fn arm_probe_image() -> Result<Vec<u8>, IcedError> {
+    println!("cargo:rerun-if-changed=src/arm/firmware.rs");
+    match arm_firmware::probe_image() {
+        Ok(image) => Ok(image),
+        Err(e) => panic!("build.rs: assembling probe-aarch64.bin failed: {e}"),
+    }
 }

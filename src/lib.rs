@@ -4,6 +4,7 @@
 //! protocol and the operator CLI. Nothing in this crate links libvirt, so the hook path stays as
 //! cheap as a trivial binary (libvirt costs ~14 ms per exec just to load).
 
+pub mod arm;
 pub mod audit;
 pub mod baseline;
 pub mod cache;

@@ -227,7 +227,7 @@ pub fn resolve_emulator(
 
 /// Spawns `command` in a new process group and waits at most `timeout`; on expiry kills the
 /// whole group (QEMU may have helpers) and reaps the child.
-fn run_bounded(
+pub(crate) fn run_bounded(
     mut command: Command,
     emulator: &Path,
     timeout: Duration,
@@ -273,7 +273,7 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal}"),
@@ -282,7 +282,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// The last few non-empty lines of the emulator's stderr, joined into one line.
-fn stderr_tail(path: &Path) -> String {
+pub(crate) fn stderr_tail(path: &Path) -> String {
     let mut text = String::new();
     if let Ok(file) = File::open(path) {
         let _ = file.take(64 * 1024).read_to_string(&mut text);
@@ -297,12 +297,12 @@ fn stderr_tail(path: &Path) -> String {
 }
 
 /// A mode-0700 directory that is removed with everything in it when dropped.
-struct WorkDir {
-    path: PathBuf,
+pub(crate) struct WorkDir {
+    pub(crate) path: PathBuf,
 }
 
 impl WorkDir {
-    fn create(parent: Option<&Path>) -> Result<WorkDir, ProbeError> {
+    pub(crate) fn create(parent: Option<&Path>) -> Result<WorkDir, ProbeError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
         let nanos = std::time::SystemTime::now()

@@ -1,0 +1,109 @@
+//! A Hygon (`Dhyana`) guest through the existing x86 probe under TCG, and the cross-vendor
+//! comparison with an AMD `EPYC` guest (issue 6: refused with both vendors named).
+//!
+//! Needs `qemu-system-x86_64` (Debian package qemu-system-x86).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cpuguard::cpuid::diff::diff;
+use cpuguard::cpuid::features::FeatureMap;
+use cpuguard::cpuid::CpuidTable;
+use cpuguard::domain::guest::{Accel, GuestCpuConfig};
+use cpuguard::probe::{self, ProbeOptions};
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+fn options() -> ProbeOptions {
+    assert!(
+        std::path::Path::new(QEMU).exists(),
+        "{QEMU} is missing: apt-get install qemu-system-x86"
+    );
+    ProbeOptions {
+        timeout: Duration::from_secs(30),
+        allowed_emulators: vec![PathBuf::from(QEMU)],
+        accel_override: Some(Accel::Tcg),
+        ..ProbeOptions::default()
+    }
+}
+
+fn fixture(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/domains")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn vendor(t: &CpuidTable) -> String {
+    let e = t.get(0, 0).expect("leaf 0 missing");
+    [e.ebx, e.edx, e.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .map(char::from)
+        .collect()
+}
+
+fn probe_xml(xml: &str) -> CpuidTable {
+    let config = GuestCpuConfig::from_domain_xml(xml).unwrap();
+    let run = probe::probe_run(&config, &options()).unwrap();
+    println!(
+        "x86 probe wall time {:?}: {}",
+        run.wall_time,
+        run.argv.join(" ")
+    );
+    run.table
+}
+
+fn dhyana() -> CpuidTable {
+    let xml = fixture("tcg-dhyana.xml");
+    assert!(xml.contains("<model fallback='forbid'>Dhyana</model>"));
+    probe_xml(&xml)
+}
+
+fn epyc() -> CpuidTable {
+    // Same machine and topology as the Dhyana fixture; only the model (and so the vendor) differs.
+    let xml = fixture("tcg-dhyana.xml")
+        .replace(">Dhyana<", ">EPYC<")
+        .replace("<vendor>Hygon</vendor>", "<vendor>AMD</vendor>");
+    assert!(xml.contains(">EPYC<"));
+    probe_xml(&xml)
+}
+
+#[test]
+fn dhyana_guest_sees_hygon_and_is_stable() {
+    let first = dhyana();
+    assert_eq!(vendor(&first), "HygonGenuine");
+    // Dhyana is family 0x18 (AMD Zen 1 under Hygon's own family number).
+    let eax = first.get(1, 0).expect("leaf 1 missing").eax;
+    let family = ((eax >> 8) & 0xF) + ((eax >> 20) & 0xFF);
+    assert_eq!(family, 0x18, "leaf 1 eax {eax:#x}");
+    assert_eq!(first, dhyana(), "two Dhyana probes differ");
+}
+
+#[test]
+fn hygon_to_amd_is_refused_with_both_vendors_named() {
+    let map = FeatureMap::load_default().unwrap();
+    let hygon = dhyana();
+    let amd = epyc();
+    assert_eq!(vendor(&amd), "AuthenticAMD");
+
+    let d = diff(&hygon, &amd, &map);
+    let text = d.to_string();
+    println!("Dhyana -> EPYC:\n{text}");
+    assert!(
+        !d.is_equivalent(),
+        "a cross-vendor move must not be equivalent"
+    );
+    let vendor_line = text
+        .lines()
+        .find(|l| l.starts_with("changed: vendor"))
+        .unwrap_or_else(|| panic!("no vendor line in:\n{text}"));
+    assert!(
+        vendor_line.contains("'HygonGenuine' -> 'AuthenticAMD'"),
+        "{vendor_line}"
+    );
+
+    // And the other way round.
+    let back = diff(&amd, &hygon, &map).to_string();
+    assert!(back.contains("'AuthenticAMD' -> 'HygonGenuine'"), "{back}");
+}
