@@ -11,8 +11,10 @@
 #   host B: hostname cpuguard-bed-b, qemu+tcp://127.0.0.2:16510/system, migration port 49152
 #
 # Subcommands: up | down | status | install-hook PATH | uninstall-hook | restart [a|b]
+#              syslog-up | syslog-down (the bed's rsyslogd alone, kept across up/down)
 #              virsh-a ARGS... | virsh-b ARGS... | uri-a | uri-b | exec-a CMD... | exec-b CMD...
-#              define-guest NAME [CPU-XML-FILE] | firmware-path | audit-log | state-dir
+#              define-guest NAME [CPU-XML-FILE] | emulator-b set CPU-OPTIONS | emulator-b reset
+#              firmware-path | firmware-kind | audit-log | state-dir
 set -euo pipefail
 
 BED_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,7 +23,6 @@ SYSLOG_DIR="$STATE/syslog"
 AUDIT_LOG="$SYSLOG_DIR/cpuguard.log"
 ALL_LOG="$SYSLOG_DIR/all.log"
 FIRMWARE="$STATE/images/heartbeat.bin"
-HEARTBEAT_READY=/tmp/heartbeat-ready
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
 # Mount points each host namespace needs: cpuguard's own directories and /run/libvirt. The bed
@@ -37,28 +38,35 @@ host_uri() { echo "qemu+unix:///system?socket=$STATE/$1/run/libvirt-sock"; }
 
 # --- processes -------------------------------------------------------------------------------------
 
-# pid_alive PIDFILE COMM: the pid in PIDFILE is alive and is the program COMM (guards against a
-# recycled pid after a crash).
-pid_alive() {
-    local pidfile=$1 comm=$2 pid
-    [[ -s $pidfile ]] || return 1
-    pid=$(<"$pidfile")
+# proc_alive PID COMM: PID runs the program COMM (guards against a recycled pid after a crash).
+proc_alive() {
+    local pid=$1 comm=$2 stat
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/comm ]] || return 1
-    [[ $(<"/proc/$pid/comm") == "$comm"* ]]
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm"* ]] || return 1
+    # A killed daemon stays a zombie until its parent (often pid 1) reaps it.
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [[ ${stat%% *} != Z ]]
+}
+
+# pid_alive PIDFILE COMM. The daemon may delete its pid file while exiting: read it once.
+pid_alive() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    proc_alive "$pid" "$2"
 }
 
 # stop_pidfile PIDFILE COMM: TERM, then KILL after 10 s, only the process named in PIDFILE.
 stop_pidfile() {
     local pidfile=$1 comm=$2 pid i
-    if pid_alive "$pidfile" "$comm"; then
-        pid=$(<"$pidfile")
+    pid=$(cat "$pidfile" 2>/dev/null) || pid=
+    if proc_alive "$pid" "$comm"; then
         kill -TERM "$pid" 2>/dev/null || true
         for ((i = 0; i < 100; i++)); do
-            pid_alive "$pidfile" "$comm" || break
+            proc_alive "$pid" "$comm" || break
             sleep 0.1
         done
-        if pid_alive "$pidfile" "$comm"; then
+        if proc_alive "$pid" "$comm"; then
             log "$comm ($pid) ignored SIGTERM, killing"
             kill -KILL "$pid" 2>/dev/null || true
             sleep 0.2
@@ -110,12 +118,12 @@ syslog_up() {
     touch "$AUDIT_LOG" "$ALL_LOG"
     cat >"$SYSLOG_DIR/rsyslog.conf" <<EOF
 # Written by testbed/bed.sh: cpuguard's audit lines in their own file, everything in all.log.
-global(workDirectory="$SYSLOG_DIR/work")
+global(workDirectory="$SYSLOG_DIR/work" processInternalMessages="on")
 module(load="imuxsock" SysSock.Name="$sock" SysSock.RateLimit.Interval="0")
 :programname, isequal, "cpuguard" action(type="omfile" file="$AUDIT_LOG" template="RSYSLOG_FileFormat")
 *.* action(type="omfile" file="$ALL_LOG" template="RSYSLOG_FileFormat")
 EOF
-    rsyslogd -f "$SYSLOG_DIR/rsyslog.conf" -i "$SYSLOG_DIR/rsyslogd.pid"
+    rsyslogd -f "$SYSLOG_DIR/rsyslog.conf" -i "$SYSLOG_DIR/rsyslogd.pid" 9>&-
     wait_for 10 "rsyslogd to listen on $sock" socket_listening "$sock"
     log "rsyslogd up ($mode mode, socket $sock, audit file $AUDIT_LOG)"
 }
@@ -138,15 +146,22 @@ prepare_host_tree() {
     d=$(host_dir "$h")
     rm -rf "$d"
     mkdir -p "$d"/{etc,lib,cache,log,run,cpuguard-etc,cpuguard-cache,cpuguard-run}
+    # The machine's libvirt configuration, without anything that would act on the machine or that
+    # the bed must not inherit: defined guests (and their autostart), networks' autostart, storage
+    # pools (an autostarted pool may be real storage), secrets, hooks.
     cp -a /etc/libvirt/. "$d/etc/"
-    cp -a /var/lib/libvirt/. "$d/lib/"
-    # QEMU capability cache is valid for both hosts (same binaries) and saves ~1 s per start.
-    cp -a /var/cache/libvirt/. "$d/cache/"
-    mkdir -p "$d/log/qemu" "$d/etc/hooks"
-    rm -f "$d/etc/hooks/qemu"
-    # No network is needed (a migration guest has no NIC); an autostarted default network would
-    # start dnsmasq and a bridge on the machine.
-    rm -f "$d/etc/qemu/networks/autostart/"*.xml
+    rm -rf "$d/etc/qemu/"*.xml "$d/etc/qemu/autostart" "$d/etc/qemu/networks/autostart/"* \
+        "$d/etc/storage" "$d/etc/secrets" "$d/etc/hooks"
+    # /var/lib/libvirt may hold disk images: only its directory tree.
+    (cd /var/lib/libvirt && find . -type d -print0) | (cd "$d/lib" && xargs -0 -r mkdir -p)
+    # libvirtd probes each QEMU binary's capabilities at start (seconds) unless its cache is valid;
+    # the first host's cache is valid for the second and for later runs (libvirt revalidates it
+    # against the binaries' timestamps, the kernel and the host CPU, and re-probes if stale).
+    if [[ -d $STATE/qemu-caps-cache ]]; then
+        mkdir -p "$d/cache/qemu/capabilities"
+        cp -a "$STATE/qemu-caps-cache/." "$d/cache/qemu/capabilities/"
+    fi
+    mkdir -p "$d/log/qemu" "$d/etc/hooks" "$d/etc/qemu/networks/autostart"
     cat >>"$d/etc/libvirtd.conf" <<EOF
 
 # --- cpuguard test bed, host $h ---
@@ -200,12 +215,12 @@ in_ns() { # in_ns HOST CMD...: run CMD in the host's namespaces (kept alive by i
     nsenter -t "$(ns_pid "$h")" -m -u -- "$@"
 }
 
-virsh_ok() { virsh -q -c "$(host_uri "$1")" version; }
+virsh_ok() { virsh -q -c "$(host_uri "$1")" list --all; }
 
 start_libvirtd() {
     local h=$1 d
     d=$(host_dir "$h")
-    in_ns "$h" libvirtd --listen -d -p "$d/libvirtd.pid"
+    in_ns "$h" libvirtd --listen -d -p "$d/libvirtd.pid" 9>&-
     local i
     for ((i = 0; i < 600; i++)); do
         virsh_ok "$h" >/dev/null 2>&1 && return 0
@@ -222,9 +237,13 @@ host_up() {
     local h=$1 d
     d=$(host_dir "$h")
     prepare_host_tree "$h"
-    unshare -m -u --propagation private -- "$BED_DIR/bed.sh" _ns-init "$h"
+    unshare -m -u --propagation private -- "$BED_DIR/bed.sh" _ns-init "$h" 9>&-
     wait_for 10 "virtlogd of host $h" pid_alive "$d/virtlogd.pid" virtlogd
     start_libvirtd "$h"
+    if [[ -d $d/cache/qemu/capabilities ]]; then
+        mkdir -p "$STATE/qemu-caps-cache"
+        cp -a "$d/cache/qemu/capabilities/." "$STATE/qemu-caps-cache/"
+    fi
     log "host $h up: $(host_uri "$h")"
 }
 
@@ -262,18 +281,20 @@ host_healthy() {
 
 # --- firmware --------------------------------------------------------------------------------------
 
-# The heartbeat firmware when the cpuguard binary can write it; until then a 64 KiB image of 'hlt'
-# (0xF4): the CPU halts at the reset vector and, if ever woken, wraps around onto another hlt.
+# The heartbeat firmware (prints `heartbeat NNNNNN` on COM1 forever) written by the cpuguard binary
+# ($CPUGUARD_BIN, else target/debug/cpuguard); without one, a 64 KiB image of 'hlt' (0xF4): the CPU
+# halts at the reset vector and, if ever woken, wraps around onto another hlt.
 make_firmware() {
     mkdir -p "$(dirname "$FIRMWARE")"
     local cpuguard="${CPUGUARD_BIN:-$BED_DIR/../target/debug/cpuguard}"
-    if [[ -e $HEARTBEAT_READY && -x $cpuguard ]] && "$cpuguard" firmware heartbeat "$FIRMWARE.new" 2>/dev/null; then
+    if [[ -x $cpuguard ]] && "$cpuguard" firmware heartbeat "$FIRMWARE.new" >/dev/null 2>&1; then
         mv "$FIRMWARE.new" "$FIRMWARE"
         echo heartbeat >"$FIRMWARE.kind"
     else
         rm -f "$FIRMWARE.new"
         head -c 65536 /dev/zero | tr '\0' '\364' >"$FIRMWARE"
         echo hlt >"$FIRMWARE.kind"
+        log "no heartbeat firmware from $cpuguard: guests run a halting placeholder"
     fi
 }
 
@@ -288,7 +309,7 @@ cmd_up() {
     done
     mkdir -p "$STATE"
     exec 9>"$STATE/.lock"
-    flock 9
+    flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
     syslog_up
     if host_healthy a && host_healthy b; then
         log "already up"
@@ -317,10 +338,11 @@ cmd_down() {
     require_root
     [[ -d $STATE ]] || return 0
     exec 9>"$STATE/.lock"
-    flock 9
+    flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
     host_down b
     host_down a
-    syslog_down
+    # A syslog pinned by `syslog-up` outlives the bed (the test command keeps one for the suite).
+    if [[ ! -e $SYSLOG_DIR/pinned ]]; then syslog_down; fi
     local dir
     if [[ -f $STATE/created-dirs ]]; then
         # Only the empty mount points the bed created itself.
@@ -332,6 +354,30 @@ cmd_down() {
     log "down"
 }
 
+# syslog-up / syslog-down: the bed's rsyslogd alone, kept running across `up`/`down` until
+# `syslog-down` (the test command provides a real syslog to the whole suite this way).
+cmd_syslog_up() {
+    require_root
+    mkdir -p "$SYSLOG_DIR"
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
+    syslog_up
+    touch "$SYSLOG_DIR/pinned"
+}
+
+cmd_syslog_down() {
+    require_root
+    [[ -d $STATE ]] || return 0
+    exec 9>"$STATE/.lock"
+    flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
+    rm -f "$SYSLOG_DIR/pinned"
+    if host_healthy a || host_healthy b; then
+        log "bed is up: rsyslogd stays until bed.sh down"
+        return 0
+    fi
+    syslog_down
+}
+
 cmd_status() {
     local h d rc=0
     for h in a b; do
@@ -339,7 +385,7 @@ cmd_status() {
         if host_healthy "$h"; then
             echo "host $h: up (libvirtd $(cat "$d/libvirtd.pid"), virtlogd $(cat "$d/virtlogd.pid")) $(host_uri "$h")"
             virsh -q -c "$(host_uri "$h")" list --all | sed 's/^/    /'
-            [[ -x $d/etc/hooks/qemu ]] && echo "    hook: $d/etc/hooks/qemu" || echo "    hook: none"
+            [[ -x $d/etc/hooks/qemu ]] && echo "    hook: $(readlink -f "$d/etc/hooks/qemu")" || echo "    hook: none"
         else
             echo "host $h: down"
             rc=1
@@ -367,10 +413,13 @@ cmd_install_hook() {
     require_root
     local src=${1:-}
     [[ -n $src && -f $src && -x $src ]] || die "install-hook needs an executable file, got '${src}'"
-    local h
+    # A symlink, as cpuguard is installed (hooks/qemu -> /usr/bin/cpuguard): the hook then finds
+    # what lives beside the real binary (its cpuguard-libvirt helper).
+    local h target
+    target=$(readlink -f "$src")
     for h in a b; do
-        install -m 0755 "$src" "$(host_dir "$h")/etc/hooks/qemu.new"
-        mv "$(host_dir "$h")/etc/hooks/qemu.new" "$(host_dir "$h")/etc/hooks/qemu"
+        ln -sfn "$target" "$(host_dir "$h")/etc/hooks/qemu.new"
+        mv -f -T "$(host_dir "$h")/etc/hooks/qemu.new" "$(host_dir "$h")/etc/hooks/qemu"
     done
     # libvirt looks for hook scripts only when the daemon starts.
     restart_hosts a b
@@ -406,6 +455,56 @@ cmd_define_guest() {
     echo "$STATE/guests/$name.xml"
 }
 
+# emulator-b set CPU-OPTIONS | emulator-b reset
+# Makes host B a machine whose guests see a different CPU: inside B's namespace only, a wrapper is
+# bind-mounted over the emulator path that appends ",CPU-OPTIONS" (e.g. "-pni" or
+# "model-id=Other CPU") to every `-cpu` argument. libvirt, and cpuguard's probe on B, run the
+# wrapper through the domain's unchanged <emulator> path. The real binary stays reachable for the
+# wrapper at a second bind mount.
+EMULATOR=/usr/bin/qemu-system-x86_64
+cmd_emulator_b() {
+    require_root
+    local action=${1:-} d
+    d=$(host_dir b)
+    host_healthy b || die "host b is not up (run: bed.sh up)"
+    in_ns b umount "$EMULATOR" 2>/dev/null || true
+    in_ns b umount "$d/qemu-real" 2>/dev/null || true
+    case "$action" in
+        reset)
+            rm -f "$d/emulator-cpu-options"
+            log "host b runs the machine's $EMULATOR again"
+            ;;
+        set)
+            [[ -n ${2:-} ]] || die "emulator-b set needs CPU-OPTIONS, e.g. -pni or 'model-id=Other CPU'"
+            printf '%s\n' "$2" >"$d/emulator-cpu-options"
+            : >"$d/qemu-real"
+            cat >"$d/qemu-wrapper" <<WRAPPER
+#!/bin/bash
+# Written by testbed/bed.sh emulator-b: host B's guests get extra -cpu options.
+options=\$(<"$d/emulator-cpu-options")
+args=()
+while ((\$#)); do
+    if [[ \$1 == -cpu && \$# -ge 2 ]]; then
+        args+=(-cpu "\$2,\$options")
+        shift 2
+        continue
+    fi
+    args+=("\$1")
+    shift
+done
+# QEMU finds its modules and ROMs relative to its own executable, which is now elsewhere.
+export QEMU_MODULE_DIR=$(dirname "$(dirname "$EMULATOR")")/lib/x86_64-linux-gnu/qemu
+exec -a "$EMULATOR" "$d/qemu-real" -L $(dirname "$(dirname "$EMULATOR")")/share/qemu "\${args[@]}"
+WRAPPER
+            chmod 0755 "$d/qemu-wrapper"
+            in_ns b mount --bind "$EMULATOR" "$d/qemu-real"
+            in_ns b mount --bind "$d/qemu-wrapper" "$EMULATOR"
+            log "host b: every -cpu gets ,$2"
+            ;;
+        *) die "usage: bed.sh emulator-b set CPU-OPTIONS | emulator-b reset" ;;
+    esac
+}
+
 main() {
     local cmd=${1:-}
     [[ $# -gt 0 ]] && shift
@@ -413,6 +512,8 @@ main() {
         up) cmd_up ;;
         down) cmd_down ;;
         status) cmd_status ;;
+        syslog-up) cmd_syslog_up ;;
+        syslog-down) cmd_syslog_down ;;
         install-hook) cmd_install_hook "$@" ;;
         uninstall-hook) cmd_uninstall_hook ;;
         restart)
@@ -427,12 +528,14 @@ main() {
         exec-a) in_ns a "$@" ;;
         exec-b) in_ns b "$@" ;;
         define-guest) cmd_define_guest "$@" ;;
+        emulator-b) cmd_emulator_b "$@" ;;
         firmware-path) echo "$FIRMWARE" ;;
+        firmware-kind) cat "$FIRMWARE.kind" ;;
         audit-log) echo "$AUDIT_LOG" ;;
         state-dir) echo "$STATE" ;;
         _ns-init) ns_init "$@" ;;
         *)
-            sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+            sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}" >&2
             [[ -z $cmd || $cmd == help || $cmd == -h || $cmd == --help ]] || exit 2
             ;;
     esac

@@ -1,0 +1,359 @@
+//! The two-host libvirt test bed (testbed/bed.sh) driven from integration tests.
+//!
+//! Include it with `#[path = "support/bed.rs"] mod bed;`. One bed at a time: `Bed::up()` takes a
+//! process-wide lock (cargo runs the tests of a binary in parallel threads) and an exclusive
+//! `flock` on the bed's session lock file (other test binaries, other people's `cargo test` on the
+//! same machine), held until the `Bed` is dropped. Dropping it (also while a failed test unwinds)
+//! destroys and undefines the guests the test defined and takes the bed down.
+
+// Each test binary uses a different subset of these helpers. (Declared here, so an including file
+// must not repeat `#[allow(dead_code)]` on its `mod bed;`: clippy rejects the duplicate.)
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
+
+use nix::fcntl::{Flock, FlockArg};
+use std::time::{Duration, Instant};
+
+static BED_LOCK: Mutex<()> = Mutex::new(());
+
+/// Host B's libvirt as seen from host A (and from any client on this machine).
+pub const URI_B_TCP: &str = "qemu+tcp://127.0.0.2:16510/system";
+/// Where B's QEMU listens for the incoming migration stream.
+pub const MIGRATE_URI_B: &str = "tcp://127.0.0.2:49152";
+pub const URI_A_TCP: &str = "qemu+tcp://127.0.0.1:16510/system";
+pub const MIGRATE_URI_A: &str = "tcp://127.0.0.1:49153";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    A,
+    B,
+}
+
+impl Host {
+    fn virsh_subcommand(self) -> &'static str {
+        match self {
+            Host::A => "virsh-a",
+            Host::B => "virsh-b",
+        }
+    }
+
+    pub fn other(self) -> Host {
+        match self {
+            Host::A => Host::B,
+            Host::B => Host::A,
+        }
+    }
+
+    pub fn tcp_uri(self) -> &'static str {
+        match self {
+            Host::A => URI_A_TCP,
+            Host::B => URI_B_TCP,
+        }
+    }
+
+    pub fn migrate_uri(self) -> &'static str {
+        match self {
+            Host::A => MIGRATE_URI_A,
+            Host::B => MIGRATE_URI_B,
+        }
+    }
+}
+
+/// What a command printed, and whether it succeeded.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub command: String,
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(command: String, output: Output) -> Run {
+        Run {
+            command,
+            success: output.status.success(),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// The stdout of a command that must have succeeded.
+    pub fn ok(self) -> String {
+        assert!(
+            self.success,
+            "`{}` failed ({:?}):\nstdout: {}\nstderr: {}",
+            self.command, self.code, self.stdout, self.stderr
+        );
+        self.stdout
+    }
+}
+
+pub fn bed_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/bed.sh")
+}
+
+/// The bed needs root (daemons, mount namespaces) and libvirt. A missing prerequisite fails the
+/// test with the reason, so that CI can never pass by skipping; a developer without root can opt
+/// out explicitly with CPUGUARD_SKIP_TESTBED=1 (returns false, printed loudly).
+pub fn prerequisites_met() -> bool {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push(
+            "root (run as root: the bed starts libvirtd and uses mount namespaces)".to_string(),
+        );
+    }
+    for tool in [
+        "/usr/sbin/libvirtd",
+        "/usr/sbin/virtlogd",
+        "/usr/bin/virsh",
+        "/usr/sbin/rsyslogd",
+    ] {
+        if !Path::new(tool).exists() {
+            missing.push(format!("{tool} (run testbed/install-deps.sh as root)"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let in_ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
+    let opted_out = std::env::var("CPUGUARD_SKIP_TESTBED")
+        .map(|v| v == "1")
+        .unwrap_or(false);
+    if opted_out && !in_ci {
+        eprintln!(
+            "*** test bed SKIPPED (CPUGUARD_SKIP_TESTBED=1); missing: {}",
+            missing.join("; ")
+        );
+        return false;
+    }
+    panic!(
+        "the libvirt test bed cannot run; missing: {}. (Outside CI, CPUGUARD_SKIP_TESTBED=1 skips it.)",
+        missing.join("; ")
+    );
+}
+
+/// Runs `testbed/bed.sh ARGS`, with the cpuguard binary under test available to it (it writes the
+/// heartbeat firmware).
+pub fn bed_sh(args: &[&str]) -> Run {
+    let script = bed_script();
+    let command = format!("{} {}", script.display(), args.join(" "));
+    let output = Command::new(&script)
+        .args(args)
+        .env("CPUGUARD_BIN", env!("CARGO_BIN_EXE_cpuguard"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{command}`: {e}"));
+    Run::from_output(command, output)
+}
+
+/// The bed's state directory, as bed.sh computes it.
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("CPUGUARD_TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/cpuguard-testbed"))
+}
+
+/// Blocks until no other process uses the bed (the lock is released when the file is closed,
+/// also when a test process dies).
+fn session_lock() -> Flock<fs::File> {
+    let dir = state_dir();
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let path = dir.join(".session-lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    Flock::lock(file, FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("cannot lock {}: {e}", path.display()))
+}
+
+pub struct Bed {
+    guests: Vec<String>,
+    // Dropped after `drop` has taken the bed down (fields drop after Drop::drop).
+    _session: Flock<fs::File>,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Bed {
+    /// Brings the bed up (both hosts, syslog) without any hook installed. None when the test bed
+    /// was explicitly skipped (see `prerequisites_met`).
+    pub fn up() -> Option<Bed> {
+        // A test that panicked while holding the lock has already taken its bed down (Drop).
+        let lock = BED_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !prerequisites_met() {
+            return None;
+        }
+        let bed = Bed {
+            guests: Vec::new(),
+            _session: session_lock(),
+            _lock: lock,
+        };
+        bed_sh(&["up"]).ok();
+        // A previous test of this binary may have left a hook behind.
+        bed_sh(&["uninstall-hook"]).ok();
+        Some(bed)
+    }
+
+    pub fn install_hook(&self, binary: &Path) {
+        let path = binary.to_string_lossy();
+        bed_sh(&["install-hook", &path]).ok();
+    }
+
+    pub fn virsh(&self, host: Host, args: &[&str]) -> Run {
+        let mut full = vec![host.virsh_subcommand()];
+        full.extend_from_slice(args);
+        bed_sh(&full)
+    }
+
+    /// Defines NAME on host A from testbed/guest.xml.in, with `cpu_xml` as its `<cpu>` element
+    /// (the bed's default, qemu64 with check='partial', when None). The guest is destroyed and
+    /// undefined on both hosts when the bed is dropped.
+    pub fn define_guest(&mut self, name: &str, cpu_xml: Option<&str>) -> PathBuf {
+        self.guests.push(name.to_string());
+        let run = match cpu_xml {
+            None => bed_sh(&["define-guest", name]),
+            Some(xml) => {
+                let file = self
+                    .state_dir()
+                    .join("guests")
+                    .join(format!("{name}.cpu.xml"));
+                fs::create_dir_all(file.parent().unwrap_or(Path::new("/")))
+                    .unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
+                fs::write(&file, xml)
+                    .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+                bed_sh(&["define-guest", name, &file.to_string_lossy()])
+            }
+        };
+        PathBuf::from(run.ok().trim())
+    }
+
+    /// `virsh migrate --live --persistent --undefinesource NAME` from `from` to the other host.
+    pub fn migrate(&self, name: &str, from: Host) -> Run {
+        let to = from.other();
+        self.virsh(
+            from,
+            &[
+                "migrate",
+                "--live",
+                "--persistent",
+                "--undefinesource",
+                name,
+                to.tcp_uri(),
+                "--migrateuri",
+                to.migrate_uri(),
+            ],
+        )
+    }
+
+    /// The domain's state on `host` ("running", "shut off", ...), or None if it is not defined
+    /// there.
+    pub fn domain_state(&self, host: Host, name: &str) -> Option<String> {
+        let run = self.virsh(host, &["domstate", name]);
+        if run.success {
+            Some(run.stdout.trim().to_string())
+        } else {
+            None
+        }
+    }
+
+    /// Waits until the live XML of NAME on `host` contains `needle`; returns the XML when it did.
+    pub fn wait_live_xml(
+        &self,
+        host: Host,
+        name: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            let run = self.virsh(host, &["dumpxml", name]);
+            if run.success && run.stdout.contains(needle) {
+                return Some(run.stdout);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir()
+    }
+
+    pub fn serial_path(&self, name: &str) -> PathBuf {
+        self.state_dir()
+            .join("guests")
+            .join(format!("{name}.serial"))
+    }
+
+    /// "heartbeat" when guests run cpuguard's heartbeat firmware, "hlt" for the placeholder.
+    pub fn firmware_kind(&self) -> String {
+        bed_sh(&["firmware-kind"]).ok().trim().to_string()
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        PathBuf::from(bed_sh(&["audit-log"]).ok().trim())
+    }
+
+    /// The current end of the audit file: lines after it are the ones this test caused.
+    pub fn audit_mark(&self) -> u64 {
+        fs::metadata(self.audit_log()).map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn audit_lines_since(&self, mark: u64) -> Vec<String> {
+        let path = self.audit_log();
+        let mut text = String::new();
+        if let Ok(mut file) = fs::File::open(&path) {
+            if file.seek(SeekFrom::Start(mark)).is_ok() {
+                // rsyslog writes whole lines; a torn last line is simply read again next poll.
+                let _ = file.read_to_string(&mut text);
+            }
+        }
+        text.lines().map(str::to_string).collect()
+    }
+
+    /// Waits (rsyslog writes asynchronously) for an audit line after `mark` that has every one of
+    /// `fields` (e.g. "phase=migrate", "domain=g1").
+    pub fn wait_audit(&self, mark: u64, fields: &[&str], timeout: Duration) -> Option<String> {
+        let start = Instant::now();
+        loop {
+            let found = self.audit_lines_since(mark).into_iter().find(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                fields.iter().all(|f| words.contains(f))
+            });
+            if found.is_some() || start.elapsed() > timeout {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for name in &self.guests {
+            for host in [Host::A, Host::B] {
+                let _ = self.virsh(host, &["destroy", name]);
+                let _ = self.virsh(host, &["undefine", name]);
+            }
+        }
+        let down = bed_sh(&["down"]);
+        if !down.success {
+            eprintln!("bed.sh down failed: {}", down.stderr);
+        }
+    }
+}
