@@ -81,6 +81,92 @@ fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
     (median, mean, p95)
 }
 
+/// The prepare phase of an incoming guest with a stamp and a warm fingerprint cache: the whole
+/// check cpuguard adds to a migration (parse, cache hit, compare, audit). Each timed prepare
+/// follows an untimed migrate phase that leaves the incoming record.
+fn incoming_check(cpuguard: &Path, work: &Path, rounds: usize) {
+    use cpuguard::config::Config;
+    use cpuguard::cpuid::dump::write_dump;
+    use cpuguard::domain::metadata::stamp_element;
+
+    let emulator = "/usr/bin/qemu-system-x86_64";
+    if !Path::new(emulator).exists() {
+        println!("(incoming check skipped: no {emulator})");
+        return;
+    }
+    let xml = include_str!("../tests/fixtures/domains/tcg-haswell-features.xml");
+    let mut config = Config {
+        cache_dir: work.join("cache"),
+        runtime_dir: work.join("run-incoming"),
+        ..Config::default()
+    };
+    config.probe.emulators = vec![PathBuf::from(emulator)];
+    let m = cpuguard::measure::for_domain_xml(xml, &config).expect("measure the fixture");
+    let stamp = stamp_element(
+        "bench-source",
+        "2026-01-01T00:00:00Z",
+        &m.fingerprint.digest,
+        "",
+        &write_dump(&m.fingerprint.raw),
+    )
+    .replacen(
+        "<stamp ",
+        &format!(
+            "<cg:stamp xmlns:cg='{}' ",
+            cpuguard::domain::metadata::STAMP_NS
+        ),
+        1,
+    )
+    .replacen("</stamp>", "</cg:stamp>", 1);
+    let stamped = xml.replacen(
+        "</domain>",
+        &format!("<metadata>{stamp}</metadata>\n</domain>"),
+        1,
+    );
+    let xml_path = work.join("stamped.xml");
+    fs::write(&xml_path, &stamped).expect("stamped xml");
+    let toml = work.join("incoming.toml");
+    fs::write(
+        &toml,
+        format!(
+            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
+            config.cache_dir.display(),
+            config.runtime_dir.display()
+        ),
+    )
+    .expect("config");
+    let run = |phase: &str| {
+        let start = Instant::now();
+        let status = Command::new(cpuguard)
+            .args(["hook", "qemu", "bench-stamped", phase, "begin", "-"])
+            .env("CPUGUARD_CONFIG", &toml)
+            .stdin(
+                fs::File::open(&xml_path)
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let took = start.elapsed();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "{phase} failed: {status:?}"
+        );
+        took
+    };
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        run("migrate");
+        samples.push(run("prepare"));
+    }
+    let (median, mean, p95) = stats(&mut samples);
+    println!(
+        "{:<42} {:>7} {:>9.3} {:>9.3} {:>9.3}",
+        "hook prepare, incoming, stamped, warm cache", rounds, median, mean, p95
+    );
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
@@ -226,6 +312,7 @@ fn main() {
     if !have_libvirt {
         println!("(libvirt-linked baseline skipped: rustc -l virt failed; install libvirt-dev)");
     }
+    incoming_check(&cpuguard, &work, rounds.min(100));
     let _ = fs::remove_dir_all(&work);
     let _ = fs::remove_dir_all(&run_dir);
 }
