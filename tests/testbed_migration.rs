@@ -220,7 +220,10 @@ fn round_trip_through_the_cpuguard_hook() {
     let name = "cg-roundtrip-1";
     bed.define_guest(name, None);
     start_stamped_on_a(&bed, name);
-    let cpu_on_a = cpu_tags(&bed.virsh(Host::A, &["dumpxml", name]).ok());
+    let xml_on_a = bed.virsh(Host::A, &["dumpxml", name]).ok();
+    let cpu_on_a = cpu_tags(&xml_on_a);
+    let stamp_on_a = stamp_attrs(&xml_on_a);
+    assert_eq!(stamp_on_a.0, "cpuguard-bed-a", "stamped by A");
 
     let there = bed.migrate(name, Host::A);
     assert!(there.success, "A -> B failed: {}", there.stderr);
@@ -234,6 +237,38 @@ fn round_trip_through_the_cpuguard_hook() {
         cpu_back, cpu_on_a,
         "the live CPU of {name} changed over the round trip"
     );
+    // Back on A, A re-stamps it after the start: A's host name, a later time, the same digest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let stamp_back = loop {
+        let stamp = stamp_attrs(&bed.virsh(Host::A, &["dumpxml", name]).ok());
+        if stamp.0 == "cpuguard-bed-a" && stamp.1 != stamp_on_a.1 {
+            break stamp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} was not re-stamped on A: {stamp:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        stamp_back.2, stamp_on_a.2,
+        "the digest changed over the round trip"
+    );
+}
+
+/// (host, time, digest) of cpuguard's stamp in a domain XML (empty strings when absent).
+fn stamp_attrs(xml: &str) -> (String, String, String) {
+    let Some(start) = xml.find(":stamp ") else {
+        return Default::default();
+    };
+    let tag = &xml[start..xml[start..].find('>').map_or(xml.len(), |e| start + e)];
+    let attr = |k: &str| {
+        tag.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+            .unwrap_or_default()
+    };
+    (attr("host"), attr("time"), attr("digest"))
 }
 
 /// The bed's own plumbing, independent of cpuguard's code, and the libvirt behaviour the hook is
