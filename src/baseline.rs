@@ -19,8 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::Reader;
+use crate::domain::tree::Element;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virt::connect::Connect;
@@ -35,7 +34,6 @@ pub const DEFAULT_CPU_MAP: &str = "/usr/share/libvirt/cpu_map";
 
 /// Larger inputs are not capabilities documents (this host's domcapabilities: ~10 KiB).
 const MAX_INPUT_BYTES: u64 = 8 * 1024 * 1024;
-const MAX_DEPTH: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum BaselineError {
@@ -207,95 +205,9 @@ fn escape(s: &str) -> String {
     quick_xml::escape::escape(s).into_owned()
 }
 
-/// A minimal element tree.
-#[derive(Debug, Default)]
-struct Element {
-    name: String,
-    attrs: Vec<(String, String)>,
-    children: Vec<Element>,
-    text: String,
-}
-
-impl Element {
-    fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn child(&self, name: &str) -> Option<&Element> {
-        self.children.iter().find(|c| c.name == name)
-    }
-
-    fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
-        self.children.iter().filter(move |c| c.name == name)
-    }
-}
-
-fn header(start: &BytesStart<'_>) -> Result<Element, String> {
-    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-    let mut attrs = Vec::new();
-    for attr in start.attributes() {
-        let attr = attr.map_err(|e| e.to_string())?;
-        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
-        let value = attr.unescape_value().map_err(|e| e.to_string())?;
-        attrs.push((key, value.into_owned()));
-    }
-    Ok(Element {
-        name,
-        attrs,
-        ..Element::default()
-    })
-}
-
 /// Parses without DTD processing: a DOCTYPE is refused (these files may come from other hosts).
 fn parse_tree(xml: &str) -> Result<Element, String> {
-    let mut reader = Reader::from_str(xml);
-    reader.config_mut().check_end_names = true;
-    let mut stack: Vec<Element> = Vec::new();
-    let mut root = None;
-    loop {
-        let position = reader.buffer_position();
-        let event = reader
-            .read_event()
-            .map_err(|e| format!("at byte {position}: {e}"))?;
-        let finished = match event {
-            Event::DocType(_) => return Err("DOCTYPE declarations are refused".to_string()),
-            Event::Start(start) => {
-                if stack.len() >= MAX_DEPTH {
-                    return Err(format!("nested deeper than {MAX_DEPTH} elements"));
-                }
-                stack.push(header(&start)?);
-                None
-            }
-            Event::Empty(start) => Some(header(&start)?),
-            Event::End(_) => stack.pop(),
-            Event::Text(text) => {
-                let text = text.unescape().map_err(|e| e.to_string())?;
-                if let Some(parent) = stack.last_mut() {
-                    parent.text.push_str(&text);
-                }
-                None
-            }
-            Event::Eof => {
-                if !stack.is_empty() {
-                    return Err("document ends inside an element".to_string());
-                }
-                return root.ok_or_else(|| "no root element".to_string());
-            }
-            _ => None,
-        };
-        if let Some(element) = finished {
-            match stack.last_mut() {
-                Some(parent) => parent.children.push(element),
-                None if root.is_some() => {
-                    return Err(format!("a second root element <{}>", element.name))
-                }
-                None => root = Some(element),
-            }
-        }
-    }
+    crate::domain::tree::parse_tree(xml).map_err(|e| e.to_string())
 }
 
 fn cpu_def(element: &Element, with_policies: bool) -> CpuDef {

@@ -132,8 +132,10 @@ enum Command {
     },
     /// Install the hook: a link to cpuguard as HOOKS_DIR/qemu, or as HOOKS_DIR/qemu.d/50-cpuguard
     /// when HOOKS_DIR/qemu belongs to another program (never replaced).
-    #[command(after_help = "Example: cpuguard install && systemctl restart libvirtd && cpuguard stamp --all\n\
-                            Exit codes: 0 installed (or already), 2 error.")]
+    #[command(
+        after_help = "Example: cpuguard install && systemctl restart libvirtd && cpuguard stamp --all\n\
+                            Exit codes: 0 installed (or already), 2 error."
+    )]
     Install {
         #[arg(long, default_value = crate::install::DEFAULT_HOOKS_DIR)]
         hooks_dir: PathBuf,
@@ -142,8 +144,10 @@ enum Command {
         target: Option<PathBuf>,
     },
     /// Remove cpuguard's hook links (other programs' hooks are left alone).
-    #[command(after_help = "Example: cpuguard uninstall && systemctl restart libvirtd\n\
-                            Exit codes: 0 removed (or nothing to remove), 2 error.")]
+    #[command(
+        after_help = "Example: cpuguard uninstall && systemctl restart libvirtd\n\
+                            Exit codes: 0 removed (or nothing to remove), 2 error."
+    )]
     Uninstall {
         #[arg(long, default_value = crate::install::DEFAULT_HOOKS_DIR)]
         hooks_dir: PathBuf,
@@ -158,8 +162,10 @@ enum Command {
     },
     /// Which host can receive a VM from which, per CPU configuration, from every host's
     /// `cpuguard fingerprint export`.
-    #[command(after_help = "Example: cpuguard matrix hv-old-01.json hv-new-01.json --json\n\
-                            Exit codes: 0 every measured pair is a go, 1 some pair is a no-go, 2 error.")]
+    #[command(
+        after_help = "Example: cpuguard matrix hv-old-01.json hv-new-01.json --json\n\
+                            Exit codes: 0 every measured pair is a go, 1 some pair is a no-go, 2 error."
+    )]
     Matrix {
         /// Bundles written by `cpuguard fingerprint export`, one per host.
         files: Vec<PathBuf>,
@@ -199,8 +205,10 @@ enum CacheAction {
 #[derive(Subcommand, Debug)]
 enum FingerprintAction {
     /// Every verified cache entry as one JSON bundle on stdout, with the host's name.
-    #[command(after_help = "Example: cpuguard fingerprint export > $(hostname).json\n\
-                            Exit codes: 0 exported (skipped bad entries are named on stderr), 2 error.")]
+    #[command(
+        after_help = "Example: cpuguard fingerprint export > $(hostname).json\n\
+                            Exit codes: 0 exported (skipped bad entries are named on stderr), 2 error."
+    )]
     Export {
         /// The name to record (default: this host's hostname).
         #[arg(long)]

@@ -9,12 +9,10 @@
 //! (and with it any entity declaration) is refused, unknown entity references are errors, and
 //! values are validated before they reach a command line.
 
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::Reader;
+use crate::domain::tree::{parse_tree, Element, TreeError, MAX_DEPTH};
 use serde::{Deserialize, Serialize};
 
 /// Nesting deeper than this is not a libvirt domain (libvirt's own documents stay under ~10).
-const MAX_DEPTH: usize = 64;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GuestError {
@@ -517,123 +515,16 @@ fn check_token(what: &'static str, value: &str) -> Result<(), GuestError> {
     }
 }
 
-/// A minimal element tree: what extraction needs, nothing more.
-#[derive(Debug, Default)]
-struct Element {
-    name: String,
-    attrs: Vec<(String, String)>,
-    children: Vec<Element>,
-    text: String,
-}
-
-impl Element {
-    fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn child(&self, name: &str) -> Option<&Element> {
-        self.children.iter().find(|c| c.name == name)
-    }
-
-    fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
-        self.children.iter().filter(move |c| c.name == name)
-    }
-}
-
-fn parse_tree(xml: &str) -> Result<Element, GuestError> {
-    let mut reader = Reader::from_str(xml);
-    reader.config_mut().check_end_names = true;
-    let mut stack: Vec<Element> = Vec::new();
-    let mut root: Option<Element> = None;
-    loop {
-        let position = reader.buffer_position();
-        let malformed = |reason: String| GuestError::Malformed { position, reason };
-        let event = reader.read_event().map_err(|e| malformed(e.to_string()))?;
-        match event {
-            Event::DocType(_) => return Err(GuestError::Doctype),
-            Event::Start(start) | Event::Empty(start) if root.is_some() && stack.is_empty() => {
-                let (name, _) = element_header(&start, position)?;
-                return Err(GuestError::SecondRoot { found: name });
-            }
-            Event::Start(start) => {
-                if stack.len() >= MAX_DEPTH {
-                    return Err(GuestError::TooDeep);
-                }
-                let (name, attrs) = element_header(&start, position)?;
-                stack.push(Element {
-                    name,
-                    attrs,
-                    ..Element::default()
-                });
-            }
-            Event::Empty(start) => {
-                let (name, attrs) = element_header(&start, position)?;
-                let element = Element {
-                    name,
-                    attrs,
-                    ..Element::default()
-                };
-                match stack.last_mut() {
-                    Some(parent) => parent.children.push(element),
-                    None => root = Some(element),
-                }
-            }
-            Event::End(_) => {
-                let Some(element) = stack.pop() else {
-                    return Err(malformed("unexpected end tag".to_string()));
-                };
-                match stack.last_mut() {
-                    Some(parent) => parent.children.push(element),
-                    None => root = Some(element),
-                }
-            }
-            Event::Text(text) => {
-                let text = text.unescape().map_err(|e| malformed(e.to_string()))?;
-                match stack.last_mut() {
-                    Some(parent) => parent.text.push_str(&text),
-                    None if text.trim().is_empty() => {}
-                    None => return Err(malformed("text outside the root element".to_string())),
-                }
-            }
-            Event::CData(data) => {
-                let data = data.decode().map_err(|e| malformed(e.to_string()))?;
-                if let Some(parent) = stack.last_mut() {
-                    parent.text.push_str(&data);
-                }
-            }
-            Event::Eof => {
-                if !stack.is_empty() {
-                    return Err(malformed("document ends inside an element".to_string()));
-                }
-                return root.ok_or(GuestError::NoRoot);
-            }
-            Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
+impl From<TreeError> for GuestError {
+    fn from(e: TreeError) -> Self {
+        match e {
+            TreeError::Malformed { position, reason } => GuestError::Malformed { position, reason },
+            TreeError::Doctype => GuestError::Doctype,
+            TreeError::TooDeep => GuestError::TooDeep,
+            TreeError::SecondRoot { found } => GuestError::SecondRoot { found },
+            TreeError::NoRoot => GuestError::NoRoot,
         }
     }
-}
-
-/// Local name (libvirt's elements are unprefixed; a prefixed element such as metadata content
-/// keeps its prefix and so never matches) and unescaped attributes.
-fn element_header(
-    start: &BytesStart<'_>,
-    position: u64,
-) -> Result<(String, Vec<(String, String)>), GuestError> {
-    let malformed = |reason: String| GuestError::Malformed { position, reason };
-    let name = String::from_utf8_lossy(start.name().as_ref()).into_owned();
-    let mut attrs = Vec::new();
-    for attr in start.attributes() {
-        let attr = attr.map_err(|e| malformed(e.to_string()))?;
-        let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
-        let value = attr
-            .unescape_value()
-            .map_err(|e| malformed(format!("attribute {key}: {e}")))?
-            .into_owned();
-        attrs.push((key, value));
-    }
-    Ok((name, attrs))
 }
 
 #[cfg(test)]

@@ -5,3 +5,4 @@ pub mod cpu;
 pub mod document;
 pub mod guest;
 pub mod metadata;
+pub mod tree;
