@@ -191,9 +191,27 @@ fn concurrent_migrations_measure_each_configuration_once() {
     let runs: Vec<(String, bed::Run)> = std::thread::scope(|s| {
         let handles: Vec<_> = guests
             .iter()
-            .map(|(name, _)| {
+            .enumerate()
+            .map(|(i, (name, _))| {
                 let bed = &bed;
-                s.spawn(move || (name.to_string(), bed.migrate(name, Host::A)))
+                // Concurrent incoming migrations each need their own port on B.
+                let migrate_uri = format!("tcp://127.0.0.2:{}", 49160 + i);
+                s.spawn(move || {
+                    let run = bed.virsh(
+                        Host::A,
+                        &[
+                            "migrate",
+                            "--live",
+                            "--persistent",
+                            "--undefinesource",
+                            name,
+                            bed::URI_B_TCP,
+                            "--migrateuri",
+                            &migrate_uri,
+                        ],
+                    );
+                    (name.to_string(), run)
+                })
             })
             .collect();
         handles
