@@ -5,6 +5,7 @@
 //! come from libvirt's own QEMU capabilities cache files, which list each probed `<emulator>`.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -71,10 +72,14 @@ pub fn libvirt_capability_emulators(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn first_emulator_element(path: &Path) -> Option<PathBuf> {
-    // The element is on the second line; read only the head of files that run to megabytes.
-    let text = fs::read(path).ok()?;
-    let head = &text[..text.len().min(16 * 1024)];
-    let mut reader = Reader::from_reader(head);
+    // The element is on the second line; read only the head of files that run to 200 KB or more.
+    let mut head = Vec::with_capacity(16 * 1024);
+    fs::File::open(path)
+        .ok()?
+        .take(16 * 1024)
+        .read_to_end(&mut head)
+        .ok()?;
+    let mut reader = Reader::from_reader(head.as_slice());
     let mut buf = Vec::new();
     let mut inside = false;
     loop {

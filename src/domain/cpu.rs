@@ -65,8 +65,6 @@ pub struct CpuElement<'a> {
     pub tag_end: usize,
     /// The `<model>` child's start tag, and the model name.
     pub model: Option<(Span, String)>,
-    /// Every direct child element by local name, in document order.
-    pub children: Vec<(String, Span)>,
 }
 
 impl<'a> CpuElement<'a> {
@@ -77,8 +75,6 @@ impl<'a> CpuElement<'a> {
         let mut depth = 0usize;
         let mut mode = None;
         let mut tag_end = 0;
-        let mut children = Vec::new();
-        let mut open_child: Option<(String, usize, usize)> = None;
         let mut model = None;
         let mut model_text = String::new();
         let mut in_model = false;
@@ -98,27 +94,13 @@ impl<'a> CpuElement<'a> {
                         }
                         mode = attribute(e, "mode");
                         tag_end = end;
-                    } else if depth == 1 {
-                        if empty {
-                            children.push((
-                                local.clone(),
-                                Span {
-                                    start,
-                                    tag_end: end,
-                                    end,
-                                },
-                            ));
-                        } else {
-                            in_model = local == "model";
-                            open_child = Some((local.clone(), start, end));
-                        }
-                        if local == "model" {
-                            model = Some(Span {
-                                start,
-                                tag_end: end,
-                                end,
-                            });
-                        }
+                    } else if depth == 1 && local == "model" {
+                        in_model = !empty;
+                        model = Some(Span {
+                            start,
+                            tag_end: end,
+                            end,
+                        });
                     }
                     if !empty {
                         depth += 1;
@@ -132,22 +114,10 @@ impl<'a> CpuElement<'a> {
                 }
                 Event::End(_) => {
                     depth = depth.saturating_sub(1);
-                    if depth == 1 {
-                        if let Some((name, s, te)) = open_child.take() {
-                            if name == "model" {
-                                in_model = false;
-                                if let Some(m) = model.as_mut() {
-                                    m.end = end;
-                                }
-                            }
-                            children.push((
-                                name,
-                                Span {
-                                    start: s,
-                                    tag_end: te,
-                                    end,
-                                },
-                            ));
+                    if depth == 1 && in_model {
+                        in_model = false;
+                        if let Some(m) = model.as_mut() {
+                            m.end = end;
                         }
                     }
                     if depth == 0 {
@@ -171,7 +141,6 @@ impl<'a> CpuElement<'a> {
             model: model
                 .filter(|_| !model_name.is_empty())
                 .map(|span| (span, model_name)),
-            children,
         })
     }
 
