@@ -86,7 +86,6 @@ fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
 /// follows an untimed migrate phase that leaves the incoming record.
 fn incoming_check(cpuguard: &Path, work: &Path, rounds: usize) {
     use cpuguard::config::Config;
-    use cpuguard::cpuid::dump::write_dump;
     use cpuguard::domain::metadata::stamp_element;
 
     let emulator = "/usr/bin/qemu-system-x86_64";
@@ -107,7 +106,7 @@ fn incoming_check(cpuguard: &Path, work: &Path, rounds: usize) {
         "2026-01-01T00:00:00Z",
         &m.fingerprint.digest,
         "",
-        &write_dump(&m.fingerprint.raw),
+        &m.fingerprint.raw().to_text(),
     )
     .replacen(
         "<stamp ",

@@ -1,24 +1,24 @@
-//! The guest-CPUID fingerprint: what a guest with one domain's CPU configuration sees on one host,
-//! as stored on disk (JSON) and compared between source and destination.
+//! The fingerprint: what a guest with one domain's CPU configuration sees on one host (CPUID on
+//! x86, ID registers on aarch64: see `guest_view`), as stored on disk (JSON) and compared between
+//! source and destination.
 //!
 //! The digest covers only the normalized table, so two hosts offering a guest the same CPU have
-//! the same digest whatever their APIC IDs or TSC frequency. A file whose digest does not match
+//! the same digest whatever their APIC IDs, MPIDR affinities or TSC frequency. A file whose digest does not match
 //! its table, or written by another format version, is refused rather than trusted.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-use crate::cpuid::diff::{diff, Diff};
-use crate::cpuid::dump::{detect_format, parse_dump_as, DumpError, DumpFormat};
+use crate::cpuid::dump::{detect_format, parse_dump_as, DumpFormat};
 use crate::cpuid::features::FeatureMap;
-use crate::cpuid::normalize::{normalize, Mask};
 use crate::cpuid::table::CpuidTable;
+use crate::guest_view::{diff as view_diff, Arch, GuestView, Tables, ViewDiff, ViewError};
 
 /// Bumped whenever the JSON layout, the masks or the digest's serialization change: fingerprints
-/// of another version are re-measured, never compared.
-pub const FORMAT_VERSION: u32 = 1;
+/// of another version are re-measured, never compared. Version 2 added `arch` (aarch64 ID
+/// registers beside x86 CPUID).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Facts about the host a fingerprint was measured on; for the operator and the cache key, not
 /// part of the digest.
@@ -82,10 +82,10 @@ pub struct Fingerprint {
     /// The canonical domain CPU configuration the table was measured for (defined by the probe;
     /// opaque here).
     pub config: serde_json::Value,
-    pub raw: CpuidTable,
-    pub normalized: CpuidTable,
-    pub masks: Vec<Mask>,
-    /// `sha256:<hex>` of [`canonical_text`] of `normalized`.
+    /// `arch`, then the raw view, its normalization and the masks (see [`Tables`]).
+    #[serde(flatten)]
+    pub tables: Tables,
+    /// `sha256:<hex>` of [`Tables::canonical_text`].
     pub digest: String,
 }
 
@@ -112,55 +112,43 @@ pub enum FingerprintError {
     #[error("fingerprint {origin}: normalized table or masks are not those of its raw table; the file is corrupt")]
     Normalization { origin: String },
     #[error("{origin}: {source}")]
-    Dump { origin: String, source: DumpError },
+    Dump { origin: String, source: ViewError },
     #[error(
-        "{origin}: neither a fingerprint JSON, a kvm-unit-tests CPUID dump nor 'cpuid -r' output"
+        "{origin}: neither a fingerprint JSON, a kvm-unit-tests CPUID dump, 'cpuid -r' output nor an aarch64 probe transcript"
     )]
     UnknownInput { origin: String },
     #[error("cannot serialize fingerprint: {0}")]
     Serialize(serde_json::Error),
 }
 
-/// The text the digest is computed over: one line per entry in table order, then one per MSR,
-/// under a version line. Fixed here rather than borrowed from the dump writer so that a change
-/// of dump format cannot silently change every digest.
-pub fn canonical_text(normalized: &CpuidTable) -> String {
-    let mut table = normalized.clone();
-    table.canonicalize();
-    let mut out = format!("cpuguard normalized cpuid v{FORMAT_VERSION}\n");
-    for e in &table.entries {
-        out.push_str(&format!(
-            "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}\n",
-            e.leaf, e.subleaf, e.eax, e.ebx, e.ecx, e.edx
-        ));
-    }
-    for m in &table.msrs {
-        out.push_str(&format!("msr {:08x}: {:016x}\n", m.index, m.value));
-    }
-    out
-}
-
-/// `sha256:<hex>` of [`canonical_text`].
-pub fn digest_of(normalized: &CpuidTable) -> String {
-    let hash = Sha256::digest(canonical_text(normalized).as_bytes());
-    format!("sha256:{}", hex::encode(hash))
-}
-
 impl Fingerprint {
     /// Normalizes `raw` and digests the result.
-    pub fn new(host: HostFacts, config: serde_json::Value, raw: CpuidTable) -> Self {
-        let mut raw = raw;
-        raw.canonicalize();
-        let (normalized, masks) = normalize(&raw);
-        let digest = digest_of(&normalized);
+    pub fn new(host: HostFacts, config: serde_json::Value, raw: impl Into<GuestView>) -> Self {
+        let tables = Tables::of(raw.into());
+        let digest = tables.digest();
         Fingerprint {
             format_version: FORMAT_VERSION,
             host,
             config,
-            raw,
-            normalized,
-            masks,
+            tables,
             digest,
+        }
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.tables.arch()
+    }
+
+    /// The raw view the guest saw (a copy).
+    pub fn raw(&self) -> GuestView {
+        self.tables.raw()
+    }
+
+    /// The raw CPUID table of an x86 fingerprint.
+    pub fn x86_raw(&self) -> Option<&CpuidTable> {
+        match &self.tables {
+            Tables::X86 { raw, .. } => Some(raw),
+            Tables::Aarch64 { .. } => None,
         }
     }
 
@@ -206,7 +194,7 @@ impl Fingerprint {
                 found: self.format_version.to_string(),
             });
         }
-        let computed = digest_of(&self.normalized);
+        let computed = self.tables.digest();
         if computed != self.digest {
             return Err(FingerprintError::Digest {
                 origin: origin.to_string(),
@@ -214,8 +202,7 @@ impl Fingerprint {
                 computed,
             });
         }
-        let (normalized, masks) = normalize(&self.raw);
-        if normalized != self.normalized || masks != self.masks {
+        if !self.tables.is_consistent() {
             return Err(FingerprintError::Normalization {
                 origin: origin.to_string(),
             });
@@ -229,28 +216,37 @@ impl Fingerprint {
 }
 
 /// How A (source) differs from B (destination), as the guest would see it.
-pub fn compare(a: &Fingerprint, b: &Fingerprint, features: &FeatureMap) -> Diff {
-    diff(&a.raw, &b.raw, features)
+pub fn compare(a: &Fingerprint, b: &Fingerprint, features: &FeatureMap) -> ViewDiff {
+    view_diff(&a.raw(), &b.raw(), features)
+}
+
+/// Which text form a dump came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpKind {
+    X86(DumpFormat),
+    /// The aarch64 probe's own output (what a stamp carries for an ARM guest).
+    Aarch64Probe,
 }
 
 /// What an operator handed to `cpuguard diff`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     Fingerprint(Box<Fingerprint>),
-    /// A bare table as JSON (`{"entries": [...], "msrs": [...]}`).
-    TableJson(CpuidTable),
+    /// A bare table as JSON: `{"entries": [...], "msrs": [...]}` (x86) or `{"regs": [...]}`
+    /// (aarch64).
+    TableJson(GuestView),
     Dump {
-        format: DumpFormat,
-        table: CpuidTable,
+        format: DumpKind,
+        view: GuestView,
     },
 }
 
 impl Input {
-    /// The raw table, whichever form it came in.
-    pub fn raw(&self) -> &CpuidTable {
+    /// The raw view, whichever form it came in.
+    pub fn raw(&self) -> GuestView {
         match self {
-            Input::Fingerprint(f) => &f.raw,
-            Input::TableJson(table) | Input::Dump { table, .. } => table,
+            Input::Fingerprint(f) => f.raw(),
+            Input::TableJson(view) | Input::Dump { view, .. } => view.clone(),
         }
     }
 
@@ -258,40 +254,52 @@ impl Input {
     pub fn into_fingerprint(self) -> Fingerprint {
         match self {
             Input::Fingerprint(f) => *f,
-            Input::TableJson(table) | Input::Dump { table, .. } => {
-                Fingerprint::new(HostFacts::default(), serde_json::Value::Null, table)
+            Input::TableJson(view) | Input::Dump { view, .. } => {
+                Fingerprint::new(HostFacts::default(), serde_json::Value::Null, view)
             }
         }
     }
 }
 
-/// Recognizes a fingerprint JSON, a bare table JSON, a kvm-unit-tests dump or `cpuid -r` output.
+/// Recognizes a fingerprint JSON, a bare table JSON, a kvm-unit-tests dump, `cpuid -r` output or
+/// an aarch64 probe transcript.
 pub fn parse_input(text: &str, origin: &str) -> Result<Input, FingerprintError> {
+    let json_error = |source| FingerprintError::Json {
+        origin: origin.to_string(),
+        source,
+    };
     if text.trim_start().starts_with('{') {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| FingerprintError::Json {
-                origin: origin.to_string(),
-                source,
-            })?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(json_error)?;
         if value.get("format_version").is_some() || value.get("digest").is_some() {
             return Fingerprint::from_json(text, origin).map(|f| Input::Fingerprint(Box::new(f)));
         }
-        let mut table: CpuidTable =
-            serde_json::from_value(value).map_err(|source| FingerprintError::Json {
-                origin: origin.to_string(),
-                source,
-            })?;
-        table.canonicalize();
-        return Ok(Input::TableJson(table));
+        let mut view = if value.get("regs").is_some() {
+            GuestView::Aarch64(serde_json::from_value(value).map_err(json_error)?)
+        } else {
+            GuestView::X86(serde_json::from_value(value).map_err(json_error)?)
+        };
+        view.canonicalize();
+        return Ok(Input::TableJson(view));
+    }
+    let dump_error = |source: ViewError| FingerprintError::Dump {
+        origin: origin.to_string(),
+        source,
+    };
+    if crate::arm::probe::is_transcript(text) {
+        let view = GuestView::parse_text(text).map_err(dump_error)?;
+        return Ok(Input::Dump {
+            format: DumpKind::Aarch64Probe,
+            view,
+        });
     }
     let format = detect_format(text).ok_or_else(|| FingerprintError::UnknownInput {
         origin: origin.to_string(),
     })?;
-    let table = parse_dump_as(text, format).map_err(|source| FingerprintError::Dump {
-        origin: origin.to_string(),
-        source,
-    })?;
-    Ok(Input::Dump { format, table })
+    let table = parse_dump_as(text, format).map_err(|e| dump_error(ViewError::X86(e)))?;
+    Ok(Input::Dump {
+        format: DumpKind::X86(format),
+        view: GuestView::X86(table),
+    })
 }
 
 pub fn load_input(path: &Path) -> Result<Input, FingerprintError> {
@@ -304,10 +312,14 @@ pub fn load_input(path: &Path) -> Result<Input, FingerprintError> {
 
 /// `cpuguard diff A B`: loads both inputs (any form [`parse_input`] knows) and explains how A
 /// (source) differs from B (destination).
-pub fn diff_inputs(a: &Path, b: &Path, features: &FeatureMap) -> Result<Diff, FingerprintError> {
+pub fn diff_inputs(
+    a: &Path,
+    b: &Path,
+    features: &FeatureMap,
+) -> Result<ViewDiff, FingerprintError> {
     let a = load_input(a)?;
     let b = load_input(b)?;
-    Ok(diff(a.raw(), b.raw(), features))
+    Ok(view_diff(&a.raw(), &b.raw(), features))
 }
 
 #[cfg(test)]
@@ -354,9 +366,18 @@ mod tests {
         let fp = Fingerprint::new(host(), serde_json::json!({"model": "Haswell-noTSX"}), raw());
         assert_eq!(fp.format_version, FORMAT_VERSION);
         assert!(fp.digest.starts_with("sha256:") && fp.digest.len() == 7 + 64);
-        assert_eq!(fp.raw.entries[0].leaf, 0, "raw is canonicalized");
-        assert_eq!(fp.normalized.get(1, 0).unwrap().ebx, 0x00080800);
-        assert!(!fp.masks.is_empty());
+        let Tables::X86 {
+            raw: fp_raw,
+            normalized,
+            masks,
+        } = &fp.tables
+        else {
+            panic!("x86 tables expected")
+        };
+        assert_eq!(fp.arch(), Arch::X86_64);
+        assert_eq!(fp_raw.entries[0].leaf, 0, "raw is canonicalized");
+        assert_eq!(normalized.get(1, 0).unwrap().ebx, 0x00080800);
+        assert!(!masks.is_empty());
         // Another vCPU's APIC ID and another TSC frequency: same digest.
         let mut other = raw();
         other.entries[0].ebx = 0x00080800;
@@ -379,13 +400,15 @@ mod tests {
         assert_eq!(Fingerprint::from_json(&json, "fp.json").unwrap(), fp);
 
         let mut tampered = fp.clone();
-        tampered.normalized.entries[2].ebx ^= 1;
+        if let Tables::X86 { normalized, .. } = &mut tampered.tables {
+            normalized.entries[2].ebx ^= 1;
+        }
         let err = Fingerprint::from_json(&tampered.to_json().unwrap(), "fp.json").unwrap_err();
         assert!(matches!(err, FingerprintError::Digest { .. }), "{err}");
         assert!(err.to_string().contains("fp.json") && err.to_string().contains("corrupt"));
 
         // A consistent digest over a table that is not the raw table's normalization.
-        tampered.digest = digest_of(&tampered.normalized);
+        tampered.digest = tampered.tables.digest();
         let err = Fingerprint::from_json(&tampered.to_json().unwrap(), "fp.json").unwrap_err();
         assert!(
             matches!(err, FingerprintError::Normalization { .. }),
@@ -403,7 +426,7 @@ mod tests {
         let err = Fingerprint::from_json("{not json", "fp.json").unwrap_err();
         assert!(matches!(err, FingerprintError::Json { .. }), "{err}");
         let err =
-            Fingerprint::from_json(r#"{"format_version": 1, "raw": 3}"#, "fp.json").unwrap_err();
+            Fingerprint::from_json(r#"{"format_version": 2, "raw": 3}"#, "fp.json").unwrap_err();
         assert!(matches!(err, FingerprintError::Json { .. }), "{err}");
     }
 
@@ -412,11 +435,11 @@ mod tests {
         let fp = Fingerprint::new(host(), serde_json::Value::Null, raw());
         let input = parse_input(&fp.to_json().unwrap(), "a").unwrap();
         assert!(matches!(input, Input::Fingerprint(_)));
-        assert_eq!(input.raw(), &fp.raw);
+        assert_eq!(input.raw(), fp.raw());
 
         let table_json = serde_json::to_string(&raw()).unwrap();
         let input = parse_input(&table_json, "b").unwrap();
-        assert_eq!(input.raw(), &fp.raw);
+        assert_eq!(input.raw(), fp.raw());
         assert_eq!(input.into_fingerprint().digest, fp.digest);
 
         let dump = crate::cpuid::dump::write_dump(&raw());
@@ -424,18 +447,18 @@ mod tests {
         assert!(matches!(
             input,
             Input::Dump {
-                format: DumpFormat::KvmUnitTests,
+                format: DumpKind::X86(DumpFormat::KvmUnitTests),
                 ..
             }
         ));
-        assert_eq!(input.raw(), &fp.raw);
+        assert_eq!(input.raw(), fp.raw());
 
         let tool = "CPU 0:\n   0x00000000 0x00: eax=0x0000000d ebx=0x756e6547 ecx=0x6c65746e edx=0x49656e69\n";
         let input = parse_input(tool, "d").unwrap();
         assert!(matches!(
             input,
             Input::Dump {
-                format: DumpFormat::CpuidTool,
+                format: DumpKind::X86(DumpFormat::CpuidTool),
                 ..
             }
         ));
@@ -465,12 +488,67 @@ mod tests {
         )
         .unwrap();
         let d = diff_inputs(&a, &b, &map).unwrap();
-        assert_eq!(d.lost.len(), 1);
-        assert_eq!(d.lost[0].name, "vmx");
+        let ViewDiff::X86(x) = &d else {
+            panic!("x86 diff expected: {d:?}")
+        };
+        assert_eq!(x.lost.len(), 1);
+        assert_eq!(x.lost[0].name, "vmx");
         let same = diff_inputs(&a, &a, &map).unwrap();
         assert!(same.is_equivalent());
         let err = diff_inputs(&a, &dir.path().join("missing"), &map).unwrap_err();
         assert!(matches!(err, FingerprintError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn aarch64_inputs_and_fingerprints() {
+        let mut regs: Vec<crate::arm::ArmIdReg> = crate::arm::firmware::PROBED_REGISTERS
+            .iter()
+            .map(|r| crate::arm::ArmIdReg {
+                name: r.name.to_string(),
+                value: Some(0x11),
+            })
+            .collect();
+        regs[0].value = None;
+        let table = crate::arm::ArmIdTable { regs };
+        let fp = Fingerprint::new(host(), serde_json::Value::Null, table.clone());
+        assert_eq!(fp.arch(), Arch::Aarch64);
+        assert!(fp.x86_raw().is_none());
+        let json = fp.to_json().unwrap();
+        assert!(json.contains("\"arch\": \"aarch64\""), "{json}");
+        assert_eq!(Fingerprint::from_json(&json, "arm.json").unwrap(), fp);
+
+        let transcript = crate::arm::probe::write_transcript(&table);
+        let input = parse_input(&transcript, "t").unwrap();
+        assert!(matches!(
+            input,
+            Input::Dump {
+                format: DumpKind::Aarch64Probe,
+                ..
+            }
+        ));
+        assert_eq!(input.into_fingerprint().digest, fp.digest);
+        let bare = parse_input(&serde_json::to_string(&table).unwrap(), "j").unwrap();
+        assert_eq!(bare.raw(), fp.raw());
+        let err = parse_input(&transcript[..transcript.len() - 8], "cut").unwrap_err();
+        assert!(
+            err.to_string().starts_with("cut: aarch64 probe output"),
+            "{err}"
+        );
+
+        // Comparing an aarch64 fingerprint with an x86 one is an architecture change.
+        let x86 = Fingerprint::new(host(), serde_json::Value::Null, raw());
+        let map = FeatureMap::parse(
+            "<cpus><feature name='vmx'><cpuid eax_in='0x01' ecx='0x00000020'/></feature></cpus>",
+            "map",
+        )
+        .unwrap();
+        assert!(matches!(
+            compare(&fp, &x86, &map),
+            ViewDiff::Arch {
+                a: Arch::Aarch64,
+                b: Arch::X86_64
+            }
+        ));
     }
 
     #[test]

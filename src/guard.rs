@@ -2,10 +2,10 @@
 //! the configured policies. Pure: no I/O, so every policy path is tested directly.
 
 use crate::config::{PolicyConfig, Verdict};
-use crate::cpuid::diff::{diff, Diff};
-use crate::cpuid::{parse_dump, CpuidTable, FeatureMap};
+use crate::cpuid::FeatureMap;
 use crate::domain::metadata::{DomainPolicy, Stamp};
-use crate::fingerprint::{digest_of, Fingerprint};
+use crate::fingerprint::Fingerprint;
+use crate::guest_view::{diff, GuestView};
 use crate::incoming::Origin;
 
 /// What the prepare phase does with an incoming guest.
@@ -50,8 +50,9 @@ impl Incoming<'_> {
     }
 }
 
-/// The source's raw table from its stamp, or why it cannot be used.
-pub fn stamped_table(stamp: &Stamp) -> Result<CpuidTable, String> {
+/// The source's raw view (CPUID table or aarch64 ID registers) from its stamp, or why it cannot
+/// be used.
+pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
     if let Some(v) = stamp.version.as_deref() {
         if v != crate::domain::metadata::STAMP_VERSION {
             return Err(format!(
@@ -62,8 +63,8 @@ pub fn stamped_table(stamp: &Stamp) -> Result<CpuidTable, String> {
     let text = stamp
         .table
         .as_deref()
-        .ok_or("the source's cpuguard stamp carries no CPUID table")?;
-    parse_dump(text)
+        .ok_or("the source's cpuguard stamp carries no CPU table")?;
+    GuestView::parse_text(text)
         .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
 
@@ -127,11 +128,10 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
         }
     };
 
-    let d = diff(&source_table, &local.raw, features);
-    let informational: Vec<String> = d.informational.iter().map(ToString::to_string).collect();
+    let d = diff(&source_table, &local.raw(), features);
+    let informational = d.informational();
     if d.is_equivalent() {
-        let (source_digest, _) = crate::cpuid::normalize(&source_table);
-        let note = if Some(digest_of(&source_digest).as_str()) != stamp.digest.as_deref() {
+        let note = if Some(source_table.digest().as_str()) != stamp.digest.as_deref() {
             " (the stamp's digest attribute differs: stamped by another cpuguard version or edited)"
         } else {
             ""
@@ -142,12 +142,12 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             by_policy: false,
         };
     }
-    let only_gained = d.lost.is_empty() && d.fields.is_empty();
+    let only_gained = d.only_gained();
     if only_gained && policy.gained_features == Verdict::Allow {
         return Decision::Allow {
             reason: format!(
                 "guest would only gain features ({}); allowed by policy.gained_features",
-                names(&d)
+                d.summary()
             ),
             informational,
             by_policy: true,
@@ -155,7 +155,7 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
     }
     let what = format!("the guest CPU would change on {}", inc.this_host);
     let mut message = inc.headline(&what);
-    for line in explain(&d) {
+    for line in d.lines() {
         message.push_str("\n  ");
         message.push_str(&line);
     }
@@ -165,40 +165,14 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
              policy.gained_features = \"allow\" lets this through)",
         );
     }
-    refuse(format!("{what}: {}", names(&d)), message)
-}
-
-/// The difference lines for the operator, without the "equivalent" header.
-fn explain(d: &Diff) -> Vec<String> {
-    d.to_string()
-        .lines()
-        .filter(|l| *l != "equivalent")
-        .map(str::to_string)
-        .collect()
-}
-
-/// A compact one-line summary for the audit trail.
-fn names(d: &Diff) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    if !d.lost.is_empty() {
-        let n: Vec<&str> = d.lost.iter().map(|c| c.name.as_str()).collect();
-        parts.push(format!("lost {}", n.join(",")));
-    }
-    if !d.gained.is_empty() {
-        let n: Vec<&str> = d.gained.iter().map(|c| c.name.as_str()).collect();
-        parts.push(format!("gained {}", n.join(",")));
-    }
-    if !d.fields.is_empty() {
-        let n: Vec<&str> = d.fields.iter().map(|c| c.field.as_str()).collect();
-        parts.push(format!("changed {}", n.join(",")));
-    }
-    parts.join("; ")
+    refuse(format!("{what}: {}", d.summary()), message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpuid::dump::write_dump;
+    use crate::cpuid::{parse_dump, CpuidTable};
     use crate::fingerprint::HostFacts;
 
     fn features() -> FeatureMap {

@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod domain;
 pub mod fingerprint;
 pub mod fsutil;
+pub mod guest_view;
 pub mod guard;
 pub mod helper;
 pub mod hook;

@@ -15,9 +15,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::cache::Cache;
-use crate::cpuid::diff::diff;
 use crate::cpuid::features::FeatureMap;
-use crate::fingerprint::Fingerprint;
+use crate::fingerprint::{compare, Fingerprint};
 
 pub const BUNDLE_FORMAT: &str = "cpuguard-fingerprints";
 pub const BUNDLE_VERSION: u32 = 1;
@@ -364,14 +363,14 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
                 if from == to {
                     continue;
                 }
-                let d = diff(&a.fingerprint.raw, &b.fingerprint.raw, features);
+                let d = compare(&a.fingerprint, &b.fingerprint, features);
                 pairs.push(Pair {
                     from: from.clone(),
                     to: to.clone(),
                     go: d.is_equivalent(),
-                    lost: d.lost.iter().map(|c| c.name.clone()).collect(),
-                    gained: d.gained.iter().map(|c| c.name.clone()).collect(),
-                    changed: d.fields.iter().map(ToString::to_string).collect(),
+                    lost: d.lost_names(),
+                    gained: d.gained_names(),
+                    changed: d.changed_lines(),
                 });
             }
         }
@@ -512,7 +511,9 @@ mod tests {
         std::fs::write(&path, serde_json::to_string(&b).expect("json")).expect("write");
         assert_eq!(load_bundle(&path).expect("load"), b);
         let mut bad = b.clone();
-        bad.entries[0].fingerprint.raw.entries[1].ecx = 0;
+        if let crate::guest_view::Tables::X86 { raw, .. } = &mut bad.entries[0].fingerprint.tables {
+            raw.entries[1].ecx = 0;
+        }
         std::fs::write(&path, serde_json::to_string(&bad).expect("json")).expect("write");
         let e = load_bundle(&path).expect_err("tampered");
         assert!(

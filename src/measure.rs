@@ -17,8 +17,9 @@ use crate::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
 use crate::config::Config;
 use crate::domain::guest::{Accel, GuestCpuConfig, GuestError};
 use crate::fingerprint::{Fingerprint, HostFacts};
+use crate::probe::probe_view;
 use crate::probe::qemu_args::accel_name;
-use crate::probe::run::{emulator_version, probe, resolve_emulator, ProbeError, ProbeOptions};
+use crate::probe::run::{emulator_version, resolve_emulator, ProbeError, ProbeOptions};
 
 /// Where libvirt keeps what it learnt probing each emulator (one XML file per binary).
 pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
@@ -178,7 +179,7 @@ fn measure_now(
     version: &str,
     accel: Accel,
 ) -> Result<Fingerprint, ProbeError> {
-    let raw = probe(guest, opts)?;
+    let raw = probe_view(guest, opts)?;
     let config = serde_json::to_value(guest).unwrap_or(serde_json::Value::Null);
     Ok(Fingerprint::new(
         HostFacts::of_this_host(version, accel_name(accel)),

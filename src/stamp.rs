@@ -15,7 +15,6 @@ use virt::sys;
 
 use crate::audit::{Record, Severity};
 use crate::config::Config;
-use crate::cpuid::dump::write_dump;
 use crate::domain::document::DomainDocument;
 use crate::domain::metadata::{stamp_element, STAMP_KEY, STAMP_NS};
 use crate::measure;
@@ -99,7 +98,7 @@ fn stamp(dom: &Domain, name: &str, config: &Config) -> Result<Stamped, StampErro
         &rfc3339_now(),
         &m.fingerprint.digest,
         cpu,
-        &write_dump(&m.fingerprint.raw),
+        &m.fingerprint.raw().to_text(),
     );
     dom.set_metadata(
         sys::VIR_DOMAIN_METADATA_ELEMENT as i32,

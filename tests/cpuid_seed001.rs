@@ -155,8 +155,8 @@ fn diff_inputs_on_seed_files() {
         &map,
     )
     .unwrap();
-    assert_eq!(d.lost.len(), 2);
-    assert_eq!(d.gained.len(), 1);
+    assert_eq!(d.lost_names().len(), 2);
+    assert_eq!(d.gained_names().len(), 1);
     let same = diff_inputs(
         &fixture("seed001-case1-src.txt"),
         &fixture("seed001-case1-src.txt"),

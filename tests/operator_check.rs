@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cpuguard::cpuid::dump::write_dump;
 use cpuguard::domain::metadata::{stamp_element, STAMP_NS};
 use cpuguard::fingerprint::Fingerprint;
 
@@ -77,7 +76,7 @@ fn stamped(config: &Path, emulator: &str, dir: &Path) -> String {
         "2026-11-22T05:00:00Z",
         &fingerprint.digest,
         CPU,
-        &write_dump(&fingerprint.raw),
+        &fingerprint.raw().to_text(),
     )
     .replacen(
         "<stamp ",

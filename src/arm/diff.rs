@@ -34,12 +34,21 @@ impl FieldChange {
             ChangeKind::Gained => "gained",
             ChangeKind::Changed => "changed",
         };
-        let name = if self.field.is_empty() {
+        format!("{kind}: {}", self.detail())
+    }
+
+    /// `ID_AA64ISAR0_EL1.AES`, or the register alone when the whole register differs.
+    pub fn subject(&self) -> String {
+        if self.field.is_empty() {
             self.register.clone()
         } else {
             format!("{}.{}", self.register, self.field)
-        };
-        format!("{kind}: {name} ({} -> {})", self.a, self.b)
+        }
+    }
+
+    /// `ID_AA64ISAR0_EL1.AES (2 (AES+PMULL) -> 0 (none))`: the line without its kind.
+    pub fn detail(&self) -> String {
+        format!("{} ({} -> {})", self.subject(), self.a, self.b)
     }
 }
 

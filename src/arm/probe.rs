@@ -331,6 +331,31 @@ pub fn probe_run(
     })
 }
 
+/// Writes `table` in the firmware's own output format, so that [`parse`] reads it back: the form
+/// a stamp carries and `cpuguard diff` accepts. Registers the probe does not read are left out
+/// (a table only ever comes from [`parse`], which refuses them).
+pub fn write_transcript(table: &ArmIdTable) -> String {
+    let mut out = format!("{HEADER}\nE 1\n");
+    let mut count = 0;
+    for reg in PROBED_REGISTERS {
+        let Some(entry) = table.regs.iter().find(|r| r.name == reg.name) else {
+            continue;
+        };
+        count += 1;
+        match entry.value {
+            Some(v) => out.push_str(&format!("R {} {v:016x}\n", reg.encoding())),
+            None => out.push_str(&format!("X {}\n", reg.encoding())),
+        }
+    }
+    out.push_str(&format!("END {count}\n"));
+    out
+}
+
+/// True when `text` starts like the aarch64 probe's output (see [`parse`]).
+pub fn is_transcript(text: &str) -> bool {
+    text.trim_start().lines().next().map(str::trim_end) == Some(HEADER)
+}
+
 /// Parses the complete UART output; every probed register must be there exactly once.
 pub fn parse(bytes: &[u8]) -> Result<ArmIdTable, ArmOutputError> {
     if bytes.is_empty() {
@@ -447,6 +472,15 @@ mod tests {
             .find(|r| r.name == "ID_AA64MMFR3_EL1")
             .unwrap();
         assert_eq!(mmfr3.value, None);
+    }
+
+    #[test]
+    fn transcript_round_trips_including_absent_registers() {
+        let t = parse(sample().as_bytes()).unwrap();
+        let text = write_transcript(&t);
+        assert!(is_transcript(&text) && !is_transcript("00000000 00000000: 0 0 0 0"));
+        assert_eq!(parse(text.as_bytes()).unwrap(), t);
+        assert_eq!(text, sample(), "the firmware's own format, byte for byte");
     }
 
     #[test]

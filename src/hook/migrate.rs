@@ -244,6 +244,9 @@ mod tests {
             "<domain><cpu mode='maximum'/></domain>",
             "<domain><name>x</name></domain>",
             "<domain><cpu><topology sockets='1' cores='1' threads='1'/></cpu></domain>",
+            // Seed 003: aarch64 hosts run host-passthrough only; the fingerprint guards them.
+            "<domain type='kvm'><os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>\
+             <cpu mode='host-passthrough' check='none'/></domain>",
         ] {
             let (out, decision) = rewrite(xml);
             assert_eq!(out, xml);

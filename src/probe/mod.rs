@@ -5,7 +5,10 @@
 //! - `output`: parsing the probe's debugcon output into a `CpuidTable`.
 //! - `qemu_args`: the QEMU command line from a `GuestCpuConfig` (as libvirt would build it).
 //! - `emulator`: deciding whether an emulator path from untrusted XML may be run.
-//! - `run`: running it with a wall-time bound; `probe()` is the entry point.
+//! - `run`: running it with a wall-time bound; `probe()` is the x86 entry point.
+//!
+//! [`probe_view`] is the entry point for every architecture: aarch64 domains go to the
+//! ID-register probe in `crate::arm`, which shares the runner.
 
 pub mod emulator;
 pub mod firmware;
@@ -14,3 +17,33 @@ pub mod qemu_args;
 pub mod run;
 
 pub use run::{emulator_version, probe, probe_run, Firmware, ProbeError, ProbeOptions, ProbeRun};
+
+use crate::arm::{ArmProbeConfig, ArmProbeOptions};
+use crate::domain::guest::GuestCpuConfig;
+use crate::guest_view::GuestView;
+
+/// Measures what a guest with `config` sees of its CPU: CPUID (x86) or the ID registers
+/// (aarch64), under the same emulator checks, accelerator override and wall-time bound.
+pub fn probe_view(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<GuestView, ProbeError> {
+    if config.arch != "aarch64" {
+        return probe(config, opts).map(GuestView::X86);
+    }
+    let arm_error = |e| ProbeError::Aarch64(Box::new(e));
+    // The emulator is resolved (and checked) as for x86, so a domain naming none gets the
+    // allow-listed qemu-system-aarch64 rather than an error.
+    let emulator = run::resolve_emulator(config, &opts.allowed_emulators)?;
+    let mut resolved = config.clone();
+    resolved.emulator = Some(emulator.to_string_lossy().into_owned());
+    let mut arm = ArmProbeConfig::from_guest(&resolved).map_err(arm_error)?;
+    if let Some(accel) = opts.accel_override {
+        arm.accel = accel;
+    }
+    let arm_opts = ArmProbeOptions {
+        timeout: opts.timeout,
+        allowed_emulators: opts.allowed_emulators.clone(),
+        work_dir: opts.work_dir.clone(),
+    };
+    crate::arm::probe(&arm, &arm_opts)
+        .map(GuestView::Aarch64)
+        .map_err(arm_error)
+}

@@ -42,6 +42,7 @@ pub fn default_emulator(arch: &str) -> Result<&'static str, ArgsError> {
     match arch {
         "x86_64" => Ok("qemu-system-x86_64"),
         "i686" => Ok("qemu-system-i386"),
+        "aarch64" => Ok("qemu-system-aarch64"),
         other => Err(ArgsError::UnsupportedArch {
             arch: other.to_string(),
         }),
@@ -116,7 +117,12 @@ pub fn cpu_arg(config: &GuestCpuConfig) -> Result<String, ArgsError> {
 
 /// [`cpu_arg`] with the cpu_map directory given.
 pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<String, ArgsError> {
-    default_emulator(&config.arch)?;
+    // This command line is the x86 one; aarch64 has its own (crate::arm::probe).
+    if !matches!(config.arch.as_str(), "x86_64" | "i686") {
+        return Err(ArgsError::UnsupportedArch {
+            arch: config.arch.clone(),
+        });
+    }
     let mut parts: Vec<String> = Vec::new();
     match &config.cpu {
         None => parts.push(default_model(&config.arch).to_string()),

@@ -98,6 +98,8 @@ pub enum ProbeError {
     },
     #[error("probe: `{emulator:?} --version` printed no version line")]
     NoVersion { emulator: PathBuf },
+    #[error("{0}")]
+    Aarch64(Box<crate::arm::ArmProbeError>),
 }
 
 /// One completed probe run with what it took.
