@@ -3,6 +3,9 @@
 //! round-robin in one process, and what a cache hit costs, in-process and as `cpuguard probe
 //! --cached`.
 //!
+//! The aarch64 ID-register probe is measured the same way against a bare `qemu-system-aarch64`
+//! start-to-quit whose firmware reads no register (the same generated program, empty list).
+//!
 //! Run: `cargo bench --bench probe` (optionally `-- ROUNDS`, default 15). Uses TCG.
 
 use std::path::{Path, PathBuf};
@@ -102,6 +105,8 @@ fn main() {
         println!("{name:<34} {b:>10.1} {p:>10.1} {:>8.2}", p / b);
     }
 
+    aarch64(work, rounds);
+
     // Cache hit: the hook's warm path, in-process and as a whole `cpuguard probe --cached` exec.
     let mut config = Config {
         cache_dir: work.join("cache"),
@@ -156,4 +161,74 @@ fn main() {
         "  hit, `cpuguard probe --cached` exec (median of 20): {:>8.2} ms",
         median_ms(&mut execs)
     );
+}
+
+const EMULATOR_AARCH64: &str = "/usr/bin/qemu-system-aarch64";
+
+/// The aarch64 probe beside a bare start-to-quit, per CPU model, round-robin.
+fn aarch64(work: &Path, rounds: usize) {
+    use cpuguard::arm::probe::probe_args;
+    use cpuguard::arm::{firmware, ArmCpu, ArmProbeConfig, ArmProbeOptions};
+    if !Path::new(EMULATOR_AARCH64).exists() {
+        println!("\naarch64: {EMULATOR_AARCH64} missing, skipped");
+        return;
+    }
+    let bare_image = work.join("exit-aarch64.bin");
+    std::fs::write(&bare_image, firmware::program(&[]).expect("empty program")).expect("write");
+    let models = ["cortex-a57", "cortex-a72", "cortex-a53", "max"];
+    let configs: Vec<ArmProbeConfig> = models
+        .iter()
+        .map(|m| {
+            let cpu = if *m == "max" {
+                ArmCpu::Max
+            } else {
+                ArmCpu::Model(m.to_string())
+            };
+            ArmProbeConfig::new(EMULATOR_AARCH64, Accel::Tcg, cpu)
+        })
+        .collect();
+    let opts = ArmProbeOptions {
+        timeout: Duration::from_secs(60),
+        allowed_emulators: vec![PathBuf::from(EMULATOR_AARCH64)],
+        work_dir: None,
+    };
+    let bare_run = |c: &ArmProbeConfig| {
+        let argv = probe_args(c, &bare_image, &work.join("bare-aarch64.out")).expect("argv");
+        let start = Instant::now();
+        let status = Command::new(EMULATOR_AARCH64)
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn qemu");
+        let took = start.elapsed();
+        assert!(status.success(), "bare aarch64 QEMU run failed");
+        took
+    };
+    let mut bare: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut probe: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    for c in &configs {
+        bare_run(c);
+        cpuguard::arm::probe(c, &opts).expect("warm-up aarch64 probe");
+    }
+    for _ in 0..rounds {
+        for (i, c) in configs.iter().enumerate() {
+            bare[i].push(bare_run(c));
+            let start = Instant::now();
+            cpuguard::arm::probe(c, &opts).expect("aarch64 probe");
+            probe[i].push(start.elapsed());
+        }
+    }
+    println!();
+    println!("aarch64 ID-register probe vs bare QEMU start-to-quit, TCG virt, {rounds} rounds (median ms)");
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "cpu model", "bare QEMU", "probe", "ratio"
+    );
+    for (i, m) in models.iter().enumerate() {
+        let b = median_ms(&mut bare[i]);
+        let p = median_ms(&mut probe[i]);
+        println!("{m:<34} {b:>10.1} {p:>10.1} {:>8.2}", p / b);
+    }
 }
