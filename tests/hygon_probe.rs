@@ -60,6 +60,13 @@ fn dhyana() -> CpuidTable {
     probe_xml(&xml)
 }
 
+fn intel() -> CpuidTable {
+    let xml = fixture("tcg-dhyana.xml")
+        .replace(">Dhyana<", ">Skylake-Client<")
+        .replace("<vendor>Hygon</vendor>", "<vendor>Intel</vendor>");
+    probe_xml(&xml)
+}
+
 fn epyc() -> CpuidTable {
     // Same machine and topology as the Dhyana fixture; only the model (and so the vendor) differs.
     let xml = fixture("tcg-dhyana.xml")
@@ -106,4 +113,64 @@ fn hygon_to_amd_is_refused_with_both_vendors_named() {
     // And the other way round.
     let back = diff(&amd, &hygon, &map).to_string();
     assert!(back.contains("'AuthenticAMD' -> 'HygonGenuine'"), "{back}");
+}
+
+/// Every ordered pair of Intel, AMD and Hygon guests through the prepare phase's verdict: refused,
+/// and the operator's message names both vendors.
+#[test]
+fn every_cross_vendor_move_is_refused_by_the_guard_naming_both_vendors() {
+    use cpuguard::config::PolicyConfig;
+    use cpuguard::domain::metadata::{DomainPolicy, Stamp};
+    use cpuguard::fingerprint::{Fingerprint, HostFacts};
+    use cpuguard::guard::{judge, Decision, Incoming};
+    use cpuguard::incoming::Origin;
+
+    let map = FeatureMap::load_default().unwrap();
+    let guests = [
+        ("GenuineIntel", intel()),
+        ("AuthenticAMD", epyc()),
+        ("HygonGenuine", dhyana()),
+    ];
+    for (name, table) in &guests {
+        assert_eq!(&vendor(table), name);
+    }
+    let policy = PolicyConfig::default();
+    let opt_out = DomainPolicy::default();
+    for (source_vendor, source) in &guests {
+        let stamp = Stamp {
+            table: Some(cpuguard::guest_view::GuestView::from(source.clone()).to_text()),
+            ..Stamp::default()
+        };
+        for (dest_vendor, dest) in &guests {
+            let local =
+                Fingerprint::new(HostFacts::default(), serde_json::Value::Null, dest.clone());
+            let incoming = Incoming {
+                domain: "vm1",
+                this_host: "hv-new",
+                origin: Origin::Migrate,
+                stamp: Some(&stamp),
+                opt_out: &opt_out,
+                local: Ok(&local),
+                config_path: "/etc/cpuguard/cpuguard.toml",
+            };
+            let decision = judge(&incoming, &policy, &map);
+            if source_vendor == dest_vendor {
+                assert!(
+                    matches!(decision, Decision::Allow { .. }),
+                    "{source_vendor} -> itself: {decision:?}"
+                );
+                continue;
+            }
+            let Decision::Refuse { message, .. } = decision else {
+                panic!("{source_vendor} -> {dest_vendor} allowed");
+            };
+            let expected = format!("'{source_vendor}' -> '{dest_vendor}'");
+            assert!(
+                message
+                    .lines()
+                    .any(|l| l.contains("changed: vendor") && l.contains(&expected)),
+                "{source_vendor} -> {dest_vendor}:\n{message}"
+            );
+        }
+    }
 }
