@@ -4,33 +4,20 @@
 //! `diff` and `matrix` explain a destination whose QEMU withholds the PMU by register field. The
 //! destination's emulator is a wrapper that appends `,pmu=off` to `-cpu`.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-use cpuguard::domain::metadata::{stamp_element, STAMP_NS};
 use cpuguard::fingerprint::Fingerprint;
 use cpuguard::guest_view::{Arch, Tables};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+#[path = "support/operator.rs"]
+mod operator;
+use operator::{
+    cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
+};
+
 const QEMU: &str = "/usr/bin/qemu-system-aarch64";
 const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>";
-
-fn config(dir: &Path, name: &str, emulator: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
-            dir.join(format!("{name}-cache")).display(),
-            dir.join(format!("{name}-run")).display(),
-        ),
-    )
-    .expect("write config");
-    path
-}
 
 fn domain(emulator: &str, cpu: &str, metadata: &str) -> String {
     format!(
@@ -38,28 +25,6 @@ fn domain(emulator: &str, cpu: &str, metadata: &str) -> String {
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>{cpu}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
-}
-
-fn cpuguard(config: &Path, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
-    let mut child = Command::new(BIN)
-        .env("CPUGUARD_CONFIG", config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cpuguard");
-    let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .expect("write stdin");
-    drop(input);
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -74,21 +39,14 @@ fn probe(config: &Path, xml: &Path) -> Fingerprint {
     Fingerprint::from_json(&out, "probe").expect("fingerprint")
 }
 
-/// The stamp as libvirt shows it in the domain XML (namespaced by the API).
+/// The stamp a source that measured `fingerprint` writes.
 fn stamp(fingerprint: &Fingerprint) -> String {
-    stamp_element(
+    namespaced_stamp(
         "arm-src",
-        "2026-11-22T05:00:00Z",
         &fingerprint.digest,
         CPU,
         &fingerprint.raw().to_text(),
     )
-    .replacen(
-        "<stamp ",
-        &format!("<cpuguard:stamp xmlns:cpuguard='{STAMP_NS}' "),
-        1,
-    )
-    .replace("</stamp>", "</cpuguard:stamp>")
 }
 
 #[test]
@@ -101,20 +59,8 @@ fn aarch64_domains_are_probed_stamped_checked_diffed_and_matrixed() {
         eprintln!("skipped: the probe runs only root-owned emulators");
         return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let wrapper = dir.path().join("qemu-aarch64-no-pmu");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  \
-             if [[ $prev == -cpu ]]; then a=\"$a,pmu=off\"; fi\n  args+=(\"$a\"); prev=$1; shift\ndone\n\
-             exec {QEMU} \"${{args[@]}}\"\n"
-        ),
-    )
-    .expect("write wrapper");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let wrapper = wrapper.to_str().expect("utf-8").to_string();
+    let dir = scratch_dir();
+    let wrapper = cpu_option_wrapper(dir.path(), "qemu-aarch64-no-pmu", QEMU, "pmu=off");
     let full = config(dir.path(), "full", QEMU);
     let reduced = config(dir.path(), "reduced", &wrapper);
 
@@ -215,19 +161,7 @@ fn aarch64_domains_are_probed_stamped_checked_diffed_and_matrixed() {
 
     // A cross-architecture stamp (an x86 table arriving at an aarch64 domain) is refused too.
     let x86_dump = "00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n";
-    let foreign = stamp_element(
-        "x86-src",
-        "2026-11-22T05:00:00Z",
-        "sha256:00",
-        CPU,
-        x86_dump,
-    )
-    .replacen(
-        "<stamp ",
-        &format!("<cpuguard:stamp xmlns:cpuguard='{STAMP_NS}' "),
-        1,
-    )
-    .replace("</stamp>", "</cpuguard:stamp>");
+    let foreign = namespaced_stamp("x86-src", "sha256:00", CPU, x86_dump);
     std::fs::write(&xml, domain(QEMU, CPU, &foreign)).expect("write");
     let (code, out, _) = cpuguard(&full, &["check", xml_arg], None);
     assert_eq!(code, Some(1), "{out}");

@@ -2,32 +2,19 @@
 //! measured (TCG) on the "source"; `check` runs as the candidate destination would. The second
 //! host's emulator is a wrapper that takes `avx2` away from every `-cpu`.
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-use cpuguard::domain::metadata::{stamp_element, STAMP_NS};
 use cpuguard::fingerprint::Fingerprint;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+#[path = "support/operator.rs"]
+mod operator;
+use operator::{
+    cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
+};
+
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>";
-
-fn config(dir: &Path, name: &str, emulator: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
-            dir.join(format!("{name}-cache")).display(),
-            dir.join(format!("{name}-run")).display(),
-        ),
-    )
-    .expect("write config");
-    path
-}
 
 fn domain(emulator: &str, metadata: &str) -> String {
     format!(
@@ -35,28 +22,6 @@ fn domain(emulator: &str, metadata: &str) -> String {
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
-}
-
-fn cpuguard(config: &Path, args: &[&str], stdin: Option<&str>) -> (Option<i32>, String, String) {
-    let mut child = Command::new(BIN)
-        .env("CPUGUARD_CONFIG", config)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run cpuguard");
-    let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .expect("write stdin");
-    drop(input);
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -71,20 +36,12 @@ fn stamped(config: &Path, emulator: &str, dir: &Path) -> String {
     );
     assert_eq!(code, Some(0), "{err}");
     let fingerprint = Fingerprint::from_json(&out, "probe").expect("fingerprint");
-    let element = stamp_element(
+    namespaced_stamp(
         "hv-src",
-        "2026-11-22T05:00:00Z",
         &fingerprint.digest,
         CPU,
         &fingerprint.raw().to_text(),
     )
-    .replacen(
-        "<stamp ",
-        &format!("<cpuguard:stamp xmlns:cpuguard='{STAMP_NS}' "),
-        1,
-    )
-    .replace("</stamp>", "</cpuguard:stamp>");
-    element
 }
 
 #[test]
@@ -94,20 +51,8 @@ fn check_gives_the_hooks_verdict_without_migrating() {
         eprintln!("skipped: the probe runs only root-owned emulators");
         return;
     }
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let wrapper = dir.path().join("qemu-no-avx2");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  \
-             if [[ $prev == -cpu ]]; then a=\"$a,avx2=off\"; fi\n  args+=(\"$a\"); prev=$1; shift\ndone\n\
-             exec {QEMU} \"${{args[@]}}\"\n"
-        ),
-    )
-    .expect("write wrapper");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let wrapper = wrapper.to_str().expect("utf-8").to_string();
+    let dir = scratch_dir();
+    let wrapper = cpu_option_wrapper(dir.path(), "qemu-no-avx2", QEMU, "avx2=off");
     let full = config(dir.path(), "full", QEMU);
     let reduced = config(dir.path(), "reduced", &wrapper);
 

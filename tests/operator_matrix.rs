@@ -3,11 +3,12 @@
 //! away from every `-cpu` (how the test bed makes a different destination on one machine), so a
 //! guest moving from A to B would lose it.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+#[path = "support/operator.rs"]
+mod operator;
+use operator::{cpu_option_wrapper, host_config, scratch_dir};
+
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 struct Host {
@@ -16,18 +17,8 @@ struct Host {
 }
 
 fn host(dir: &Path, name: &str, emulator: &str) -> Host {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{emulator}\"]\n",
-            dir.join(format!("{name}-cache")).display(),
-            dir.join(format!("{name}-run")).display(),
-        ),
-    )
-    .expect("write config");
     Host {
-        config,
+        config: host_config(dir, name, emulator),
         emulator: emulator.to_string(),
     }
 }
@@ -49,16 +40,7 @@ fn domain(dir: &Path, host: &Host, model: &str) -> PathBuf {
 }
 
 fn cpuguard(host: &Host, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .env("CPUGUARD_CONFIG", &host.config)
-        .args(args)
-        .output()
-        .expect("run cpuguard");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    operator::cpuguard(&host.config, args, None)
 }
 
 #[test]
@@ -68,24 +50,11 @@ fn matrix_of_two_hosts_from_real_probes() {
         eprintln!("skipped: the probe runs only root-owned emulators");
         return;
     }
-    // Under target/: every directory on the way is root's and not world-writable, as the
-    // emulator checks require.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let wrapper = dir.path().join("qemu-no-avx2");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/bash\nargs=(); prev=\nfor a in \"$@\"; do\n  \
-             if [[ $prev == -cpu ]]; then a=\"$a,avx2=off\"; fi\n  args+=(\"$a\"); prev=$1; shift\ndone\n\
-             exec {QEMU} \"${{args[@]}}\"\n"
-        ),
-    )
-    .expect("write wrapper");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = scratch_dir();
+    let wrapper = cpu_option_wrapper(dir.path(), "qemu-no-avx2", QEMU, "avx2=off");
 
     let a = host(dir.path(), "a", QEMU);
-    let b = host(dir.path(), "b", wrapper.to_str().expect("utf-8"));
+    let b = host(dir.path(), "b", &wrapper);
     for (h, model) in [
         (&a, "Haswell-noTSX"),
         (&a, "Nehalem"),
