@@ -273,7 +273,22 @@ pub const REGISTERS: &[RegDef] = &[
         fields: &[
             u("DebugVer", 0, 4),
             u("TraceVer", 4, 4),
-            u("PMUVer", 8, 4),
+            uv(
+                "PMUVer",
+                8,
+                4,
+                &[
+                    (0, "none"),
+                    (1, "PMUv3"),
+                    (4, "PMUv3p1"),
+                    (5, "PMUv3p4"),
+                    (6, "PMUv3p5"),
+                    (7, "PMUv3p7"),
+                    (8, "PMUv3p8"),
+                    (9, "PMUv3p9"),
+                    (0xF, "IMPLEMENTATION DEFINED"),
+                ],
+            ),
             u("BRPs", 12, 4),
             u("PMSS", 16, 4),
             u("WRPs", 20, 4),
