@@ -81,6 +81,7 @@ fn main() {
     write_image(&out_dir, "heartbeat.bin", heartbeat_image());
     write_image(&out_dir, "exit.bin", exit_image());
     write_image(&out_dir, "probe-aarch64.bin", arm_probe_image());
+    write_image(&out_dir, "heartbeat-aarch64.bin", arm_heartbeat_image());
 }
 
 /// A guest that quits at once through isa-debug-exit: the baseline "bare QEMU start-to-quit" the
@@ -768,5 +769,13 @@ fn arm_probe_image() -> Result<Vec<u8>, IcedError> {
     match arm_firmware::probe_image() {
         Ok(image) => Ok(image),
         Err(e) => panic!("build.rs: assembling probe-aarch64.bin failed: {e}"),
+    }
+}
+
+/// The aarch64 heartbeat test guest (test bed), same entry as the probe.
+fn arm_heartbeat_image() -> Result<Vec<u8>, IcedError> {
+    match arm_firmware::heartbeat_image() {
+        Ok(image) => Ok(image),
+        Err(e) => panic!("build.rs: assembling heartbeat-aarch64.bin failed: {e}"),
     }
 }

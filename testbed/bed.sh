@@ -13,8 +13,9 @@
 # Subcommands: up | down | status | install-hook PATH | uninstall-hook | restart [a|b]
 #              syslog-up | syslog-down (the bed's rsyslogd alone, kept across up/down)
 #              virsh-a ARGS... | virsh-b ARGS... | uri-a | uri-b | exec-a CMD... | exec-b CMD...
-#              define-guest NAME [CPU-XML-FILE] | emulator-b set CPU-OPTIONS | emulator-b reset
-#              firmware-path | firmware-kind | audit-log | state-dir
+#              define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64]
+#              emulator-b set CPU-OPTIONS [--arch x86_64|aarch64] | emulator-b reset
+#              firmware-path [--arch A] | firmware-kind [--arch A] | audit-log | state-dir
 set -euo pipefail
 
 BED_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +24,9 @@ SYSLOG_DIR="$STATE/syslog"
 AUDIT_LOG="$SYSLOG_DIR/cpuguard.log"
 ALL_LOG="$SYSLOG_DIR/all.log"
 FIRMWARE="$STATE/images/heartbeat.bin"
+FIRMWARE_AARCH64="$STATE/images/heartbeat-aarch64.bin"
+# The guest architectures the bed runs, and each one's emulator.
+ARCHES=(x86_64 aarch64)
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
 # Mount points each host namespace needs: cpuguard's own directories and /run/libvirt. The bed
@@ -279,6 +283,13 @@ host_healthy() {
     pid_alive "$d/virtlogd.pid" virtlogd && pid_alive "$d/libvirtd.pid" libvirtd && virsh_ok "$1" >/dev/null 2>&1
 }
 
+# --- architectures ---------------------------------------------------------------------------------
+
+check_arch() { case "$1" in x86_64 | aarch64) ;; *) die "unknown guest architecture '$1' (x86_64 or aarch64)" ;; esac; }
+arch_emulator() { echo "/usr/bin/qemu-system-$1"; }
+arch_firmware() { if [[ $1 == aarch64 ]]; then echo "$FIRMWARE_AARCH64"; else echo "$FIRMWARE"; fi; }
+arch_template() { if [[ $1 == aarch64 ]]; then echo "$BED_DIR/guest-aarch64.xml.in"; else echo "$BED_DIR/guest.xml.in"; fi; }
+
 # --- firmware --------------------------------------------------------------------------------------
 
 # The heartbeat firmware (prints `heartbeat NNNNNN` on COM1 forever) written by the cpuguard binary
@@ -296,6 +307,17 @@ make_firmware() {
         echo hlt >"$FIRMWARE.kind"
         log "no heartbeat firmware from $cpuguard: guests run a halting placeholder"
     fi
+    # The aarch64 guest (QEMU virt, -bios: entered at flash offset 0 at EL1). Its placeholder is
+    # `wfi; b .-4` (little-endian words d503207f, 17ffffff).
+    if [[ -x $cpuguard ]] && "$cpuguard" firmware heartbeat-aarch64 "$FIRMWARE_AARCH64.new" >/dev/null 2>&1; then
+        mv "$FIRMWARE_AARCH64.new" "$FIRMWARE_AARCH64"
+        echo heartbeat >"$FIRMWARE_AARCH64.kind"
+    else
+        rm -f "$FIRMWARE_AARCH64.new"
+        printf '\x7f\x20\x03\xd5\xff\xff\xff\x17' >"$FIRMWARE_AARCH64"
+        echo wfi >"$FIRMWARE_AARCH64.kind"
+        log "no aarch64 heartbeat firmware from $cpuguard: aarch64 guests run a halting placeholder"
+    fi
 }
 
 # --- subcommands -----------------------------------------------------------------------------------
@@ -304,7 +326,7 @@ require_root() { [[ $(id -u) -eq 0 ]] || die "must run as root (starts libvirtd,
 
 cmd_up() {
     require_root
-    for tool in libvirtd virtlogd virsh rsyslogd qemu-system-x86_64 unshare nsenter ss; do
+    for tool in libvirtd virtlogd virsh rsyslogd qemu-system-x86_64 qemu-system-aarch64 unshare nsenter ss; do
         command -v "$tool" >/dev/null || die "$tool not found: run testbed/install-deps.sh"
     done
     mkdir -p "$STATE"
@@ -434,54 +456,103 @@ cmd_uninstall_hook() {
     log "hook removed from both hosts"
 }
 
-# define-guest NAME [CPU-XML-FILE]: define (not start) a guest on host A from guest.xml.in.
+# define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64]: define (not start) a guest on host A
+# from guest.xml.in (x86_64, the default) or guest-aarch64.xml.in (QEMU virt under TCG).
 cmd_define_guest() {
-    local name=${1:-} cpu_file=${2:-} cpu xml
+    local name='' cpu_file='' arch=x86_64 cpu xml firmware
+    while (($#)); do
+        case "$1" in
+            --arch)
+                [[ $# -ge 2 ]] || die "define-guest: --arch needs x86_64 or aarch64"
+                arch=$2
+                shift 2
+                ;;
+            *)
+                if [[ -z $name ]]; then name=$1; elif [[ -z $cpu_file ]]; then cpu_file=$1; else die "define-guest: unexpected argument '$1'"; fi
+                shift
+                ;;
+        esac
+    done
+    check_arch "$arch"
     [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || die "define-guest needs a NAME of [A-Za-z0-9_.-], got '$name'"
     if [[ -n $cpu_file ]]; then
         cpu=$(<"$cpu_file") || die "cannot read CPU XML file $cpu_file"
+    elif [[ $arch == aarch64 ]]; then
+        # libvirt 9.0 makes check='none' of it for an aarch64 TCG guest (check='partial' fails to
+        # start: "unknown host CPU"); without any <cpu> QEMU's virt machine would be a cortex-a15.
+        cpu="<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>"
     else
         cpu="<cpu mode='custom' match='exact' check='partial'><model fallback='allow'>qemu64</model></cpu>"
     fi
-    [[ -f $FIRMWARE ]] || make_firmware
+    firmware=$(arch_firmware "$arch")
+    [[ -f $firmware ]] || make_firmware
     mkdir -p "$STATE/guests"
     : >"$STATE/guests/$name.serial"
-    xml=$(NAME=$name FIRMWARE=$FIRMWARE SERIAL="$STATE/guests/$name.serial" CPU=$cpu \
+    xml=$(NAME=$name FIRMWARE=$firmware SERIAL="$STATE/guests/$name.serial" CPU=$cpu \
         awk '{ gsub(/@NAME@/, ENVIRON["NAME"]); gsub(/@FIRMWARE@/, ENVIRON["FIRMWARE"]);
                gsub(/@SERIAL@/, ENVIRON["SERIAL"]);
-               if ($0 ~ /@CPU@/) { print ENVIRON["CPU"]; next } print }' "$BED_DIR/guest.xml.in")
+               if ($0 ~ /@CPU@/) { print ENVIRON["CPU"]; next } print }' "$(arch_template "$arch")")
     printf '%s\n' "$xml" >"$STATE/guests/$name.xml"
     virsh -q -c "$(host_uri a)" define "$STATE/guests/$name.xml" >/dev/null
     echo "$STATE/guests/$name.xml"
 }
 
-# emulator-b set CPU-OPTIONS | emulator-b reset
+# emulator-b set CPU-OPTIONS [--arch x86_64|aarch64] | emulator-b reset
 # Makes host B a machine whose guests see a different CPU: inside B's namespace only, a wrapper is
 # bind-mounted over the emulator path that appends ",CPU-OPTIONS" (e.g. "-pni" or
-# "model-id=Other CPU") to every `-cpu` argument. libvirt, and cpuguard's probe on B, run the
+# "model-id=Other CPU" for x86, "pmu=off" or "sve=off" for aarch64) to every `-cpu` argument.
+# Without --arch both emulators are wrapped with the same options (the options only matter to the
+# guests of the architecture they make sense for). libvirt, and cpuguard's probe on B, run the
 # wrapper through the domain's unchanged <emulator> path. The real binary stays reachable for the
 # wrapper at a second bind mount.
-EMULATOR=/usr/bin/qemu-system-x86_64
 cmd_emulator_b() {
     require_root
-    local action=${1:-} d
+    local action=${1:-} options='' arch='' d a emulator tag
     d=$(host_dir b)
     host_healthy b || die "host b is not up (run: bed.sh up)"
-    in_ns b umount "$EMULATOR" 2>/dev/null || true
-    in_ns b umount "$d/qemu-real" 2>/dev/null || true
+    [[ $# -gt 0 ]] && shift
+    while (($#)); do
+        case "$1" in
+            --arch)
+                [[ $# -ge 2 ]] || die "emulator-b: --arch needs x86_64 or aarch64"
+                check_arch "$2"
+                arch=$2
+                shift 2
+                ;;
+            *)
+                [[ -z $options ]] || die "emulator-b: unexpected argument '$1'"
+                options=$1
+                shift
+                ;;
+        esac
+    done
+    for a in "${ARCHES[@]}"; do
+        emulator=$(arch_emulator "$a")
+        tag=$(basename "$emulator")
+        in_ns b umount "$emulator" 2>/dev/null || true
+        in_ns b umount "$d/qemu-real-$tag" 2>/dev/null || true
+    done
+    rm -f "$d"/emulator-cpu-options*
     case "$action" in
         reset)
-            rm -f "$d/emulator-cpu-options"
-            log "host b runs the machine's $EMULATOR again"
+            log "host b runs the machine's emulators again"
             ;;
         set)
-            [[ -n ${2:-} ]] || die "emulator-b set needs CPU-OPTIONS, e.g. -pni or 'model-id=Other CPU'"
-            printf '%s\n' "$2" >"$d/emulator-cpu-options"
-            : >"$d/qemu-real"
-            cat >"$d/qemu-wrapper" <<WRAPPER
+            [[ -n $options ]] || die "emulator-b set needs CPU-OPTIONS, e.g. -pni, 'model-id=Other CPU' or pmu=off"
+            for a in "${ARCHES[@]}"; do
+                [[ -z $arch || $arch == "$a" ]] || continue
+                emulator=$(arch_emulator "$a")
+                tag=$(basename "$emulator")
+                if [[ ! -x $emulator ]]; then
+                    [[ -z $arch ]] || die "$emulator not found: run testbed/install-deps.sh"
+                    continue
+                fi
+                printf '%s\n' "$options" >"$d/emulator-cpu-options-$tag"
+                : >"$d/qemu-real-$tag"
+                cat >"$d/qemu-wrapper-$tag" <<WRAPPER
 #!/bin/bash
 # Written by testbed/bed.sh emulator-b: host B's guests get extra -cpu options.
-options=\$(<"$d/emulator-cpu-options")
+options=\$(<"$d/emulator-cpu-options-$tag")
 args=()
 while ((\$#)); do
     if [[ \$1 == -cpu && \$# -ge 2 ]]; then
@@ -493,16 +564,28 @@ while ((\$#)); do
     shift
 done
 # QEMU finds its modules and ROMs relative to its own executable, which is now elsewhere.
-export QEMU_MODULE_DIR=$(dirname "$(dirname "$EMULATOR")")/lib/x86_64-linux-gnu/qemu
-exec -a "$EMULATOR" "$d/qemu-real" -L $(dirname "$(dirname "$EMULATOR")")/share/qemu "\${args[@]}"
+export QEMU_MODULE_DIR=$(dirname "$(dirname "$emulator")")/lib/x86_64-linux-gnu/qemu
+exec -a "$emulator" "$d/qemu-real-$tag" -L $(dirname "$(dirname "$emulator")")/share/qemu "\${args[@]}"
 WRAPPER
-            chmod 0755 "$d/qemu-wrapper"
-            in_ns b mount --bind "$EMULATOR" "$d/qemu-real"
-            in_ns b mount --bind "$d/qemu-wrapper" "$EMULATOR"
-            log "host b: every -cpu gets ,$2"
+                chmod 0755 "$d/qemu-wrapper-$tag"
+                in_ns b mount --bind "$emulator" "$d/qemu-real-$tag"
+                in_ns b mount --bind "$d/qemu-wrapper-$tag" "$emulator"
+                log "host b: every -cpu of $tag gets ,$options"
+            done
             ;;
-        *) die "usage: bed.sh emulator-b set CPU-OPTIONS | emulator-b reset" ;;
+        *) die "usage: bed.sh emulator-b set CPU-OPTIONS [--arch x86_64|aarch64] | emulator-b reset" ;;
     esac
+}
+
+# firmware-path [--arch x86_64|aarch64]: the heartbeat image guests of that architecture boot.
+cmd_firmware_path() {
+    local arch=x86_64
+    if [[ ${1:-} == --arch ]]; then
+        [[ $# -ge 2 ]] || die "firmware-path: --arch needs x86_64 or aarch64"
+        arch=$2
+    fi
+    check_arch "$arch"
+    arch_firmware "$arch"
 }
 
 main() {
@@ -529,8 +612,8 @@ main() {
         exec-b) in_ns b "$@" ;;
         define-guest) cmd_define_guest "$@" ;;
         emulator-b) cmd_emulator_b "$@" ;;
-        firmware-path) echo "$FIRMWARE" ;;
-        firmware-kind) cat "$FIRMWARE.kind" ;;
+        firmware-path) cmd_firmware_path "$@" ;;
+        firmware-kind) cat "$(cmd_firmware_path "$@").kind" ;;
         audit-log) echo "$AUDIT_LOG" ;;
         state-dir) echo "$STATE" ;;
         _ns-init) ns_init "$@" ;;

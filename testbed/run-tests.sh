@@ -20,6 +20,8 @@ if ! command -v cargo >/dev/null 2>&1; then export PATH="$HOME/.cargo/bin:$PATH"
 
 # The Linux guest tests/fidelity_linux.rs boots (apt-get download, cached; does nothing when current).
 if [[ -x $ROOT/testbed/fetch-linux-guest.sh ]]; then "$ROOT/testbed/fetch-linux-guest.sh"; fi
+# The arm64 Linux guest tests/fidelity_arm.rs boots (same: apt-get download, cached).
+if [[ -x $ROOT/testbed/fetch-linux-guest-arm64.sh ]]; then "$ROOT/testbed/fetch-linux-guest-arm64.sh"; fi
 
 # A bed left over from an interrupted run would hold ports and guests.
 "$ROOT/testbed/bed.sh" down || true

@@ -11,6 +11,8 @@
 //! as root first); without them the test fails with that instruction, it never skips.
 //! Run: `cargo test --test fidelity_linux -- --nocapture` (prints times and counts per model).
 
+#[path = "support/guest_boot.rs"]
+mod guest_boot;
 #[path = "support/linux_guest.rs"]
 mod linux_guest;
 

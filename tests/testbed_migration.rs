@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bed::{Bed, Host};
+use bed::{wait_for_heartbeat_above, Bed, Host};
 
 const AUDIT_WAIT: Duration = Duration::from_secs(10);
 const STAMP_WAIT: Duration = Duration::from_secs(30);
@@ -37,27 +37,6 @@ fn cpu_tags(xml: &str) -> (String, String) {
 }
 
 /// The highest `heartbeat NNNNNN` counter in the guest's serial file.
-fn last_heartbeat(serial: &Path) -> Option<u64> {
-    let text = fs::read_to_string(serial).ok()?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("heartbeat ")?.parse::<u64>().ok())
-        .max()
-}
-
-fn wait_for_heartbeat_above(serial: &Path, above: Option<u64>, timeout: Duration) -> Option<u64> {
-    let start = Instant::now();
-    loop {
-        let now = last_heartbeat(serial);
-        if now.is_some() && now > above {
-            return now;
-        }
-        if start.elapsed() > timeout {
-            return now;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Writes a bash hook (the test bed's plumbing check, independent of cpuguard's code) into the
 /// bed's state directory: it logs every call with `logger -t cpuguard` and, at the migrate phase,
 /// writes back the incoming XML passed through `sed_expr`.

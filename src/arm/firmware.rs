@@ -224,6 +224,29 @@ pub mod enc {
     pub fn wfi() -> u32 {
         0xD503_207F
     }
+    fn data_proc_reg(base: u32, rd: u8, rn: u8, rm: u8) -> u32 {
+        base | (u32::from(rm & 31) << 16) | (u32::from(rn & 31) << 5) | u32::from(rd & 31)
+    }
+    /// ADD Xd, Xn, Xm
+    pub fn add_x_reg(rd: u8, rn: u8, rm: u8) -> u32 {
+        data_proc_reg(0x8B00_0000, rd, rn, rm)
+    }
+    /// SUB Xd, Xn, Xm
+    pub fn sub_x_reg(rd: u8, rn: u8, rm: u8) -> u32 {
+        data_proc_reg(0xCB00_0000, rd, rn, rm)
+    }
+    /// CMP Xn, Xm (SUBS XZR, Xn, Xm)
+    pub fn cmp_x_reg(rn: u8, rm: u8) -> u32 {
+        data_proc_reg(0xEB00_0000, super::ZR, rn, rm)
+    }
+    /// UDIV Xd, Xn, Xm
+    pub fn udiv_x(rd: u8, rn: u8, rm: u8) -> u32 {
+        data_proc_reg(0x9AC0_0800, rd, rn, rm)
+    }
+    /// MSUB Xd, Xn, Xm, Xa (Xd = Xa - Xn * Xm)
+    pub fn msub_x(rd: u8, rn: u8, rm: u8, ra: u8) -> u32 {
+        data_proc_reg(0x9B00_8000, rd, rn, rm) | (u32::from(ra & 31) << 10)
+    }
 }
 
 /// A branch waiting for its label's address.
@@ -429,6 +452,105 @@ pub fn program(regs: &[SysReg]) -> Result<Vec<u8>, String> {
     a.finish()
 }
 
+// ---------------------------------------------------------------------------------------------
+// The heartbeat test guest (the test bed's aarch64 migration guest)
+// ---------------------------------------------------------------------------------------------
+
+/// Generic timer frequency, read only to pace the heartbeat (CNTFRQ_EL0).
+const CNTFRQ_EL0: SysReg = SysReg::new("CNTFRQ_EL0", 3, 3, 14, 0, 0);
+/// Virtual count (CNTVCT_EL0): QEMU derives it from its virtual clock, which a migration carries
+/// over, so the pace goes on unchanged on the destination.
+const CNTVCT_EL0: SysReg = SysReg::new("CNTVCT_EL0", 3, 3, 14, 0, 2);
+/// QEMU 7.2's generic timer frequency, used should CNTFRQ_EL0 read 0 (no firmware above EL1 set
+/// it): without it the guest would print as fast as it can.
+const FALLBACK_TIMER_HZ: u64 = 62_500_000;
+/// Digits of the counter printed per line, as the x86 heartbeat (build.rs).
+const HEARTBEAT_DIGITS: u32 = 6;
+
+// Register roles in the heartbeat program. All of its state is in these registers (and the PC):
+// nothing outside what a live migration carries.
+const HB_DELAY: u8 = 12;
+const HB_TICKS: u8 = 13;
+const HB_POWER: u8 = 14;
+const HB_DIGIT: u8 = 15;
+const HB_TEN: u8 = 16;
+const HB_QUOTIENT: u8 = 17;
+const HB_COUNTER: u8 = 19;
+const HB_SINCE: u8 = 20;
+const HB_NOW: u8 = 21;
+
+/// The heartbeat image (16 KiB, same layout as the probe: entered at flash offset 0 at EL1): prints
+/// `heartbeat NNNNNN\r\n` (the x86 heartbeat's format) on the PL011 forever, one line every
+/// 5/16 s of the guest's virtual count. Busy-waits on CNTVCT_EL0 instead of sleeping in WFI: a
+/// timer interrupt would need the GIC set up, for a guest whose only job is to show it still runs.
+/// An unexpected exception prints `F` and stops the heartbeat, which a test sees as the counter
+/// no longer growing.
+pub fn heartbeat_image() -> Result<Vec<u8>, String> {
+    let mut a = Asm::default();
+    let start = a.label();
+    let halt = a.label();
+
+    a.b(start);
+    a.align_to(VECTORS)?;
+    for slot in 0..16 {
+        a.align_to(VECTORS + slot * VECTOR_SLOT)?;
+        a.print("F\n");
+        a.b(halt);
+    }
+    a.align_to(CODE)?;
+    a.bind(start);
+    a.mov_x(X_UART, UART_BASE);
+    a.mov_x(X_TMP, VECTORS as u64);
+    a.emit(enc::msr(&VBAR_EL1, X_TMP));
+    a.emit(enc::isb());
+
+    // HB_DELAY = frequency / 4 + frequency / 16 ticks (5/16 s, near the x86 heartbeat's 0.33 s).
+    let have_frequency = a.label();
+    a.emit(enc::mrs(HB_DELAY, &CNTFRQ_EL0));
+    a.cbnz_x(HB_DELAY, have_frequency);
+    a.mov_x(HB_DELAY, FALLBACK_TIMER_HZ);
+    a.bind(have_frequency);
+    a.emit(enc::lsr_x(HB_TICKS, HB_DELAY, 4));
+    a.emit(enc::lsr_x(HB_DELAY, HB_DELAY, 2));
+    a.emit(enc::add_x_reg(HB_DELAY, HB_DELAY, HB_TICKS));
+    a.emit(enc::movz_x(HB_TEN, 10, 0));
+    a.emit(enc::movz_x(HB_COUNTER, 0, 0));
+
+    let line = a.label();
+    a.bind(line);
+    a.print("heartbeat ");
+    // Most significant digit first: digit = (counter / 10^k) mod 10, k = 5..0.
+    a.mov_x(HB_POWER, 10u64.pow(HEARTBEAT_DIGITS - 1));
+    for _ in 0..HEARTBEAT_DIGITS {
+        a.emit(enc::udiv_x(HB_DIGIT, HB_COUNTER, HB_POWER));
+        a.emit(enc::udiv_x(HB_QUOTIENT, HB_DIGIT, HB_TEN));
+        a.emit(enc::msub_x(HB_DIGIT, HB_QUOTIENT, HB_TEN, HB_DIGIT));
+        a.emit(enc::add_w_imm(HB_DIGIT, HB_DIGIT, u16::from(b'0')));
+        a.emit(enc::strb(HB_DIGIT, X_UART));
+        a.emit(enc::udiv_x(HB_POWER, HB_POWER, HB_TEN));
+    }
+    a.print("\r\n");
+    a.emit(enc::add_x_imm(HB_COUNTER, HB_COUNTER, 1));
+
+    // Wait until HB_DELAY ticks have passed. The unsigned difference also ends the wait should the
+    // count ever jump backwards (it wraps to a huge value).
+    a.emit(enc::mrs(HB_SINCE, &CNTVCT_EL0));
+    let wait = a.label();
+    a.bind(wait);
+    a.emit(enc::mrs(HB_NOW, &CNTVCT_EL0));
+    a.emit(enc::sub_x_reg(HB_NOW, HB_NOW, HB_SINCE));
+    a.emit(enc::cmp_x_reg(HB_DELAY, HB_NOW));
+    a.b_cond(Cond::Hi, wait);
+    a.b(line);
+
+    a.bind(halt);
+    a.emit(enc::wfi());
+    a.b(halt);
+
+    a.align_to(IMAGE_SIZE)?;
+    a.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,5 +712,49 @@ mod tests {
         seen.sort();
         seen.dedup();
         assert_eq!(seen.len(), PROBED_REGISTERS.len());
+    }
+
+    #[test]
+    fn heartbeat_encodings_match_gnu_as() {
+        let cases: Vec<(&str, u32)> = vec![
+            ("add x12, x12, x13", enc::add_x_reg(12, 12, 13)),
+            ("sub x21, x21, x20", enc::sub_x_reg(21, 21, 20)),
+            ("cmp x12, x21", enc::cmp_x_reg(12, 21)),
+            ("udiv x15, x19, x14", enc::udiv_x(15, 19, 14)),
+            ("udiv x14, x14, x16", enc::udiv_x(14, 14, 16)),
+            ("msub x15, x17, x16, x15", enc::msub_x(15, 17, 16, 15)),
+            ("msub x1, x2, x3, x4", enc::msub_x(1, 2, 3, 4)),
+            ("mrs x12, cntfrq_el0", enc::mrs(12, &CNTFRQ_EL0)),
+            ("mrs x21, cntvct_el0", enc::mrs(21, &CNTVCT_EL0)),
+        ];
+        let mut source = String::from(".text\n");
+        for (text, _) in &cases {
+            source.push_str(text);
+            source.push('\n');
+        }
+        let Some(words) = gnu_words(&source) else {
+            panic!("{GNU_AS} not found: apt-get install binutils-aarch64-linux-gnu");
+        };
+        assert_eq!(words.len(), cases.len());
+        for ((text, word), gnu) in cases.iter().zip(&words) {
+            assert_eq!(*word, *gnu, "{text}: ours {word:#010x}, GNU as {gnu:#010x}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_image_layout() {
+        let image = heartbeat_image().unwrap();
+        assert_eq!(image.len(), IMAGE_SIZE);
+        let word = |at: usize| {
+            u32::from_le_bytes([image[at], image[at + 1], image[at + 2], image[at + 3]])
+        };
+        assert_eq!(word(0), enc::b(CODE as i64).unwrap());
+        assert_eq!(word(CODE), enc::movz_x(X_UART, 0, 0));
+        let words: Vec<u32> = (CODE..IMAGE_SIZE).step_by(4).map(word).collect();
+        // Paced by the virtual count, and never powers off (no PSCI call).
+        assert!(words.contains(&enc::mrs(HB_NOW, &CNTVCT_EL0)));
+        assert!(!words.contains(&enc::hvc(0)));
+        assert!(!words.contains(&enc::smc(0)));
+        assert_ne!(image, probe_image().unwrap());
     }
 }

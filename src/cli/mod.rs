@@ -222,6 +222,8 @@ enum FirmwareKind {
     Probe,
     /// A test guest that prints `heartbeat N` on COM1 forever (test bed, demo).
     Heartbeat,
+    /// The aarch64 test guest (QEMU `virt`, `-bios`): `heartbeat N` on the PL011 forever.
+    HeartbeatAarch64,
 }
 
 pub fn main(args: Vec<OsString>) -> i32 {
@@ -475,6 +477,7 @@ fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {
     let image = match kind {
         FirmwareKind::Probe => crate::probe::firmware::PROBE_X86,
         FirmwareKind::Heartbeat => crate::probe::firmware::HEARTBEAT_X86,
+        FirmwareKind::HeartbeatAarch64 => crate::arm::HEARTBEAT_AARCH64,
     };
     crate::fsutil::write_atomic(path, image, 0o644)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;

@@ -28,6 +28,24 @@ pub const MIGRATE_URI_B: &str = "tcp://127.0.0.2:49152";
 pub const URI_A_TCP: &str = "qemu+tcp://127.0.0.1:16510/system";
 pub const MIGRATE_URI_A: &str = "tcp://127.0.0.1:49153";
 
+/// A guest architecture of the bed (`bed.sh define-guest --arch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// testbed/guest.xml.in: `pc` machine, the x86 heartbeat on COM1.
+    X86_64,
+    /// testbed/guest-aarch64.xml.in: `virt` machine, the aarch64 heartbeat on the PL011.
+    Aarch64,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Host {
     A,
@@ -115,6 +133,8 @@ pub fn prerequisites_met() -> bool {
         "/usr/sbin/virtlogd",
         "/usr/bin/virsh",
         "/usr/sbin/rsyslogd",
+        "/usr/bin/qemu-system-x86_64",
+        "/usr/bin/qemu-system-aarch64",
     ] {
         if !Path::new(tool).exists() {
             missing.push(format!("{tool} (run testbed/install-deps.sh as root)"));
@@ -222,9 +242,16 @@ impl Bed {
     /// (the bed's default, qemu64 with check='partial', when None). The guest is destroyed and
     /// undefined on both hosts when the bed is dropped.
     pub fn define_guest(&mut self, name: &str, cpu_xml: Option<&str>) -> PathBuf {
+        self.define_guest_arch(name, cpu_xml, Arch::X86_64)
+    }
+
+    /// Defines NAME on host A for `arch` (aarch64: from testbed/guest-aarch64.xml.in, the bed's
+    /// default CPU cortex-a57 when `cpu_xml` is None). Cleaned up like `define_guest`.
+    pub fn define_guest_arch(&mut self, name: &str, cpu_xml: Option<&str>, arch: Arch) -> PathBuf {
         self.guests.push(name.to_string());
+        let arch_args = ["--arch", arch.name()];
         let run = match cpu_xml {
-            None => bed_sh(&["define-guest", name]),
+            None => bed_sh(&[&["define-guest", name][..], &arch_args].concat()),
             Some(xml) => {
                 let file = self
                     .state_dir()
@@ -234,7 +261,8 @@ impl Bed {
                     .unwrap_or_else(|e| panic!("cannot create {}: {e}", file.display()));
                 fs::write(&file, xml)
                     .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
-                bed_sh(&["define-guest", name, &file.to_string_lossy()])
+                let file = file.to_string_lossy();
+                bed_sh(&[&["define-guest", name, &file][..], &arch_args].concat())
             }
         };
         PathBuf::from(run.ok().trim())
@@ -302,7 +330,16 @@ impl Bed {
 
     /// "heartbeat" when guests run cpuguard's heartbeat firmware, "hlt" for the placeholder.
     pub fn firmware_kind(&self) -> String {
-        bed_sh(&["firmware-kind"]).ok().trim().to_string()
+        self.firmware_kind_of(Arch::X86_64)
+    }
+
+    /// "heartbeat" when `arch`'s guests run cpuguard's heartbeat firmware, else the placeholder's
+    /// kind ("hlt" for x86_64, "wfi" for aarch64).
+    pub fn firmware_kind_of(&self, arch: Arch) -> String {
+        bed_sh(&["firmware-kind", "--arch", arch.name()])
+            .ok()
+            .trim()
+            .to_string()
     }
 
     pub fn audit_log(&self) -> PathBuf {
@@ -356,4 +393,52 @@ impl Drop for Bed {
             eprintln!("bed.sh down failed: {}", down.stderr);
         }
     }
+}
+
+// The heartbeat guests' serial output (x86 COM1 or aarch64 PL011, same format).
+
+/// Every `heartbeat N` counter in the serial file, in order; a line still being written is left
+/// out (its digits so far would read as another number).
+pub fn heartbeats(serial: &Path) -> Vec<u64> {
+    let text = fs::read_to_string(serial).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("heartbeat ")?.parse::<u64>().ok())
+        .collect()
+}
+
+pub fn last_heartbeat(serial: &Path) -> Option<u64> {
+    heartbeats(serial).into_iter().max()
+}
+
+pub fn wait_for_heartbeat_above(
+    serial: &Path,
+    above: Option<u64>,
+    timeout: Duration,
+) -> Option<u64> {
+    let start = Instant::now();
+    loop {
+        let now = last_heartbeat(serial);
+        if now.is_some() && now > above {
+            return now;
+        }
+        if start.elapsed() > timeout {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The counters are 0, 1, 2, ... without a gap or a repeat: the guest never restarted and no
+/// state was lost or replayed.
+pub fn assert_consecutive_from_zero(serial: &Path) {
+    let seen = heartbeats(serial);
+    let expected: Vec<u64> = (0..seen.len() as u64).collect();
+    assert_eq!(
+        seen,
+        expected,
+        "heartbeat counters in {} are not 0, 1, 2, ...",
+        serial.display()
+    );
 }

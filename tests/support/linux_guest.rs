@@ -4,14 +4,10 @@
 //!
 //! Used by tests/fidelity_linux.rs: the guest's view is the reference the probe must match.
 
-use std::fs::File;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use crate::guest_boot::{self, boot_to_serial, kernel_argv, tail, ArgvError, BootError, SerialRun};
 
 /// Where testbed/fetch-linux-guest.sh puts its output unless `CPUGUARD_LINUX_GUEST_DIR` is set.
 pub const DEFAULT_GUEST_DIR: &str = "/var/tmp/cpuguard-linux-guest";
@@ -32,23 +28,10 @@ pub const CPU_DECIDING_OPTIONS: &[&str] = &["-machine", "-accel", "-cpu", "-smp"
 pub enum LinuxGuestError {
     #[error("Linux guest file {path:?} is missing or empty: run testbed/fetch-linux-guest.sh as root first")]
     Missing { path: PathBuf },
-    #[error("probe command line has no value after {option}: {argv:?}")]
-    DanglingOption { option: String, argv: Vec<String> },
-    #[error("probe command line has no {option}: {argv:?}")]
-    NoCpuOption {
-        option: &'static str,
-        argv: Vec<String>,
-    },
-    #[error("Linux guest work file {path:?}: {reason}")]
-    WorkFile { path: PathBuf, reason: String },
-    #[error("cannot start {emulator:?} for the Linux guest: {reason}")]
-    Spawn { emulator: PathBuf, reason: String },
-    #[error("waiting for the Linux guest ({emulator:?}) failed: {reason}")]
-    Wait { emulator: PathBuf, reason: String },
-    #[error("Linux guest did not power off within {timeout:?} (process group killed); serial tail: {tail}")]
-    Timeout { timeout: Duration, tail: String },
-    #[error("Linux guest emulator {status}; serial tail: {tail}")]
-    Failed { status: String, tail: String },
+    #[error("{0}")]
+    Argv(#[from] ArgvError),
+    #[error("Linux guest: {0}")]
+    Boot(#[from] BootError),
     #[error("Linux guest serial output has no {marker:?} line; serial tail: {tail}")]
     NoMarker { marker: &'static str, tail: String },
     #[error("`cpuid -r` in the Linux guest exited with {code:?}")]
@@ -112,27 +95,12 @@ impl LinuxGuest {
 /// The `-machine`, `-accel`, `-cpu` and `-smp` option/value pairs of the probe's argv, in its
 /// order, so the Linux guest runs with literally the same CPU configuration.
 pub fn cpu_options(probe_argv: &[String]) -> Result<Vec<String>, LinuxGuestError> {
-    let mut out = Vec::new();
-    let mut args = probe_argv.iter();
-    while let Some(arg) = args.next() {
-        if CPU_DECIDING_OPTIONS.contains(&arg.as_str()) {
-            let value = args.next().ok_or_else(|| LinuxGuestError::DanglingOption {
-                option: arg.clone(),
-                argv: probe_argv.to_vec(),
-            })?;
-            out.extend([arg.clone(), value.clone()]);
-        }
-    }
     // -machine is optional (QEMU's default); the other three the probe always passes.
-    for option in ["-accel", "-cpu", "-smp"] {
-        if !out.iter().any(|a| a == option) {
-            return Err(LinuxGuestError::NoCpuOption {
-                option,
-                argv: probe_argv.to_vec(),
-            });
-        }
-    }
-    Ok(out)
+    Ok(guest_boot::cpu_options(
+        probe_argv,
+        CPU_DECIDING_OPTIONS,
+        &["-accel", "-cpu", "-smp"],
+    )?)
 }
 
 /// The kernel command line asking /init to also read `extra_leaves` (leaf, sub-leaf).
@@ -157,34 +125,7 @@ pub fn kernel_cmdline(extra_leaves: &[(u32, u32)]) -> Result<String, LinuxGuestE
 /// The emulator argv that boots `guest` with `cpu_options` (see [`cpu_options`]) and the
 /// kernel command line `cmdline` (see [`kernel_cmdline`]).
 pub fn guest_argv(guest: &LinuxGuest, cpu_options: &[String], cmdline: &str) -> Vec<String> {
-    let mut argv: Vec<String> = ["-nodefaults", "-no-user-config"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    argv.extend(cpu_options.iter().cloned());
-    argv.extend(
-        [
-            "-m",
-            "256",
-            "-kernel",
-            &guest.kernel.to_string_lossy(),
-            "-initrd",
-            &guest.initrd.to_string_lossy(),
-            "-append",
-            cmdline,
-            // -nodefaults drops the serial port -nographic would add; ttyS0 goes to stdout.
-            "-serial",
-            "stdio",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
-    argv
+    kernel_argv(cpu_options, 256, &guest.kernel, &guest.initrd, cmdline)
 }
 
 /// Boots the guest, waits at most `timeout` (then kills the emulator's process group), and
@@ -198,52 +139,7 @@ pub fn boot(
     timeout: Duration,
 ) -> Result<GuestRun, LinuxGuestError> {
     let argv = guest_argv(guest, cpu_options, &kernel_cmdline(extra_leaves)?);
-    let serial_path = work_dir.join("serial.out");
-    let stderr_path = work_dir.join("stderr.log");
-    let create = |path: &Path| {
-        File::create(path).map_err(|e| LinuxGuestError::WorkFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
-    };
-    let serial = create(&serial_path)?;
-    let stderr = create(&stderr_path)?;
-    let mut command = Command::new(emulator);
-    command
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(serial)
-        .stderr(stderr)
-        .process_group(0);
-    let started = Instant::now();
-    let mut child = command.spawn().map_err(|e| LinuxGuestError::Spawn {
-        emulator: emulator.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let status = wait_bounded(&mut child, emulator, timeout);
-    let wall_time = started.elapsed();
-    let output = std::fs::read(&serial_path).map_err(|e| LinuxGuestError::WorkFile {
-        path: serial_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let text = String::from_utf8_lossy(&output).replace("\r\n", "\n");
-    let status = match status {
-        Ok(Some(status)) => status,
-        Ok(None) => {
-            return Err(LinuxGuestError::Timeout {
-                timeout,
-                tail: tail(&text),
-            })
-        }
-        Err(e) => return Err(e),
-    };
-    if !status.success() {
-        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        return Err(LinuxGuestError::Failed {
-            status: describe(status),
-            tail: format!("{} | stderr: {}", tail(&text), tail(&stderr)),
-        });
-    }
+    let SerialRun { text, wall_time } = boot_to_serial(emulator, &argv, work_dir, timeout)?;
     let output = extract_dump(&text)?;
     Ok(GuestRun {
         output,
@@ -321,56 +217,6 @@ pub fn split_cpus(dump: &str) -> Vec<String> {
     cpus
 }
 
-/// `Ok(Some)` when the child exited, `Ok(None)` after a timeout (group killed and reaped).
-fn wait_bounded(
-    child: &mut Child,
-    emulator: &Path,
-    timeout: Duration,
-) -> Result<Option<ExitStatus>, LinuxGuestError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Ok(Some(status)),
-            Ok(None) => {}
-            Err(e) => {
-                kill_group(child);
-                return Err(LinuxGuestError::Wait {
-                    emulator: emulator.to_path_buf(),
-                    reason: e.to_string(),
-                });
-            }
-        }
-        if Instant::now() >= deadline {
-            kill_group(child);
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn kill_group(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // The child leads its own group (process_group(0)); its id is the group id.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    let _ = child.wait();
-}
-
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}"),
-        _ => "ended for an unknown reason".to_string(),
-    }
-}
-
-/// The last few lines of `text`, on one line, for error messages.
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(4);
-    lines[start..].join(" | ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,12 +273,15 @@ mod tests {
         let argv = vec!["-accel".to_string(), "tcg".to_string()];
         assert!(matches!(
             cpu_options(&argv),
-            Err(LinuxGuestError::NoCpuOption { option: "-cpu", .. })
+            Err(LinuxGuestError::Argv(ArgvError::NoCpuOption {
+                option: "-cpu",
+                ..
+            }))
         ));
         let argv = vec!["-cpu".to_string()];
         assert!(matches!(
             cpu_options(&argv),
-            Err(LinuxGuestError::DanglingOption { .. })
+            Err(LinuxGuestError::Argv(ArgvError::DanglingOption { .. }))
         ));
     }
 
