@@ -303,3 +303,38 @@ fn a_domain_xml_probes_like_the_model() {
     assert!(arm::diff_normalized(&direct, &from_xml).is_equivalent());
     assert_eq!(Midr::decode(from_xml.get("MIDR_EL1").unwrap()).part, 0xd07);
 }
+
+/// `<cpu><feature>` and `<features><pmu>` reach `-cpu` as libvirt puts them there, and the probe
+/// sees their effect: SVE and the PMU disappear from the ID registers.
+#[test]
+fn domain_features_and_pmu_switch_change_what_the_probe_sees() {
+    let xml = |features: &str, cpu_children: &str| {
+        format!(
+            "<domain type='qemu'><name>arm1</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
+             <os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>\
+             <features>{features}</features><cpu mode='maximum'>{cpu_children}</cpu>\
+             <devices><emulator>{QEMU_ARM}</emulator></devices></domain>"
+        )
+    };
+    let probe_xml = |text: String| {
+        let guest = GuestCpuConfig::from_domain_xml(&text).unwrap();
+        arm::probe(&ArmProbeConfig::from_guest(&guest).unwrap(), &options()).unwrap()
+    };
+    let plain = probe_xml(xml("", ""));
+    let no_sve = probe_xml(xml("", "<feature policy='disable' name='sve'/>"));
+    let no_pmu = probe_xml(xml("<pmu state='off'/>", ""));
+    assert_ne!(field(&plain, "ID_AA64PFR0_EL1", "SVE"), 0, "max has SVE");
+    assert_eq!(field(&no_sve, "ID_AA64PFR0_EL1", "SVE"), 0);
+    assert_ne!(
+        field(&plain, "ID_AA64DFR0_EL1", "PMUVer"),
+        0,
+        "max has a PMU"
+    );
+    assert_eq!(field(&no_pmu, "ID_AA64DFR0_EL1", "PMUVer"), 0);
+    let d = arm::diff_normalized(&plain, &no_sve);
+    assert!(
+        d.lost.iter().any(|c| c.subject() == "ID_AA64PFR0_EL1.SVE"),
+        "{:?}",
+        d.lines()
+    );
+}

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::firmware::{HEADER, PROBED_REGISTERS};
 use super::idregs::{ArmIdReg, ArmIdTable};
 use super::PROBE_AARCH64;
-use crate::domain::guest::{Accel, CpuMode, GuestCpuConfig};
+use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 use crate::probe::emulator::{check_emulator, EmulatorError};
 use crate::probe::run::{describe, run_bounded, stderr_tail, ProbeError, WorkDir};
 
@@ -39,6 +39,10 @@ pub struct ArmProbeConfig {
     pub machine: String,
     pub accel: Accel,
     pub cpu: ArmCpu,
+    /// `-cpu` properties in libvirt's order: `<cpu><feature>` (`sve=off`, `sve256=on`, …), then
+    /// `<features><pmu>` (`pmu=off`); names are checked when the command line is built.
+    #[serde(default)]
+    pub properties: Vec<String>,
     pub vcpus: u32,
 }
 
@@ -70,12 +74,19 @@ impl ArmProbeConfig {
                 "an aarch64 domain without <cpu> runs QEMU's default model, which is not probed",
             )
         })?;
-        if let Some(f) = def.features.first() {
-            return Err(bad(
-                "<cpu><feature>",
-                &f.name,
-                "per-feature changes are not reproduced by the aarch64 probe yet",
-            ));
+        // libvirt puts each feature on -cpu as `name=on|off` (aarch64 names are QEMU's
+        // property names, e.g. sve, sve256) and the PMU switch after them.
+        let mut properties = Vec::new();
+        for f in &def.features {
+            let state = match f.policy {
+                FeaturePolicy::Force | FeaturePolicy::Require => "on",
+                FeaturePolicy::Disable | FeaturePolicy::Forbid => "off",
+                FeaturePolicy::Optional => continue,
+            };
+            properties.push(format!("{}={state}", f.name));
+        }
+        if let Some(pmu) = config.features.pmu {
+            properties.push(format!("pmu={}", if pmu { "on" } else { "off" }));
         }
         let cpu = match def.mode {
             CpuMode::HostPassthrough => ArmCpu::Host,
@@ -98,6 +109,7 @@ impl ArmProbeConfig {
             machine: config.machine.clone().unwrap_or_else(|| "virt".to_string()),
             accel: config.accel,
             cpu,
+            properties,
             vcpus: config.vcpus.max(1),
         })
     }
@@ -109,6 +121,7 @@ impl ArmProbeConfig {
             machine: "virt".to_string(),
             accel,
             cpu,
+            properties: Vec::new(),
             vcpus: 1,
         }
     }
@@ -234,11 +247,22 @@ pub fn probe_args(
             reason: "the aarch64 probe firmware runs on QEMU's virt machine only",
         });
     }
-    let cpu = match &config.cpu {
+    let mut cpu = match &config.cpu {
         ArmCpu::Host => "host".to_string(),
         ArmCpu::Max => "max".to_string(),
         ArmCpu::Model(m) => plain("cpu model", m)?,
     };
+    for property in &config.properties {
+        let (name, state) = property
+            .split_once('=')
+            .filter(|(_, state)| matches!(*state, "on" | "off"))
+            .ok_or_else(|| ArmProbeError::BadConfig {
+                what: "cpu feature",
+                value: property.clone(),
+                reason: "expected NAME=on or NAME=off",
+            })?;
+        cpu.push_str(&format!(",{}={state}", plain("cpu feature", name)?));
+    }
     if config.vcpus == 0 {
         return Err(ArmProbeError::BadConfig {
             what: "vcpus",
@@ -555,14 +579,34 @@ mod tests {
             ("x86_64", "<cpu mode='maximum'/>", "aarch64"),
             ("aarch64", "<cpu mode='host-model'/>", "host-model"),
             ("aarch64", "", "without <cpu>"),
-            (
-                "aarch64",
-                "<cpu mode='custom'><model>max</model><feature policy='disable' name='sve'/></cpu>",
-                "sve",
-            ),
         ] {
             let err = ArmProbeConfig::from_guest(&guest(arch, cpu)).unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn features_and_pmu_become_cpu_properties_in_libvirts_order() {
+        let xml = "<domain type='qemu'><name>a</name><vcpu>1</vcpu>\
+             <os><type arch='aarch64' machine='virt'>hvm</type></os>\
+             <features><pmu state='off'/></features>\
+             <cpu mode='custom'><model>max</model><feature policy='disable' name='sve'/>\
+             <feature policy='require' name='sve256'/><feature policy='optional' name='x'/></cpu>\
+             <devices><emulator>/usr/bin/qemu-system-aarch64</emulator></devices></domain>";
+        let c = ArmProbeConfig::from_guest(&GuestCpuConfig::from_domain_xml(xml).unwrap()).unwrap();
+        assert_eq!(c.properties, vec!["sve=off", "sve256=on", "pmu=off"]);
+        let argv = probe_args(&c, Path::new("/f"), Path::new("/o")).unwrap();
+        assert!(
+            argv.join(" ")
+                .contains("-cpu max,sve=off,sve256=on,pmu=off -smp 1"),
+            "{argv:?}"
+        );
+        // A feature name from untrusted XML cannot smuggle another property or option.
+        for bad in ["sve,pmu=on=on", "sve=maybe", "sve"] {
+            let mut c = c.clone();
+            c.properties = vec![bad.to_string()];
+            let err = probe_args(&c, Path::new("/f"), Path::new("/o")).unwrap_err();
+            assert!(err.to_string().contains("cpu feature"), "{err}");
         }
     }
 
