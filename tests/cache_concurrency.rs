@@ -210,7 +210,9 @@ fn process_helper() {
                 .append(true)
                 .create(true)
                 .open(dir.join("measurements.log"))?;
-            writeln!(log, "{model} {}", std::process::id())?;
+            // One write(2) per line: with O_APPEND it cannot interleave with another
+            // process's line (writeln! may split a line over several writes).
+            log.write_all(format!("{model} {}\n", std::process::id()).as_bytes())?;
             std::thread::sleep(MEASURE_TIME);
             Ok::<_, std::io::Error>(fingerprint(std::process::id()))
         })
