@@ -416,4 +416,105 @@ mod tests {
             "{d:?}"
         );
     }
+
+    fn arm_table(isar0: u64, mpidr: u64) -> crate::arm::ArmIdTable {
+        let regs = crate::arm::firmware::PROBED_REGISTERS
+            .iter()
+            .map(|r| crate::arm::ArmIdReg {
+                name: r.name.to_string(),
+                value: Some(match r.name {
+                    "MIDR_EL1" => 0x411f_d070,
+                    "ID_AA64ISAR0_EL1" => isar0,
+                    "MPIDR_EL1" => mpidr,
+                    _ => 0,
+                }),
+            })
+            .collect();
+        crate::arm::ArmIdTable { regs }
+    }
+
+    fn arm_stamp(table: &crate::arm::ArmIdTable) -> Stamp {
+        let view = GuestView::from(table.clone());
+        let el = crate::domain::metadata::stamp_element(
+            "a",
+            "t",
+            &view.digest(),
+            "<cpu mode='host-passthrough'/>",
+            &view.to_text(),
+        );
+        Stamp::read(&el)
+    }
+
+    #[test]
+    fn aarch64_guests_are_judged_by_register_field() {
+        let source = arm_table(0x0001_1120, 0x8000_0000);
+        let s = arm_stamp(&source);
+        // Same CPU, another vCPU position (masked affinity): allowed, the affinity reported.
+        let other_vcpu = Fingerprint::new(
+            HostFacts::default(),
+            serde_json::Value::Null,
+            arm_table(0x0001_1120, 0x8000_0001),
+        );
+        let Decision::Allow {
+            by_policy: false,
+            informational,
+            reason,
+        } = judge_with(Some(&s), Ok(&other_vcpu), &PolicyConfig::default())
+        else {
+            panic!("same CPU must be allowed");
+        };
+        assert!(!reason.contains("digest attribute differs"), "{reason}");
+        assert!(
+            informational.iter().any(|l| l.starts_with("MPIDR_EL1")),
+            "{informational:?}"
+        );
+
+        // A destination without AES/PMULL: refused, the field named as lost.
+        let no_aes = Fingerprint::new(
+            HostFacts::default(),
+            serde_json::Value::Null,
+            arm_table(0x0001_1100, 0x8000_0000),
+        );
+        let Decision::Refuse { reason, message } =
+            judge_with(Some(&s), Ok(&no_aes), &PolicyConfig::default())
+        else {
+            panic!("must refuse");
+        };
+        assert!(reason.ends_with("lost ID_AA64ISAR0_EL1.AES"), "{reason}");
+        assert_eq!(
+            message.lines().nth(1),
+            Some("  lost: ID_AA64ISAR0_EL1.AES (2 (AES+PMULL) -> 0 (none))")
+        );
+
+        // Only gained: refused by default, allowed by policy.gained_features = "allow".
+        let back = arm_stamp(&arm_table(0x0001_1100, 0x8000_0000));
+        let with_aes = Fingerprint::new(HostFacts::default(), serde_json::Value::Null, source);
+        assert!(matches!(
+            judge_with(Some(&back), Ok(&with_aes), &PolicyConfig::default()),
+            Decision::Refuse { .. }
+        ));
+        let lenient = PolicyConfig {
+            gained_features: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            judge_with(Some(&back), Ok(&with_aes), &lenient),
+            Decision::Allow {
+                by_policy: true,
+                ..
+            }
+        ));
+
+        // An aarch64 stamp arriving where an x86 guest would start: refused, never compared.
+        let x86 = fingerprint(SRC);
+        let Decision::Refuse { message, .. } =
+            judge_with(Some(&s), Ok(&x86), &PolicyConfig::default())
+        else {
+            panic!("cross-architecture must refuse");
+        };
+        assert!(
+            message.contains("changed: architecture (aarch64 -> x86_64)"),
+            "{message}"
+        );
+    }
 }
