@@ -4,10 +4,8 @@
 //! The later wiring maps a domain's `GuestCpuConfig` (emulator, machine, accel, `<cpu>` mode and
 //! model, vCPUs) onto [`ArmProbeConfig`]; nothing here reads XML.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +14,7 @@ use super::idregs::{ArmIdReg, ArmIdTable};
 use super::PROBE_AARCH64;
 use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 use crate::probe::emulator::{check_emulator, EmulatorError};
-use crate::probe::run::{describe, run_bounded, stderr_tail, ProbeError, WorkDir};
+use crate::probe::run::{run_firmware, ProbeError, WorkDir};
 
 /// The guest CPU, as `-cpu` takes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,21 +147,14 @@ impl Default for ArmProbeOptions {
 pub enum ArmProbeError {
     #[error("aarch64 probe: {0}")]
     Emulator(#[from] EmulatorError),
-    #[error("aarch64 probe: {0}")]
+    /// The shared runner's errors already read `probe: …`.
+    #[error("aarch64 {0}")]
     Run(#[from] ProbeError),
     #[error("aarch64 probe: {what} {value:?} is not usable: {reason}")]
     BadConfig {
         what: &'static str,
         value: String,
         reason: &'static str,
-    },
-    #[error("aarch64 probe: cannot write {path:?}: {reason}")]
-    Io { path: PathBuf, reason: String },
-    #[error("aarch64 probe: emulator {emulator:?} {status}: {stderr}")]
-    EmulatorFailed {
-        emulator: PathBuf,
-        status: String,
-        stderr: String,
     },
     #[error("aarch64 probe: output of emulator {emulator:?} is unusable: {source}")]
     Output {
@@ -310,39 +301,17 @@ pub fn probe_run(
 ) -> Result<ArmProbeRun, ArmProbeError> {
     let emulator = check_emulator(&config.emulator, &opts.allowed_emulators)?;
     let work = WorkDir::create(opts.work_dir.as_deref())?;
-    let firmware = work.path.join("firmware-aarch64.bin");
-    let serial = work.path.join("serial.out");
-    let stderr_path = work.path.join("stderr.log");
-    std::fs::write(&firmware, PROBE_AARCH64).map_err(|e| ArmProbeError::Io {
-        path: firmware.clone(),
-        reason: e.to_string(),
-    })?;
-    let argv = probe_args(config, &firmware, &serial)?;
-    let stderr = File::create(&stderr_path).map_err(|e| ArmProbeError::Io {
-        path: stderr_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let started = Instant::now();
-    let mut command = Command::new(&emulator);
-    command
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    let status = run_bounded(command, &emulator, opts.timeout)?;
-    let wall_time = started.elapsed();
     // PSCI SYSTEM_OFF makes QEMU exit 0; anything else is QEMU refusing the configuration.
-    if !status.success() {
-        return Err(ArmProbeError::EmulatorFailed {
-            emulator,
-            status: describe(status),
-            stderr: stderr_tail(&stderr_path),
-        });
-    }
-    let bytes = std::fs::read(&serial).map_err(|e| ArmProbeError::Io {
-        path: serial.clone(),
-        reason: e.to_string(),
-    })?;
+    let run = run_firmware(
+        &emulator,
+        &work,
+        PROBE_AARCH64,
+        "serial.out",
+        opts.timeout,
+        |firmware, serial| probe_args(config, firmware, serial),
+        |status| status.success(),
+    )?;
+    let (argv, bytes, wall_time) = (run.argv, run.output, run.wall_time);
     let table = parse(&bytes).map_err(|source| ArmProbeError::Output {
         emulator: emulator.clone(),
         source,

@@ -122,46 +122,24 @@ pub fn probe(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<CpuidTable,
 pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRun, ProbeError> {
     let emulator = resolve_emulator(config, &opts.allowed_emulators)?;
     let work = WorkDir::create(opts.work_dir.as_deref())?;
-    let firmware_path = work.path.join("firmware.bin");
-    let output_path = work.path.join("debugcon.out");
-    let stderr_path = work.path.join("stderr.log");
     let firmware = match opts.firmware {
         Firmware::Probe => PROBE_X86,
         Firmware::MsrSelftest => PROBE_MSR_SELFTEST_X86,
         Firmware::Heartbeat => HEARTBEAT_X86,
     };
-    std::fs::write(&firmware_path, firmware).map_err(|e| ProbeError::WorkDir {
-        path: firmware_path.clone(),
-        reason: e.to_string(),
-    })?;
     let accel = opts.accel_override.unwrap_or(config.accel);
-    let argv = probe_args(config, accel, &firmware_path, &output_path)?;
-
-    let started = Instant::now();
-    let stderr = File::create(&stderr_path).map_err(|e| ProbeError::WorkDir {
-        path: stderr_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut command = Command::new(&emulator);
-    command
-        .args(&argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    let status = run_bounded(command, &emulator, opts.timeout)?;
-    let wall_time = started.elapsed();
-
-    if status.code() != Some(PROBE_EXIT_STATUS) && status.code() != Some(PROBE_FATAL_STATUS) {
-        return Err(ProbeError::EmulatorFailed {
-            emulator,
-            status: describe(status),
-            stderr: stderr_tail(&stderr_path),
-        });
-    }
-    let bytes = std::fs::read(&output_path).map_err(|e| ProbeError::WorkDir {
-        path: output_path.clone(),
-        reason: e.to_string(),
-    })?;
+    // isa-debug-exit: the probe's own status when it finished, its fatal status when a CPU
+    // exception hit (the output then says where); anything else is QEMU refusing the config.
+    let run = run_firmware(
+        &emulator,
+        &work,
+        firmware,
+        "debugcon.out",
+        opts.timeout,
+        |firmware, output| Ok::<_, ProbeError>(probe_args(config, accel, firmware, output)?),
+        |status| matches!(status.code(), Some(PROBE_EXIT_STATUS | PROBE_FATAL_STATUS)),
+    )?;
+    let (argv, bytes, wall_time) = (run.argv, run.output, run.wall_time);
     let parsed = output::parse(&bytes).map_err(|source| ProbeError::Output {
         emulator: emulator.clone(),
         source,
@@ -225,6 +203,61 @@ pub fn resolve_emulator(
             Ok(check_emulator(text, allowed)?)
         }
     }
+}
+
+/// What [`run_firmware`] saw.
+pub(crate) struct FirmwareRun {
+    pub argv: Vec<String>,
+    /// The file the firmware wrote its report to (debugcon or UART).
+    pub output: Vec<u8>,
+    pub wall_time: Duration,
+}
+
+/// One bounded run of a generated firmware, shared by the x86 and aarch64 probes: the image is
+/// written into `work`, `argv_for(firmware, output)` builds the command line, stderr is kept for
+/// the error message, and the output file is read back when `finished` accepts the exit status.
+pub(crate) fn run_firmware<E: From<ProbeError>>(
+    emulator: &Path,
+    work: &WorkDir,
+    image: &[u8],
+    output_name: &str,
+    timeout: Duration,
+    argv_for: impl FnOnce(&Path, &Path) -> Result<Vec<String>, E>,
+    finished: impl FnOnce(ExitStatus) -> bool,
+) -> Result<FirmwareRun, E> {
+    let work_error = |path: &Path, e: std::io::Error| ProbeError::WorkDir {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let firmware_path = work.path.join("firmware.bin");
+    let output_path = work.path.join(output_name);
+    let stderr_path = work.path.join("stderr.log");
+    std::fs::write(&firmware_path, image).map_err(|e| work_error(&firmware_path, e))?;
+    let argv = argv_for(&firmware_path, &output_path)?;
+    let stderr = File::create(&stderr_path).map_err(|e| work_error(&stderr_path, e))?;
+    let started = Instant::now();
+    let mut command = Command::new(emulator);
+    command
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let status = run_bounded(command, emulator, timeout)?;
+    let wall_time = started.elapsed();
+    if !finished(status) {
+        return Err(ProbeError::EmulatorFailed {
+            emulator: emulator.to_path_buf(),
+            status: describe(status),
+            stderr: stderr_tail(&stderr_path),
+        }
+        .into());
+    }
+    let output = std::fs::read(&output_path).map_err(|e| work_error(&output_path, e))?;
+    Ok(FirmwareRun {
+        argv,
+        output,
+        wall_time,
+    })
 }
 
 /// Spawns `command` in a new process group and waits at most `timeout`; on expiry kills the
