@@ -21,7 +21,22 @@ fn main() -> ExitCode {
             }
         }
     } else {
+        restore_default_sigpipe();
         cpuguard::cli::main(args)
     };
     ExitCode::from(u8::try_from(status).unwrap_or(1))
+}
+
+/// A reader that closes the pipe early (`cpuguard diff A B | head -1`) is a normal end for a
+/// command: it dies of SIGPIPE as every Unix filter does (the shell reports 141), instead of
+/// Rust's default of ignoring the signal and panicking in `println!` on the EPIPE. The hook keeps
+/// the default: libvirt reads its whole output, and a hook must never die half-way through an
+/// audit.
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: called once, single-threaded, before anything else runs; SIG_DFL installs no handler
+    // code, so no async-signal-safety question arises.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("cpuguard: warning: cannot restore SIGPIPE's default action: {e}");
+    }
 }

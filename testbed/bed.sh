@@ -79,14 +79,40 @@ stop_pidfile() {
     rm -f "$pidfile"
 }
 
-wait_for() { # wait_for SECONDS DESCRIPTION CMD...
-    local secs=$1 what=$2 i
-    shift 2
-    for ((i = 0; i < secs * 10; i++)); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
+# wait_ready WHAT BOUND ALIVE-CMD -- READY-CMD...: polls READY-CMD until it succeeds, and gives up
+# at once when ALIVE-CMD fails (what is being waited for is gone: no amount of waiting helps). The
+# wait is derived from what it waits for, not from a guess about this machine's speed: BOUND (in
+# seconds of wall time) only ends a wait on something that neither gets ready nor dies, and is
+# generous on purpose (a libvirtd with a cold capabilities cache probes every QEMU binary for about
+# a minute before it answers, longer on a loaded machine). A slow step is reported with its time.
+wait_ready() {
+    local what=$1 bound=$2 alive=$3 start now elapsed
+    shift 4
+    start=$EPOCHREALTIME
+    while :; do
+        if "$@" >/dev/null 2>&1; then break; fi
+        if ! $alive >/dev/null; then
+            die "$what: the process exited while it was being waited for"
+        fi
+        now=$EPOCHREALTIME
+        elapsed=$(((${now/./} - ${start/./}) / 1000000))
+        ((elapsed < bound)) || die "$what: not ready after ${elapsed}s (bound ${bound}s; the process is still running)"
         sleep 0.1
     done
-    die "timed out after ${secs}s waiting for $what"
+    now=$EPOCHREALTIME
+    elapsed=$(((${now/./} - ${start/./}) / 1000))
+    if ((elapsed >= 3000)); then
+        log "$what: ready after $((elapsed / 1000)).$(printf '%03d' $((elapsed % 1000)))s"
+    fi
+}
+
+# Bounds for wait_ready: last resorts, see above.
+READY_BOUND_DAEMON=120   # rsyslogd, virtlogd: they start in milliseconds
+READY_BOUND_LIBVIRTD=900 # libvirtd: QEMU capability probing on a cold cache, under load
+
+# alive_or_starting PIDFILE COMM: the daemon named in PIDFILE runs, or has not written it yet.
+alive_or_starting() {
+    [[ ! -s $1 ]] || pid_alive "$1" "$2"
 }
 
 # --- syslog ----------------------------------------------------------------------------------------
@@ -128,7 +154,8 @@ module(load="imuxsock" SysSock.Name="$sock" SysSock.RateLimit.Interval="0")
 *.* action(type="omfile" file="$ALL_LOG" template="RSYSLOG_FileFormat")
 EOF
     rsyslogd -f "$SYSLOG_DIR/rsyslog.conf" -i "$SYSLOG_DIR/rsyslogd.pid" 9>&-
-    wait_for 10 "rsyslogd to listen on $sock" socket_listening "$sock"
+    wait_ready "rsyslogd listening on $sock" "$READY_BOUND_DAEMON" \
+        "alive_or_starting $SYSLOG_DIR/rsyslogd.pid rsyslogd" -- socket_listening "$sock"
     log "rsyslogd up ($mode mode, socket $sock, audit file $AUDIT_LOG)"
 }
 
@@ -225,16 +252,12 @@ start_libvirtd() {
     local h=$1 d
     d=$(host_dir "$h")
     in_ns "$h" libvirtd --listen -d -p "$d/libvirtd.pid" 9>&-
-    local i
-    for ((i = 0; i < 600; i++)); do
-        virsh_ok "$h" >/dev/null 2>&1 && return 0
-        if ((i > 20)) && ! pid_alive "$d/libvirtd.pid" libvirtd; then
-            tail -n 5 "$d/log/libvirtd.log" >&2 || true
-            die "libvirtd of host $h exited during start (log: $d/log/libvirtd.log)"
-        fi
-        sleep 0.1
-    done
-    die "timed out after 60s waiting for libvirtd of host $h to answer"
+    libvirtd_alive() { pid_alive "$d/libvirtd.pid" libvirtd || { tail -n 5 "$d/log/libvirtd.log" >&2; false; }; }
+    # `libvirtd -d` may return before the daemon wrote its pid file.
+    wait_ready "libvirtd of host $h writing $d/libvirtd.pid" "$READY_BOUND_DAEMON" true -- \
+        pid_alive "$d/libvirtd.pid" libvirtd
+    wait_ready "libvirtd of host $h (log: $d/log/libvirtd.log)" "$READY_BOUND_LIBVIRTD" \
+        libvirtd_alive -- virsh_ok "$h"
 }
 
 host_up() {
@@ -242,7 +265,9 @@ host_up() {
     d=$(host_dir "$h")
     prepare_host_tree "$h"
     unshare -m -u --propagation private -- "$BED_DIR/bed.sh" _ns-init "$h" 9>&-
-    wait_for 10 "virtlogd of host $h" pid_alive "$d/virtlogd.pid" virtlogd
+    # virtlogd -d has written its pid file when unshare returns: the wait is for the namespace's
+    # process to be visible.
+    wait_ready "virtlogd of host $h" "$READY_BOUND_DAEMON" true -- pid_alive "$d/virtlogd.pid" virtlogd
     start_libvirtd "$h"
     if [[ -d $d/cache/qemu/capabilities ]]; then
         mkdir -p "$STATE/qemu-caps-cache"

@@ -13,14 +13,24 @@ if [[ ${KEEP:-0} != 1 ]]; then trap '"$BED" down >/dev/null 2>&1 || true' EXIT I
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # The source's `started` hook stamps the guest's CPU fingerprint into its live metadata (through a
-# detached helper); the destination refuses unstamped guests by default.
+# detached helper); the destination refuses unstamped guests by default. The wait ends when the
+# stamp is there or when the stamp process audited its failure (it gives up on its own after its
+# bounded retries and probe timeout); the bound only catches a stamp process that died silently.
 wait_stamp() {
-    local _
-    for _ in $(seq 1 150); do
-        [[ $("$BED" virsh-a dumpxml "$1" 2>/dev/null) == *cpuguard.dev/xmlns/stamp* ]] && return 0
+    local name=$1 start=$SECONDS failed
+    while ((SECONDS - start < 300)); do
+        if [[ $("$BED" virsh-a dumpxml "$name" 2>/dev/null) == *cpuguard.dev/xmlns/stamp* ]]; then
+            echo "stamped $name after $((SECONDS - start)) s"
+            return 0
+        fi
+        failed=$(tail -c +"$((MARK + 1))" "$AUDIT" | grep -E "phase=(stamp|started) action=failed domain=$name " | tail -n 1 || true)
+        if [[ -n $failed ]]; then
+            echo "demo: stamping $name failed: $failed" >&2
+            return 1
+        fi
         sleep 0.2
     done
-    echo "demo: $1 was not stamped within 30 s" >&2
+    echo "demo: $name was not stamped within $((SECONDS - start)) s, and no failure was audited" >&2
     return 1
 }
 
@@ -29,7 +39,9 @@ step "System packages"
 if ! command -v cargo >/dev/null 2>&1; then export PATH="$HOME/.cargo/bin:$PATH"; fi
 
 step "Building cpuguard"
-cargo build --release --bin cpuguard
+# Every program the bed runs: cpuguard (hook and CLI) and cpuguard-libvirt (the stamp process the
+# hook starts after a guest starts).
+cargo build --release --bins
 export CPUGUARD_BIN="$ROOT/target/release/cpuguard"
 
 step "Bringing up host A and host B (two libvirtd in their own namespaces) and rsyslogd"
@@ -74,7 +86,8 @@ done
 wait_stamp "$VETOED"
 if "$BED" virsh-a migrate --live --persistent --undefinesource "$VETOED" \
     qemu+tcp://127.0.0.2:16510/system --migrateuri tcp://127.0.0.2:49152 2>"$("$BED" state-dir)/demo-veto.err"; then
-    echo "UNEXPECTED: the migration went through"
+    echo "UNEXPECTED: the migration went through" >&2
+    exit 1
 else
     echo "virsh migrate failed, as it should; what it printed (libvirt's wrapper shortened):"
     sed 's/Child process ([^)]*)/Child process (hook)/' "$("$BED" state-dir)/demo-veto.err"
@@ -84,5 +97,14 @@ echo "host B:"; "$BED" virsh-b list --all
 "$BED" emulator-b reset
 
 step "cpuguard's audit lines (syslog, tag cpuguard: $AUDIT)"
-sleep 0.5
-tail -c +"$((MARK + 1))" "$AUDIT" | grep -E "domain=($GUEST|$VETOED) " || echo "(none: is the hook installed?)"
+# rsyslogd writes asynchronously: wait for the refusal's line (the last decision of the demo).
+for _ in $(seq 1 300); do
+    tail -c +"$((MARK + 1))" "$AUDIT" | grep -qE "phase=prepare action=refused domain=$VETOED " && break
+    sleep 0.2
+done
+if ! tail -c +"$((MARK + 1))" "$AUDIT" | grep -E "domain=($GUEST|$VETOED) "; then
+    echo "demo: no audit line of $GUEST or $VETOED reached syslog" >&2
+    exit 1
+fi
+tail -c +"$((MARK + 1))" "$AUDIT" | grep -qE "phase=prepare action=refused domain=$VETOED " ||
+    { echo "demo: the refusal of $VETOED is not in the audit trail" >&2; exit 1; }

@@ -27,15 +27,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bed::{
-    assert_consecutive_from_zero, bed_sh, last_heartbeat, wait_for_heartbeat_above, Arch, Bed, Host,
+    assert_consecutive_from_zero, bed_sh, last_heartbeat, wait_for_heartbeat_above, Arch, Bed,
+    Host, AUDIT_WAIT, HEARTBEAT_WAIT,
 };
 use cpuguard::arm::{self, ArmCpu, ArmDiff, ArmProbeConfig, ArmProbeOptions};
 use cpuguard::domain::guest::Accel;
 
 const QEMU_ARM: &str = "/usr/bin/qemu-system-aarch64";
-const STAMP_WAIT: Duration = Duration::from_secs(30);
-const AUDIT_WAIT: Duration = Duration::from_secs(10);
-const HEARTBEAT_WAIT: Duration = Duration::from_secs(15);
 /// The heartbeat's period (5/16 s of the guest's virtual count, src/arm/firmware.rs).
 const HEARTBEAT_PERIOD: Duration = Duration::from_micros(312_500);
 
@@ -93,19 +91,8 @@ fn start_stamped_aarch64(bed: &mut Bed, name: &str, cpu_xml: &str) -> u64 {
     let mark = bed.audit_mark();
     bed.virsh(Host::A, &["start", name]).ok();
     assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
-    let stamped = bed.wait_live_xml(
-        Host::A,
-        name,
-        cpuguard::domain::metadata::STAMP_NS,
-        STAMP_WAIT,
-    );
+    let stamped = bed.wait_stamped(Host::A, name, mark);
     let domain = format!("domain={name}");
-    let stamped = stamped.unwrap_or_else(|| {
-        panic!(
-            "{name} on A has no cpuguard stamp {STAMP_WAIT:?} after it started; audit lines:\n{}",
-            bed.audit_lines_since(mark).join("\n")
-        )
-    });
     // The source measured the guest's ID registers (the aarch64 probe's table), not CPUID.
     assert!(
         stamped.contains(arm::firmware::HEADER),

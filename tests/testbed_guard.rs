@@ -9,12 +9,8 @@
 mod bed;
 
 use std::path::Path;
-use std::time::Duration;
 
-use bed::{bed_sh, Bed, Host};
-
-const STAMP_WAIT: Duration = Duration::from_secs(30);
-const AUDIT_WAIT: Duration = Duration::from_secs(10);
+use bed::{bed_sh, Bed, Host, AUDIT_WAIT};
 
 /// Brings up the bed with cpuguard as both hooks, B's guests getting `,cpu_options` on their
 /// `-cpu`, and NAME running (stamped) on A.
@@ -23,17 +19,9 @@ fn bed_with_changed_destination(name: &str, cpu_options: &str) -> Option<Bed> {
     bed.install_hook(Path::new(env!("CARGO_BIN_EXE_cpuguard")));
     bed_sh(&["emulator-b", "set", cpu_options]).ok();
     bed.define_guest(name, None);
+    let mark = bed.audit_mark();
     bed.virsh(Host::A, &["start", name]).ok();
-    let stamped = bed.wait_live_xml(
-        Host::A,
-        name,
-        cpuguard::domain::metadata::STAMP_NS,
-        STAMP_WAIT,
-    );
-    assert!(
-        stamped.is_some(),
-        "{name} was not stamped on A within {STAMP_WAIT:?}"
-    );
+    bed.wait_stamped(Host::A, name, mark);
     Some(bed)
 }
 

@@ -12,10 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use bed::{wait_for_heartbeat_above, Bed, Host};
-
-const AUDIT_WAIT: Duration = Duration::from_secs(10);
-const STAMP_WAIT: Duration = Duration::from_secs(30);
+use bed::{wait_for_heartbeat_above, Bed, Host, AUDIT_WAIT, HEARTBEAT_WAIT};
 
 /// The `<cpu ...>` start tag and the `<model ...>` start tag of a domain XML (whitespace
 /// normalized), enough to check the attributes cpuguard pins.
@@ -65,23 +62,9 @@ fn start_on_a(bed: &Bed, name: &str) {
 /// Starts NAME on A under cpuguard and waits for the stamp its `started` hook writes (through a
 /// detached helper) into the live metadata: the destination refuses unstamped sources by default.
 fn start_stamped_on_a(bed: &Bed, name: &str) {
+    let mark = bed.audit_mark();
     start_on_a(bed, name);
-    let stamped = bed.wait_live_xml(
-        Host::A,
-        name,
-        cpuguard::domain::metadata::STAMP_NS,
-        STAMP_WAIT,
-    );
-    assert!(
-        stamped.is_some(),
-        "{name} on A has no cpuguard stamp ({}) {STAMP_WAIT:?} after it started; audit lines:\n{}",
-        cpuguard::domain::metadata::STAMP_NS,
-        bed.audit_lines_since(0)
-            .into_iter()
-            .filter(|l| l.contains(&format!("domain={name}")))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    bed.wait_stamped(Host::A, name, mark);
 }
 
 /// The acceptance test of issues 2 and 4 (compatible hosts): the freshly built cpuguard is both
@@ -98,7 +81,7 @@ fn live_migration_through_the_cpuguard_hook() {
     let serial = bed.serial_path(name);
     let heartbeat = bed.firmware_kind() == "heartbeat";
     let before = if heartbeat {
-        let seen = wait_for_heartbeat_above(&serial, None, Duration::from_secs(10));
+        let seen = wait_for_heartbeat_above(&serial, None, HEARTBEAT_WAIT);
         assert!(
             seen.is_some(),
             "guest {name} printed no heartbeat on A ({})",
@@ -177,7 +160,7 @@ fn live_migration_through_the_cpuguard_hook() {
     );
 
     if heartbeat {
-        let after = wait_for_heartbeat_above(&serial, before, Duration::from_secs(10));
+        let after = wait_for_heartbeat_above(&serial, before, HEARTBEAT_WAIT);
         assert!(
             after > before,
             "guest {name} stopped printing after the migration (last heartbeat {before:?}, now {after:?})"
@@ -217,7 +200,7 @@ fn round_trip_through_the_cpuguard_hook() {
         "the live CPU of {name} changed over the round trip"
     );
     // Back on A, A re-stamps it after the start: A's host name, a later time, the same digest.
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let deadline = std::time::Instant::now() + bed::stamp_wait();
     let stamp_back = loop {
         let stamp = stamp_attrs(&bed.virsh(Host::A, &["dumpxml", name]).ok());
         if stamp.0 == "cpuguard-bed-a" && stamp.1 != stamp_on_a.1 {

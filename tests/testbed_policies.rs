@@ -13,12 +13,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bed::{bed_sh, Bed, Host};
+use bed::{bed_sh, Bed, Host, AUDIT_WAIT};
 use cpuguard::domain::metadata::STAMP_NS;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
-const STAMP_WAIT: Duration = Duration::from_secs(40);
-const AUDIT_WAIT: Duration = Duration::from_secs(10);
 const NEHALEM: &str =
     "<cpu mode='custom' match='exact' check='partial'><model fallback='forbid'>Nehalem</model></cpu>";
 
@@ -53,12 +51,9 @@ fn cache_entries(bed: &Bed, host: Host) -> Vec<PathBuf> {
 
 fn start_stamped(bed: &mut Bed, name: &str, cpu: Option<&str>) {
     bed.define_guest(name, cpu);
+    let mark = bed.audit_mark();
     bed.virsh(Host::A, &["start", name]).ok();
-    assert!(
-        bed.wait_live_xml(Host::A, name, STAMP_NS, STAMP_WAIT)
-            .is_some(),
-        "{name} was not stamped on A within {STAMP_WAIT:?}"
-    );
+    bed.wait_stamped(Host::A, name, mark);
 }
 
 /// The VM is still running on A and B has nothing of it.
@@ -233,8 +228,19 @@ fn concurrent_migrations_measure_each_configuration_once() {
             .is_some());
     }
     // Every fingerprint B needed (prepare, and the stamps B writes after arrival) came from two
-    // measurements; everything else was a cache hit.
-    std::thread::sleep(Duration::from_secs(3));
+    // measurements; everything else was a cache hit. B's stamps come from detached processes:
+    // wait for each one's line before counting.
+    for (name, _) in &guests {
+        assert!(
+            bed.wait_audit(
+                mark,
+                &["phase=stamp", "action=stamped", &format!("domain={name}")],
+                bed::stamp_wait()
+            )
+            .is_some(),
+            "B did not stamp {name} after its arrival"
+        );
+    }
     let lines = bed.audit_lines_since(mark);
     let measured = lines
         .iter()

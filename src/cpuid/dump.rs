@@ -231,7 +231,11 @@ fn strip_diff_prefix(line: &str) -> &str {
 /// Whether a (prefix-stripped) line is meant as data: it starts with an 8-digit hex word and a
 /// blank, or is one of cpuguard's `msr` lines.
 fn looks_like_kut_data(body: &str) -> bool {
-    if body.len() >= 4 && body[..4].eq_ignore_ascii_case("msr ") {
+    // `get`, not indexing: byte 4 of untrusted text need not be a char boundary.
+    if body
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case("msr "))
+    {
         return true;
     }
     let bytes = body.as_bytes();

@@ -21,6 +21,30 @@ use std::time::{Duration, Instant};
 
 static BED_LOCK: Mutex<()> = Mutex::new(());
 
+/// How long an audit line may take to reach the audit file after the decision that wrote it
+/// (rsyslogd writes asynchronously). A line that is there ends the wait at once; the bound only
+/// ends a wait for a line that never comes (syslog gone), so it is generous, not a guess at this
+/// machine's speed.
+pub const AUDIT_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a running heartbeat guest may take to print its next line. It prints several a
+/// second; under TCG on a loaded machine a guest can stall for seconds, and a found line ends
+/// the wait at once, so the bound is generous.
+pub const HEARTBEAT_WAIT: Duration = Duration::from_secs(60);
+
+/// The bound on waiting for a guest's stamp, derived from the stamp process's own bounds: it
+/// retries while libvirt finishes the start job (`stamp.retries` x `stamp.retry_interval_ms`),
+/// then runs one probe bounded by `probe.timeout_secs`, and audits its failure when it gives up.
+/// `Bed::wait_stamped` ends as soon as the stamp or that failure is seen; this bound, three times
+/// the process's own, only catches a stamp process that died without a word.
+pub fn stamp_wait() -> Duration {
+    let config = cpuguard::config::Config::default();
+    let retrying = Duration::from_millis(
+        u64::from(config.stamp.retries).saturating_mul(config.stamp.retry_interval_ms),
+    );
+    3 * (retrying + Duration::from_secs(config.probe.timeout_secs))
+}
+
 /// Host B's libvirt as seen from host A (and from any client on this machine).
 pub const URI_B_TCP: &str = "qemu+tcp://127.0.0.2:16510/system";
 /// Where B's QEMU listens for the incoming migration stream.
@@ -314,6 +338,50 @@ impl Bed {
             if start.elapsed() > timeout {
                 return None;
             }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for the stamp the `started` hook's detached process writes into NAME's live XML on
+    /// `host`, and returns that XML. Fails at once, with the stamp process's audit line, when the
+    /// process reports a failure (audit lines after `mark`); see `stamp_wait` for the bound.
+    pub fn wait_stamped(&self, host: Host, name: &str, mark: u64) -> String {
+        let bound = stamp_wait();
+        let start = Instant::now();
+        let domain = format!("domain={name}");
+        loop {
+            let run = self.virsh(host, &["dumpxml", name]);
+            if run.success && run.stdout.contains(cpuguard::domain::metadata::STAMP_NS) {
+                if start.elapsed() > Duration::from_secs(5) {
+                    eprintln!(
+                        "{name} was stamped {:?} after the wait began",
+                        start.elapsed()
+                    );
+                }
+                return run.stdout;
+            }
+            let lines = self.audit_lines_since(mark);
+            let failed = lines.iter().find(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.contains(&"action=failed")
+                    && words.contains(&domain.as_str())
+                    && (words.contains(&"phase=stamp") || words.contains(&"phase=started"))
+            });
+            if let Some(line) = failed {
+                panic!("stamping {name} on {host:?} failed: {line}");
+            }
+            assert!(
+                start.elapsed() < bound,
+                "{name} on {host:?} has no stamp after {:?} and its stamp process reported \
+                 nothing; audit lines of it:\n{}",
+                start.elapsed(),
+                lines
+                    .iter()
+                    .filter(|l| l.contains(&domain))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
