@@ -7,8 +7,13 @@
 # (not the machine's ordinary daemon) so that the bed never touches the machine's libvirt state and
 # never collides with a libvirtd the machine already runs.
 #
-#   host A: hostname cpuguard-bed-a, qemu+tcp://127.0.0.1:16510/system, migration port 49153
-#   host B: hostname cpuguard-bed-b, qemu+tcp://127.0.0.2:16510/system, migration port 49152
+#   host A: hostname cpuguard-bed-a, qemu+tcp://127.0.N.1:16510/system, migration port 49153
+#   host B: hostname cpuguard-bed-b, qemu+tcp://127.0.N.2:16510/system, migration port 49152
+#
+# Several beds run side by side (one per engineer or work tree): CPUGUARD_BED_ID=N (0-99, default
+# 0) gives bed N its own state directory (/var/tmp/cpuguard-testbed, or -N after it), its own
+# loopback addresses 127.0.N.1 and 127.0.N.2 (so its own libvirtd and migration ports) and, when
+# another bed's rsyslogd already serves /dev/log, its own rsyslogd on a private socket.
 #
 # Subcommands: up | down | status | install-hook PATH | uninstall-hook | restart [a|b]
 #              syslog-up | syslog-down (the bed's rsyslogd alone, kept across up/down)
@@ -16,10 +21,18 @@
 #              define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64]
 #              emulator-b set CPU-OPTIONS [--arch x86_64|aarch64] | emulator-b reset
 #              firmware-path [--arch A] | firmware-kind [--arch A] | audit-log | state-dir
+#              addr-a | addr-b
 set -euo pipefail
 
 BED_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STATE="${CPUGUARD_TESTBED_DIR:-/var/tmp/cpuguard-testbed}"
+BED_ID="${CPUGUARD_BED_ID:-0}"
+if ! [[ $BED_ID =~ ^[0-9]{1,2}$ ]]; then
+    printf 'bed: error: CPUGUARD_BED_ID must be 0-99, got %s\n' "$BED_ID" >&2
+    exit 2
+fi
+BED_ID=$((10#$BED_ID))
+if ((BED_ID == 0)); then DEFAULT_STATE=/var/tmp/cpuguard-testbed; else DEFAULT_STATE=/var/tmp/cpuguard-testbed-$BED_ID; fi
+STATE="${CPUGUARD_TESTBED_DIR:-$DEFAULT_STATE}"
 SYSLOG_DIR="$STATE/syslog"
 AUDIT_LOG="$SYSLOG_DIR/cpuguard.log"
 ALL_LOG="$SYSLOG_DIR/all.log"
@@ -36,7 +49,7 @@ MOUNT_POINTS=(/etc/cpuguard /var/cache/cpuguard /run/cpuguard /run/libvirt)
 log() { printf 'bed: %s\n' "$*" >&2; }
 die() { printf 'bed: error: %s\n' "$*" >&2; exit 1; }
 
-host_addr() { case "$1" in a) echo 127.0.0.1 ;; b) echo 127.0.0.2 ;; *) die "unknown host '$1'" ;; esac; }
+host_addr() { case "$1" in a) echo "127.0.$BED_ID.1" ;; b) echo "127.0.$BED_ID.2" ;; *) die "unknown host '$1'" ;; esac; }
 host_uuid() { case "$1" in a) echo 6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a ;; b) echo 6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b ;; esac; }
 host_uri() { echo "qemu+unix:///system?socket=$STATE/$1/run/libvirt-sock"; }
 
@@ -134,7 +147,11 @@ syslog_up() {
     fi
     stop_pidfile "$SYSLOG_DIR/rsyslogd.pid" rsyslogd
     local mode sock
-    if [[ -e /dev/log || -L /dev/log ]] && socket_listening "$(readlink -f /dev/log)"; then
+    # Bed 0 takes /dev/log when nobody serves it; any other bed never does while /dev/log exists
+    # (bed 0's rsyslogd may be restarting at that very moment: taking its socket would steal its
+    # lines), and binds its own socket over /dev/log inside its hosts' namespaces instead.
+    if [[ -e /dev/log || -L /dev/log ]] &&
+        { ((BED_ID != 0)) || socket_listening "$(readlink -f /dev/log)"; }; then
         mode=private
         sock="$SYSLOG_DIR/log.sock"
     else
@@ -391,7 +408,9 @@ cmd_down() {
     # A syslog pinned by `syslog-up` outlives the bed (the test command keeps one for the suite).
     if [[ ! -e $SYSLOG_DIR/pinned ]]; then syslog_down; fi
     local dir
-    if [[ -f $STATE/created-dirs ]]; then
+    if [[ -f $STATE/created-dirs ]] && other_bed_up; then
+        log "another bed is up: the mount points stay (its namespaces use them)"
+    elif [[ -f $STATE/created-dirs ]]; then
         # Only the empty mount points the bed created itself.
         while read -r dir; do
             [[ -n $dir ]] && rmdir "$dir" 2>/dev/null || true
@@ -399,6 +418,18 @@ cmd_down() {
         rm -f "$STATE/created-dirs"
     fi
     log "down"
+}
+
+# Whether a bed with another state directory (/var/tmp/cpuguard-testbed*) has a host up.
+other_bed_up() {
+    local dir h
+    for dir in /var/tmp/cpuguard-testbed /var/tmp/cpuguard-testbed-*; do
+        [[ -d $dir && $dir != "$STATE" ]] || continue
+        for h in a b; do
+            pid_alive "$dir/$h/virtlogd.pid" virtlogd && return 0
+        done
+    done
+    return 1
 }
 
 # syslog-up / syslog-down: the bed's rsyslogd alone, kept running across `up`/`down` until
@@ -631,6 +662,8 @@ main() {
             ;;
         virsh-a) exec virsh -c "$(host_uri a)" "$@" ;;
         virsh-b) exec virsh -c "$(host_uri b)" "$@" ;;
+        addr-a) host_addr a ;;
+        addr-b) host_addr b ;;
         uri-a) host_uri a ;;
         uri-b) host_uri b ;;
         exec-a) in_ns a "$@" ;;

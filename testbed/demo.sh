@@ -48,6 +48,7 @@ step "Bringing up host A and host B (two libvirtd in their own namespaces) and r
 "$BED" up
 "$BED" install-hook "$CPUGUARD_BIN"
 AUDIT=$("$BED" audit-log)
+ADDR_B=$("$BED" addr-b)
 MARK=$(stat -c %s "$AUDIT")
 
 GUEST=demo-guest
@@ -65,7 +66,7 @@ echo "serial on A: $(tail -n 1 "$SERIAL" | tr -d '\r')"
 
 step "Live migration A -> B (cpuguard runs on B: migrate, prepare, start, started)"
 time "$BED" virsh-a migrate --live --persistent --undefinesource "$GUEST" \
-    qemu+tcp://127.0.0.2:16510/system --migrateuri tcp://127.0.0.2:49152
+    "qemu+tcp://$ADDR_B:16510/system" --migrateuri "tcp://$ADDR_B:49152"
 echo "host A:"; "$BED" virsh-a list --all
 echo "host B:"; "$BED" virsh-b list --all
 echo "B's live <cpu>:"; "$BED" virsh-b dumpxml "$GUEST" | sed -n '/<cpu /,/<\/cpu>/p'
@@ -85,7 +86,7 @@ done
 "$BED" virsh-a start "$VETOED"
 wait_stamp "$VETOED"
 if "$BED" virsh-a migrate --live --persistent --undefinesource "$VETOED" \
-    qemu+tcp://127.0.0.2:16510/system --migrateuri tcp://127.0.0.2:49152 2>"$("$BED" state-dir)/demo-veto.err"; then
+    "qemu+tcp://$ADDR_B:16510/system" --migrateuri "tcp://$ADDR_B:49152" 2>"$("$BED" state-dir)/demo-veto.err"; then
     echo "UNEXPECTED: the migration went through" >&2
     exit 1
 else

@@ -190,7 +190,7 @@ fn concurrent_migrations_measure_each_configuration_once() {
             .map(|(i, (name, _))| {
                 let bed = &bed;
                 // Concurrent incoming migrations each need their own port on B.
-                let migrate_uri = format!("tcp://127.0.0.2:{}", 49160 + i);
+                let migrate_uri = format!("tcp://{}:{}", Host::B.addr(), 49160 + i);
                 s.spawn(move || {
                     let run = bed.virsh(
                         Host::A,
@@ -200,7 +200,7 @@ fn concurrent_migrations_measure_each_configuration_once() {
                             "--persistent",
                             "--undefinesource",
                             name,
-                            bed::URI_B_TCP,
+                            &Host::B.tcp_uri(),
                             "--migrateuri",
                             &migrate_uri,
                         ],

@@ -45,12 +45,15 @@ pub fn stamp_wait() -> Duration {
     3 * (retrying + Duration::from_secs(config.probe.timeout_secs))
 }
 
-/// Host B's libvirt as seen from host A (and from any client on this machine).
-pub const URI_B_TCP: &str = "qemu+tcp://127.0.0.2:16510/system";
-/// Where B's QEMU listens for the incoming migration stream.
-pub const MIGRATE_URI_B: &str = "tcp://127.0.0.2:49152";
-pub const URI_A_TCP: &str = "qemu+tcp://127.0.0.1:16510/system";
-pub const MIGRATE_URI_A: &str = "tcp://127.0.0.1:49153";
+/// Which bed this process drives (`CPUGUARD_BED_ID`, 0-99, default 0; see testbed/bed.sh):
+/// several beds run side by side, each on its own loopback addresses and state directory.
+pub fn bed_id() -> u8 {
+    std::env::var("CPUGUARD_BED_ID")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|&id| id < 100)
+        .unwrap_or(0)
+}
 
 /// A guest architecture of the bed (`bed.sh define-guest --arch`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,18 +94,27 @@ impl Host {
         }
     }
 
-    pub fn tcp_uri(self) -> &'static str {
-        match self {
-            Host::A => URI_A_TCP,
-            Host::B => URI_B_TCP,
-        }
+    /// The host's loopback address in this bed (bed.sh `host_addr`).
+    pub fn addr(self) -> String {
+        let last = match self {
+            Host::A => 1,
+            Host::B => 2,
+        };
+        format!("127.0.{}.{last}", bed_id())
     }
 
-    pub fn migrate_uri(self) -> &'static str {
-        match self {
-            Host::A => MIGRATE_URI_A,
-            Host::B => MIGRATE_URI_B,
-        }
+    /// The host's libvirt as seen from the other host (and from any client on this machine).
+    pub fn tcp_uri(self) -> String {
+        format!("qemu+tcp://{}:16510/system", self.addr())
+    }
+
+    /// Where the host's QEMU listens for an incoming migration stream.
+    pub fn migrate_uri(self) -> String {
+        let port = match self {
+            Host::A => 49153,
+            Host::B => 49152,
+        };
+        format!("tcp://{}:{port}", self.addr())
     }
 }
 
@@ -203,7 +215,10 @@ pub fn bed_sh(args: &[&str]) -> Run {
 pub fn state_dir() -> PathBuf {
     std::env::var_os("CPUGUARD_TESTBED_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/cpuguard-testbed"))
+        .unwrap_or_else(|| match bed_id() {
+            0 => PathBuf::from("/var/tmp/cpuguard-testbed"),
+            id => PathBuf::from(format!("/var/tmp/cpuguard-testbed-{id}")),
+        })
 }
 
 /// Blocks until no other process uses the bed (the lock is released when the file is closed,
@@ -295,6 +310,7 @@ impl Bed {
     /// `virsh migrate --live --persistent --undefinesource NAME` from `from` to the other host.
     pub fn migrate(&self, name: &str, from: Host) -> Run {
         let to = from.other();
+        let (uri, migrate_uri) = (to.tcp_uri(), to.migrate_uri());
         self.virsh(
             from,
             &[
@@ -303,9 +319,9 @@ impl Bed {
                 "--persistent",
                 "--undefinesource",
                 name,
-                to.tcp_uri(),
+                &uri,
                 "--migrateuri",
-                to.migrate_uri(),
+                &migrate_uri,
             ],
         )
     }
