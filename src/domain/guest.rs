@@ -300,9 +300,10 @@ fn parse_cpu(cpu: &Element) -> Result<CpuDefinition, GuestError> {
         .attr("migratable")
         .map(|v| parse_on_off("<cpu migratable>", v))
         .transpose()?
-        // libvirt's default for the modes that have the attribute.
+        // libvirt 9 fills in `on` for host-passthrough only; for maximum it stays unset and
+        // libvirt writes nothing (QEMU's own default is the same CPU).
         .or(match mode {
-            CpuMode::HostPassthrough | CpuMode::Maximum => Some(true),
+            CpuMode::HostPassthrough => Some(true),
             _ => None,
         });
     let model_el = cpu.child("model");

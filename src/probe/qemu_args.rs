@@ -40,7 +40,7 @@ use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 pub enum ArgsError {
     #[error("domain architecture {arch:?} is not supported by the probe (x86_64 and i686 only)")]
     UnsupportedArch { arch: String },
-    #[error("domain CPU is host-model without an expanded <model>: probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
+    #[error("domain CPU <cpu mode='host-model'> is not expanded: libvirt 9 starts this host's own CPU model for it; probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
     HostModelNotExpanded,
     #[error("domain CPU <cpu mode='host-model'> names <model>{model}</model>: libvirt 9 starts this host's own CPU model for it (from its domain capabilities), not {model}; probe the domain's live or prepare-phase XML, where libvirt has resolved it")]
     HostModelWithModel { model: String },
@@ -48,7 +48,7 @@ pub enum ArgsError {
     MatchMinimum,
     #[error("domain CPU <feature policy='optional' name='{name}'>: libvirt 9 turns it on or off at start from this host's CPU, which cpuguard does not guess; probe the domain's live XML, where libvirt has resolved it")]
     OptionalFeature { name: String },
-    #[error("domain CPU <model fallback='allow'>{model}</model>: {emulator} has no CPU model {model}, and libvirt would start a substitute; probe the domain's live XML, where libvirt has resolved it")]
+    #[error("domain CPU <model>{model}</model> with fallback='allow' (libvirt's default): {emulator} has no CPU model {model}, and libvirt would start a substitute; probe the domain's live XML, where libvirt has resolved it")]
     FallbackModelMissing { model: String, emulator: String },
     #[error("domain Hyper-V enlightenment <{name}> is not one libvirt 9.0 knows (libvirt refuses such a domain)")]
     UnknownEnlightenment { name: String },
@@ -76,6 +76,17 @@ pub fn default_emulator(arch: &str) -> Result<&'static str, ArgsError> {
 /// machine, which belongs to the emulator binary, not to the guest architecture (an i686 guest on
 /// qemu-system-x86_64 gets `qemu64`).
 fn default_model(config: &GuestCpuConfig) -> &'static str {
+    if emulator_is_i386(config) {
+        "qemu32"
+    } else {
+        "qemu64"
+    }
+}
+
+/// Whether the probe (and libvirt) runs qemu-system-i386 for this domain. Two libvirt 9 rules
+/// depend on it: the default CPU model, and `migratable=`, which libvirt writes only when the
+/// emulator has the `max-x86_64-cpu` type (its QEMU_CAPS_CPU_MIGRATABLE probe).
+fn emulator_is_i386(config: &GuestCpuConfig) -> bool {
     let emulator = match &config.emulator {
         Some(path) => Path::new(path)
             .file_name()
@@ -83,11 +94,7 @@ fn default_model(config: &GuestCpuConfig) -> &'static str {
             .unwrap_or_default(),
         None => default_emulator(&config.arch).unwrap_or_default(),
     };
-    if emulator == "qemu-system-i386" {
-        "qemu32"
-    } else {
-        "qemu64"
-    }
+    emulator == "qemu-system-i386"
 }
 
 /// libvirt CPU features QEMU has no property for: libvirt 9's `virQEMUCapsCPUFilterFeatures` drops
@@ -218,7 +225,7 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
                         }
                         .to_string(),
                     );
-                    if let Some(m) = cpu.migratable {
+                    if let Some(m) = cpu.migratable.filter(|_| !emulator_is_i386(config)) {
                         parts.push(format!("migratable={}", on_off(m)));
                     }
                 }
@@ -571,7 +578,7 @@ mod tests {
             "<cpu mode='maximum'><feature policy='optional' name='vmx'/></cpu>",
             "qemu",
         );
-        assert_eq!(cpu_arg(&c).unwrap(), "max,migratable=on");
+        assert_eq!(cpu_arg(&c).unwrap(), "max");
     }
 
     #[test]
@@ -582,7 +589,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("<model fallback='allow'>Icelake-Client</model>"),
+            err.contains("<model>Icelake-Client</model> with fallback='allow'"),
             "{err}"
         );
         let c = config("<cpu><model>Nehalem</model></cpu>", "qemu");
