@@ -108,6 +108,11 @@ pub struct CpuDefinition {
     pub model: Option<String>,
     /// `<model fallback=…>`, libvirt default `allow`.
     pub fallback: Option<String>,
+    /// `<cpu match='minimum'>`: libvirt 9 replaces the model with this host's CPU at start, so the
+    /// named model is not what the guest gets (src/probe/qemu_args.rs refuses it). Skipped when
+    /// false so that cache keys of every other CPU stay what they were.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub match_minimum: bool,
     pub vendor: Option<String>,
     /// `<model vendor_id=…>`: the CPUID vendor string the guest sees instead of the model's.
     pub vendor_id: Option<String>,
@@ -156,6 +161,14 @@ pub struct CpuidAffectingFeatures {
     pub timers: Vec<(String, bool)>,
     /// `<clock><timer name='tsc' frequency=…>` (Hz): CPUID 0x40000010 and invtsc checks.
     pub tsc_frequency: Option<u64>,
+    /// `<devices><panic model='hyperv'/>`: libvirt adds `hv-crash` to `-cpu` (Hyper-V leaf
+    /// 0x40000003 EDX[10], the crash MSRs). Skipped when false: cache keys stay as they were.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub hyperv_crash: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Everything in a domain XML that decides the guest CPU.
@@ -272,13 +285,25 @@ fn parse_cpu(cpu: &Element) -> Result<CpuDefinition, GuestError> {
         Some("maximum") => CpuMode::Maximum,
         Some(other) => return Err(invalid("<cpu mode>", other, "unknown CPU mode")),
     };
+    let match_minimum = match cpu.attr("match") {
+        None | Some("exact" | "strict") => false,
+        Some("minimum") => true,
+        Some(other) => {
+            return Err(invalid(
+                "<cpu match>",
+                other,
+                "expected exact, minimum or strict",
+            ))
+        }
+    };
     let migratable = cpu
         .attr("migratable")
         .map(|v| parse_on_off("<cpu migratable>", v))
         .transpose()?
-        // libvirt's default for the modes that have the attribute.
+        // libvirt 9 fills in `on` for host-passthrough only; for maximum it stays unset and
+        // libvirt writes nothing (QEMU's own default is the same CPU).
         .or(match mode {
-            CpuMode::HostPassthrough | CpuMode::Maximum => Some(true),
+            CpuMode::HostPassthrough => Some(true),
             _ => None,
         });
     let model_el = cpu.child("model");
@@ -302,7 +327,7 @@ fn parse_cpu(cpu: &Element) -> Result<CpuDefinition, GuestError> {
     };
     let vendor_id = model_el
         .and_then(|m| m.attr("vendor_id"))
-        .map(|v| check_token("<model vendor_id>", v).map(|()| v.to_string()))
+        .map(|v| check_vendor_id("<model vendor_id>", v).map(|()| v.to_string()))
         .transpose()?;
     let vendor = cpu
         .child("vendor")
@@ -380,6 +405,7 @@ fn parse_cpu(cpu: &Element) -> Result<CpuDefinition, GuestError> {
         mode,
         model,
         fallback,
+        match_minimum,
         vendor,
         vendor_id,
         features,
@@ -398,8 +424,12 @@ fn parse_features(root: &Element) -> Result<CpuidAffectingFeatures, GuestError> 
             for f in &hv.children {
                 check_token("<hyperv> feature", &f.name)?;
                 let value = f.attr("retries").or_else(|| f.attr("value"));
-                if let Some(v) = value {
-                    check_token("<hyperv> feature value", v)?;
+                match (f.name.as_str(), value) {
+                    // libvirt's own documented example is 'KVM Hv': a space is harmless in one
+                    // argv element (no shell), a comma would start another QEMU option.
+                    ("vendor_id", Some(v)) => check_vendor_id("<hyperv><vendor_id value>", v)?,
+                    (_, Some(v)) => check_token("<hyperv> feature value", v)?,
+                    (_, None) => {}
                 }
                 let mut sub = Vec::new();
                 for c in &f.children {
@@ -442,6 +472,10 @@ fn parse_features(root: &Element) -> Result<CpuidAffectingFeatures, GuestError> 
             .map(|p| parse_on_off("<pvspinlock state>", p.attr("state").unwrap_or("on")))
             .transpose()?;
     }
+    out.hyperv_crash = root.child("devices").is_some_and(|d| {
+        d.children_named("panic")
+            .any(|p| p.attr("model") == Some("hyperv"))
+    });
     if let Some(clock) = root.child("clock") {
         for t in clock.children_named("timer") {
             match t.attr("name") {
@@ -513,6 +547,27 @@ fn check_token(what: &'static str, value: &str) -> Result<(), GuestError> {
             "only letters, digits, '-', '_' and '.' are allowed",
         ))
     }
+}
+
+/// A CPUID vendor string (`<model vendor_id>`, `<hyperv><vendor_id value>`): at most 12
+/// printable ASCII characters, as libvirt requires, spaces included (QEMU gets the value inside
+/// one argv element, no shell is involved); a comma is refused because QEMU would read what follows
+/// as another `-cpu` option.
+fn check_vendor_id(what: &'static str, value: &str) -> Result<(), GuestError> {
+    if value.is_empty() || value.len() > 12 {
+        return Err(invalid(what, value, "must be 1 to 12 characters"));
+    }
+    if !value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b',')
+    {
+        return Err(invalid(
+            what,
+            value,
+            "only printable ASCII characters other than ',' are allowed",
+        ));
+    }
+    Ok(())
 }
 
 impl From<TreeError> for GuestError {
@@ -684,5 +739,49 @@ mod tests {
         let xml =
             r#"<domain type='qemu'><os><type arch='x86_64'>hvm</type></os><vcpu>0</vcpu></domain>"#;
         assert!(GuestCpuConfig::from_domain_xml(xml).is_err());
+        for vendor in ["a,b", "KVM\nHv", "thirteen char"] {
+            let hv = format!(
+                "<domain type='kvm'><os><type arch='x86_64'>hvm</type></os><features><hyperv>\
+                 <vendor_id state='on' value='{vendor}'/></hyperv></features></domain>"
+            );
+            let model = format!(
+                "<domain type='kvm'><os><type arch='x86_64'>hvm</type></os>\
+                 <cpu><model vendor_id='{vendor}'>qemu64</model></cpu></domain>"
+            );
+            for xml in [hv, model] {
+                let err = GuestCpuConfig::from_domain_xml(&xml).unwrap_err();
+                assert!(err.to_string().contains("vendor_id"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn vendor_ids_with_a_space_panic_device_and_match_are_read() {
+        let xml = r#"<domain type='kvm'><os><type arch='x86_64'>hvm</type></os>
+            <features><hyperv><vendor_id state='on' value='KVM Hv'/></hyperv></features>
+            <cpu match='minimum'><model vendor_id='Libvirt QEMU'>qemu64</model></cpu>
+            <devices><panic model='isa'/><panic model='hyperv'/></devices></domain>"#;
+        let c = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        let cpu = c.cpu.as_ref().unwrap();
+        assert_eq!(cpu.vendor_id.as_deref(), Some("Libvirt QEMU"));
+        assert!(cpu.match_minimum);
+        assert!(c.features.hyperv_crash);
+        let hv = c.features.hyperv.as_ref().unwrap();
+        assert_eq!(hv.features[0].value.as_deref(), Some("KVM Hv"));
+        let xml = r#"<domain type='kvm'><os><type arch='x86_64'>hvm</type></os>
+            <cpu match='loose'/></domain>"#;
+        let err = GuestCpuConfig::from_domain_xml(xml).unwrap_err();
+        assert!(err.to_string().contains("<cpu match>"), "{err}");
+    }
+
+    #[test]
+    fn new_fields_keep_old_cache_keys() {
+        // A config without a panic device or match='minimum' serializes as before these fields
+        // existed, so existing cache entries and stamps keep their keys.
+        let c = GuestCpuConfig::from_domain_xml(PREPARE).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(!json.contains("hyperv_crash") && !json.contains("match_minimum"));
+        let back: GuestCpuConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c);
     }
 }

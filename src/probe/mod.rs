@@ -5,6 +5,7 @@
 //! - `output`: parsing the probe's debugcon output into a `CpuidTable`.
 //! - `qemu_args`: the QEMU command line from a `GuestCpuConfig` (as libvirt would build it).
 //! - `emulator`: deciding whether an emulator path from untrusted XML may be run.
+//! - `models`: the CPU models an emulator has (for libvirt's `fallback='allow'` rule).
 //! - `run`: running it with a wall-time bound; `probe()` is the x86 entry point.
 //!
 //! [`probe_view`] is the entry point for every architecture: aarch64 domains go to the
@@ -12,6 +13,7 @@
 
 pub mod emulator;
 pub mod firmware;
+pub mod models;
 pub mod output;
 pub mod qemu_args;
 pub mod run;

@@ -1,19 +1,32 @@
 //! The QEMU command line that boots the probe with the guest's own CPU configuration.
 //!
-//! The `-machine` type, `-accel`, `-cpu` and `-smp` follow what libvirt 9 puts on the command line
-//! for the same domain XML (tests/probe_qemu_args.rs compares them with `virsh domxml-to-native`),
-//! so the probe's guest sees the CPU the real guest sees. Everything else (devices, memory,
-//! firmware) is the probe's own and does not change CPUID.
+//! The `-machine` type, `-accel`, `-cpu` and `-smp` follow what libvirt 9.0 puts on the command
+//! line for the same domain XML (`qemuBuildCpuCommandLine`, `qemuBuildCpuModelArgStr`, and the CPU
+//! update `qemuProcessUpdateGuestCPU` runs before them), so the probe's guest sees the CPU the real
+//! guest sees. tests/probe_qemu_args.rs checks this against libvirt's own answers
+//! (`virsh domxml-to-native`) for a generated corpus of definitions. Everything else (devices,
+//! memory, firmware) is the probe's own and does not change CPUID.
 //!
-//! Where this differs from libvirt, on purpose:
-//! - `host-model` without an expanded `<model>` is refused: libvirt expands it at start from its
-//!   own host CPU data, which cpuguard does not reproduce. The prepare-phase and live XML carry
-//!   the expanded model, which is used like `custom`.
-//! - `optional` features are left to the model's default; libvirt resolves them against the host
-//!   at start, and the prepare-phase / live XML already carries the result as require/disable.
+//! libvirt 9.0's rules reproduced here:
+//! - no `<cpu>`, or a custom `<cpu>` without `<model>`: the emulator's default CPU type for the
+//!   machine (`qemu64` for qemu-system-x86_64, also for an i686 guest; `qemu32` for
+//!   qemu-system-i386), which libvirt writes into the definition;
+//! - `<feature>` policies `force`/`require` → `name=on`, `disable`/`forbid` → `name=off`; features
+//!   QEMU has no property for (`cmt`, `mbm_total`, `mbm_local`, `osxsave`, `ospke`) are dropped, as
+//!   libvirt's `virQEMUCapsCPUFilterFeatures` drops them;
+//! - features a cpu_map model marks `removed='yes'` (e.g. `monitor` in EPYC) are turned off unless
+//!   the XML names them: QEMU's model still has them;
+//! - `<model vendor_id>` only for custom CPUs (libvirt ignores it for host-passthrough);
+//! - `<panic model='hyperv'/>` → `hv-crash`; Hyper-V enlightenments as libvirt 9.0 knows them
+//!   (only `stimer`'s `<direct/>` among the sub-elements; `tlbflush`'s `<direct/>`/`<extended/>`
+//!   came with later libvirt and 9.0 leaves them off the command line).
 //!
-//! Like libvirt 9, features a cpu_map model marks `removed='yes'` (e.g. `monitor` in EPYC) are
-//! turned off explicitly unless the XML names them: QEMU's model still has them.
+//! What libvirt 9.0 decides from the host at start, and cpuguard therefore refuses to probe (the
+//! error names the construct; the live XML of a running domain has it resolved, and is probed):
+//! `host-model` (with or without `<model>`: a new start gets this host's CPU model), `match='minimum'`
+//! (the same), `policy='optional'` features of a custom CPU (on where the host has them), and a
+//! `fallback='allow'` model this QEMU does not have (libvirt substitutes the closest model;
+//! checked by [`check_model_available`] against the emulator's model list).
 
 use crate::cpuid::features::libvirt_to_qemu;
 use std::path::Path;
@@ -27,8 +40,18 @@ use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 pub enum ArgsError {
     #[error("domain architecture {arch:?} is not supported by the probe (x86_64 and i686 only)")]
     UnsupportedArch { arch: String },
-    #[error("domain CPU is host-model without an expanded <model>: probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
+    #[error("domain CPU <cpu mode='host-model'> is not expanded: libvirt 9 starts this host's own CPU model for it; probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
     HostModelNotExpanded,
+    #[error("domain CPU <cpu mode='host-model'> names <model>{model}</model>: libvirt 9 starts this host's own CPU model for it (from its domain capabilities), not {model}; probe the domain's live or prepare-phase XML, where libvirt has resolved it")]
+    HostModelWithModel { model: String },
+    #[error("domain CPU <cpu match='minimum'>: libvirt 9 starts this host's CPU model with the guest's features for it, not the named model; probe the domain's live XML, where libvirt has resolved it")]
+    MatchMinimum,
+    #[error("domain CPU <feature policy='optional' name='{name}'>: libvirt 9 turns it on or off at start from this host's CPU, which cpuguard does not guess; probe the domain's live XML, where libvirt has resolved it")]
+    OptionalFeature { name: String },
+    #[error("domain CPU <model>{model}</model> with fallback='allow' (libvirt's default): {emulator} has no CPU model {model}, and libvirt would start a substitute; probe the domain's live XML, where libvirt has resolved it")]
+    FallbackModelMissing { model: String, emulator: String },
+    #[error("domain Hyper-V enlightenment <{name}> is not one libvirt 9.0 knows (libvirt refuses such a domain)")]
+    UnknownEnlightenment { name: String },
     #[error("domain Hyper-V spinlocks retries {value:?} is not a number")]
     BadSpinlocks { value: String },
     #[error("libvirt CPU map {path:?} is unreadable: {reason}")]
@@ -49,11 +72,75 @@ pub fn default_emulator(arch: &str) -> Result<&'static str, ArgsError> {
     }
 }
 
-fn default_model(arch: &str) -> &'static str {
-    if arch == "i686" {
+/// The CPU model libvirt 9 writes for a domain without one: QEMU's default CPU type for the
+/// machine, which belongs to the emulator binary, not to the guest architecture (an i686 guest on
+/// qemu-system-x86_64 gets `qemu64`).
+fn default_model(config: &GuestCpuConfig) -> &'static str {
+    if emulator_is_i386(config) {
         "qemu32"
     } else {
         "qemu64"
+    }
+}
+
+/// Whether the probe (and libvirt) runs qemu-system-i386 for this domain. Two libvirt 9 rules
+/// depend on it: the default CPU model, and `migratable=`, which libvirt writes only when the
+/// emulator has the `max-x86_64-cpu` type (its QEMU_CAPS_CPU_MIGRATABLE probe).
+fn emulator_is_i386(config: &GuestCpuConfig) -> bool {
+    let emulator = match &config.emulator {
+        Some(path) => Path::new(path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default(),
+        None => default_emulator(&config.arch).unwrap_or_default(),
+    };
+    emulator == "qemu-system-i386"
+}
+
+/// libvirt CPU features QEMU has no property for: libvirt 9's `virQEMUCapsCPUFilterFeatures` drops
+/// them from the definition before the command line is built, whatever their policy.
+const FILTERED_FEATURES: &[&str] = &["cmt", "mbm_total", "mbm_local", "osxsave", "ospke"];
+
+/// The Hyper-V enlightenments libvirt 9.0 parses (`virDomainHyperv`); it refuses a domain with any
+/// other.
+const LIBVIRT9_ENLIGHTENMENTS: &[&str] = &[
+    "relaxed",
+    "vapic",
+    "spinlocks",
+    "vpindex",
+    "runtime",
+    "synic",
+    "stimer",
+    "reset",
+    "vendor_id",
+    "frequencies",
+    "reenlightenment",
+    "tlbflush",
+    "ipi",
+    "evmcs",
+    "avic",
+];
+
+/// Refuses a custom CPU whose `<model fallback='allow'>` names a model missing from `qemu_models`
+/// (the emulator's `-cpu help` list): libvirt 9 would start a substitute it picks from the host's
+/// and QEMU's models (`virCPUTranslate`), which cpuguard does not reproduce. With
+/// `fallback='forbid'` libvirt refuses such a domain itself, and so does QEMU in the probe.
+pub fn check_model_available(
+    config: &GuestCpuConfig,
+    emulator: &str,
+    qemu_models: &[String],
+) -> Result<(), ArgsError> {
+    let Some(cpu) = &config.cpu else {
+        return Ok(());
+    };
+    match (&cpu.model, cpu.mode, cpu.fallback.as_deref()) {
+        (Some(model), CpuMode::Custom, Some("allow")) if !qemu_models.contains(model) => {
+            Err(ArgsError::FallbackModelMissing {
+                model: model.clone(),
+                emulator: emulator.to_string(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -125,8 +212,9 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
     }
     let mut parts: Vec<String> = Vec::new();
     match &config.cpu {
-        None => parts.push(default_model(&config.arch).to_string()),
+        None => parts.push(default_model(config).to_string()),
         Some(cpu) => {
+            let custom = cpu.mode == CpuMode::Custom;
             match cpu.mode {
                 CpuMode::HostPassthrough | CpuMode::Maximum => {
                     parts.push(
@@ -137,37 +225,52 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
                         }
                         .to_string(),
                     );
-                    if let Some(m) = cpu.migratable {
+                    if let Some(m) = cpu.migratable.filter(|_| !emulator_is_i386(config)) {
                         parts.push(format!("migratable={}", on_off(m)));
                     }
                 }
-                CpuMode::HostModel if cpu.model.is_none() => {
-                    return Err(ArgsError::HostModelNotExpanded)
+                // libvirt 9 resolves both from this host's CPU at start (x86UpdateHostModel); the
+                // live XML carries the result as a custom CPU.
+                CpuMode::HostModel => {
+                    return Err(match &cpu.model {
+                        None => ArgsError::HostModelNotExpanded,
+                        Some(model) => ArgsError::HostModelWithModel {
+                            model: model.clone(),
+                        },
+                    })
                 }
-                CpuMode::Custom | CpuMode::HostModel => {
+                CpuMode::Custom if cpu.match_minimum => return Err(ArgsError::MatchMinimum),
+                CpuMode::Custom => {
                     parts.push(
                         cpu.model
                             .clone()
-                            .unwrap_or_else(|| default_model(&config.arch).to_string()),
+                            .unwrap_or_else(|| default_model(config).to_string()),
                     );
                     if let Some(v) = &cpu.vendor_id {
                         parts.push(format!("vendor={v}"));
                     }
                 }
             }
-            for f in &cpu.features {
+            let features = cpu
+                .features
+                .iter()
+                .filter(|f| !FILTERED_FEATURES.contains(&f.name.as_str()));
+            for f in features {
                 let state = match f.policy {
                     FeaturePolicy::Force | FeaturePolicy::Require => "on",
                     FeaturePolicy::Disable | FeaturePolicy::Forbid => "off",
+                    // A custom CPU's optional feature is decided against the host
+                    // (virCPUx86Update); host-passthrough and maximum leave it to QEMU.
+                    FeaturePolicy::Optional if custom => {
+                        return Err(ArgsError::OptionalFeature {
+                            name: f.name.clone(),
+                        })
+                    }
                     FeaturePolicy::Optional => continue,
                 };
                 parts.push(format!("{}={state}", libvirt_to_qemu(&f.name)));
             }
-            if let Some(model) = cpu
-                .model
-                .as_deref()
-                .filter(|_| matches!(cpu.mode, CpuMode::Custom | CpuMode::HostModel))
-            {
+            if let Some(model) = cpu.model.as_deref().filter(|_| custom) {
                 for name in removed_features(cpu_map, model)? {
                     if !cpu.features.iter().any(|f| f.name == name) {
                         parts.push(format!("{}=off", libvirt_to_qemu(&name)));
@@ -196,6 +299,11 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
             parts.push("hv-passthrough=on".to_string());
         }
         for f in &hv.features {
+            if !LIBVIRT9_ENLIGHTENMENTS.contains(&f.name.as_str()) {
+                return Err(ArgsError::UnknownEnlightenment {
+                    name: f.name.clone(),
+                });
+            }
             if f.state.as_deref() != Some("on") {
                 continue;
             }
@@ -210,13 +318,11 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
                 ("vendor_id", Some(value)) => parts.push(format!("{qemu}={value}")),
                 _ => parts.push(format!("{qemu}=on")),
             }
+            // libvirt 9.0 emits stimer's <direct/> only; tlbflush's <direct/> and <extended/>
+            // are parsed by later versions, and 9.0 leaves them off the command line.
             for (sub, state) in &f.sub {
-                let suffix = match (f.name.as_str(), sub.as_str()) {
-                    ("tlbflush", "extended") => "ext".to_string(),
-                    (_, sub) => sub.replace('_', "-"),
-                };
-                if state == "on" {
-                    parts.push(format!("{qemu}-{suffix}=on"));
+                if f.name == "stimer" && sub == "direct" && state == "on" {
+                    parts.push("hv-stimer-direct=on".to_string());
                 }
             }
         }
@@ -229,6 +335,10 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
             "pv-ipi" if !on => parts.push("kvm-pv-ipi=off".to_string()),
             _ => {}
         }
+    }
+    if features.hyperv_crash {
+        // libvirt writes it without a value.
+        parts.push("hv-crash".to_string());
     }
     if let Some(pmu) = features.pmu {
         parts.push(format!("pmu={}", on_off(pmu)));
@@ -383,8 +493,9 @@ mod tests {
     fn custom_model_features_are_translated() {
         let c = config(
             "<cpu><model>Haswell-noTSX</model><feature name='tsc_adjust'/>\
-             <feature policy='disable' name='vmx'/><feature policy='optional' name='ssse3'/>\
-             <feature policy='forbid' name='pclmuldq'/><feature policy='force' name='sse4.1'/></cpu>",
+             <feature policy='disable' name='vmx'/><feature policy='forbid' name='pclmuldq'/>\
+             <feature policy='force' name='sse4.1'/><feature name='osxsave'/>\
+             <feature policy='disable' name='cmt'/></cpu>",
             "qemu",
         );
         let cpu = cpu_arg(&c).unwrap();
@@ -438,14 +549,98 @@ mod tests {
     }
 
     #[test]
-    fn unexpanded_host_model_is_refused() {
+    fn what_libvirt_resolves_from_the_host_is_refused_naming_the_construct() {
         let c = config("<cpu mode='host-model'/>", "kvm");
         assert_eq!(cpu_arg(&c), Err(ArgsError::HostModelNotExpanded));
         let c = config(
             "<cpu mode='host-model'><model>EPYC-Milan</model></cpu>",
             "kvm",
         );
-        assert_eq!(cpu_arg(&c).unwrap(), "EPYC-Milan");
+        let err = cpu_arg(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("<cpu mode='host-model'> names <model>EPYC-Milan</model>"),
+            "{err}"
+        );
+        let c = config("<cpu match='minimum'><model>Nehalem</model></cpu>", "kvm");
+        let err = cpu_arg(&c).unwrap_err().to_string();
+        assert!(err.contains("<cpu match='minimum'>"), "{err}");
+        let c = config(
+            "<cpu><model>Nehalem</model><feature policy='optional' name='vmx'/></cpu>",
+            "qemu",
+        );
+        let err = cpu_arg(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("<feature policy='optional' name='vmx'>"),
+            "{err}"
+        );
+        // host-passthrough and maximum leave an optional feature to QEMU, as libvirt does.
+        let c = config(
+            "<cpu mode='maximum'><feature policy='optional' name='vmx'/></cpu>",
+            "qemu",
+        );
+        assert_eq!(cpu_arg(&c).unwrap(), "max");
+    }
+
+    #[test]
+    fn a_fallback_model_qemu_lacks_is_refused() {
+        let models = vec!["qemu64".to_string(), "Nehalem".to_string()];
+        let c = config("<cpu><model>Icelake-Client</model></cpu>", "qemu");
+        let err = check_model_available(&c, "/usr/bin/qemu-system-x86_64", &models)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("<model>Icelake-Client</model> with fallback='allow'"),
+            "{err}"
+        );
+        let c = config("<cpu><model>Nehalem</model></cpu>", "qemu");
+        assert_eq!(check_model_available(&c, "q", &models), Ok(()));
+        // forbid: libvirt refuses the domain itself, and QEMU refuses the probe.
+        let c = config(
+            "<cpu><model fallback='forbid'>Icelake-Client</model></cpu>",
+            "qemu",
+        );
+        assert_eq!(check_model_available(&c, "q", &models), Ok(()));
+    }
+
+    #[test]
+    fn the_default_model_is_the_emulators() {
+        let xml = |arch: &str, emulator: &str| {
+            format!(
+                "<domain type='qemu'><os><type arch='{arch}'>hvm</type></os>\
+                 <devices><emulator>{emulator}</emulator></devices></domain>"
+            )
+        };
+        for (arch, emulator, model) in [
+            ("i686", "/usr/bin/qemu-system-x86_64", "qemu64"),
+            ("i686", "/usr/bin/qemu-system-i386", "qemu32"),
+            ("x86_64", "/usr/bin/qemu-system-x86_64", "qemu64"),
+        ] {
+            let c = GuestCpuConfig::from_domain_xml(&xml(arch, emulator)).unwrap();
+            assert_eq!(cpu_arg(&c).unwrap(), model, "{arch} on {emulator}");
+        }
+        let xml = "<domain type='qemu'><os><type arch='i686'>hvm</type></os></domain>";
+        let c = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        assert_eq!(cpu_arg(&c).unwrap(), "qemu32");
+    }
+
+    #[test]
+    fn panic_device_vendor_ids_and_unknown_enlightenments() {
+        let c = config(
+            "<features><hyperv><vendor_id state='on' value='KVM Hv'/></hyperv></features>\
+             <cpu><model vendor_id='Libvirt QEMU'>qemu64</model></cpu>\
+             <devices><panic model='hyperv'/></devices>",
+            "kvm",
+        );
+        assert_eq!(
+            cpu_arg(&c).unwrap(),
+            "qemu64,vendor=Libvirt QEMU,hv-vendor-id=KVM Hv,hv-crash"
+        );
+        let c = config(
+            "<features><hyperv><emsr_bitmap state='on'/></hyperv></features>",
+            "kvm",
+        );
+        let err = cpu_arg(&c).unwrap_err().to_string();
+        assert!(err.contains("<emsr_bitmap>"), "{err}");
     }
 
     #[test]
@@ -465,14 +660,14 @@ mod tests {
         let c = config(
             "<features><hyperv><relaxed state='on'/><reset state='off'/>\
              <spinlocks state='on' retries='4095'/><tlbflush state='on'><extended state='on'/></tlbflush>\
-             </hyperv><kvm><hidden state='on'/></kvm><pmu state='off'/></features>\
+             <stimer state='on'><direct state='on'/></stimer></hyperv><kvm><hidden state='on'/></kvm><pmu state='off'/></features>\
              <cpu mode='host-passthrough'/>",
             "kvm",
         );
         let cpu = cpu_arg(&c).unwrap();
         assert_eq!(
             cpu,
-            "host,migratable=on,hv-relaxed=on,hv-spinlocks=0xfff,hv-tlbflush=on,hv-tlbflush-ext=on,kvm=off,pmu=off"
+            "host,migratable=on,hv-relaxed=on,hv-spinlocks=0xfff,hv-stimer=on,hv-stimer-direct=on,hv-tlbflush=on,kvm=off,pmu=off"
         );
     }
 

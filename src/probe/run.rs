@@ -19,7 +19,7 @@ use super::firmware::{
     HEARTBEAT_X86, PROBE_EXIT_STATUS, PROBE_FATAL_STATUS, PROBE_MSR_SELFTEST_X86, PROBE_X86,
 };
 use super::output::{self, OutputError};
-use super::qemu_args::{default_emulator, probe_args, ArgsError};
+use super::qemu_args::{check_model_available, default_emulator, probe_args, ArgsError};
 use crate::cpuid::CpuidTable;
 use crate::domain::guest::{Accel, GuestCpuConfig};
 
@@ -121,6 +121,7 @@ pub fn probe(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<CpuidTable,
 /// Like [`probe`], with the emulator, argv and wall time of the run.
 pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRun, ProbeError> {
     let emulator = resolve_emulator(config, &opts.allowed_emulators)?;
+    check_fallback_model(config, &emulator)?;
     let work = WorkDir::create(opts.work_dir.as_deref())?;
     let firmware = match opts.firmware {
         Firmware::Probe => PROBE_X86,
@@ -151,6 +152,20 @@ pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRu
         argv,
         wall_time,
     })
+}
+
+/// A custom `<model fallback='allow'>` (persistent definitions; live XML says `forbid`) is
+/// started by libvirt as named only when the emulator has the model: ask the emulator.
+fn check_fallback_model(config: &GuestCpuConfig, emulator: &Path) -> Result<(), ProbeError> {
+    let allow = config
+        .cpu
+        .as_ref()
+        .is_some_and(|c| c.model.is_some() && c.fallback.as_deref() == Some("allow"));
+    if allow {
+        let models = super::models::qemu_cpu_models(emulator)?;
+        check_model_available(config, &emulator.display().to_string(), &models)?;
+    }
+    Ok(())
 }
 
 /// The first line of `<emulator> --version` (e.g. "QEMU emulator version 7.2.22 (...)"), for the

@@ -57,11 +57,23 @@ impl PrivateLibvirtd {
     /// Starts the daemon and waits for its first answer (see `READY_BOUND`); reports on stderr
     /// how long that took when it was slow (a cold capabilities cache).
     pub fn start() -> Result<PrivateLibvirtd, String> {
+        Self::start_with_qemu_conf(None)
+    }
+
+    /// [`start`](Self::start) with this text as the daemon's `/etc/libvirt/qemu.conf` (a test that
+    /// starts domains sets `stdio_handler = "file"`: the namespace runs no virtlogd).
+    pub fn start_with_qemu_conf(qemu_conf: Option<&str>) -> Result<PrivateLibvirtd, String> {
         let target = Path::new(env!("CARGO_TARGET_TMPDIR"));
         let dir = tempfile::Builder::new()
             .prefix("cpuguard-private-libvirtd.")
             .tempdir_in(target)
             .map_err(|e| format!("cannot create a directory for the private libvirtd: {e}"))?;
+        if let Some(conf) = qemu_conf {
+            let etc = dir.path().join("etc");
+            std::fs::create_dir_all(&etc)
+                .and_then(|()| std::fs::write(etc.join("qemu.conf"), conf))
+                .map_err(|e| format!("cannot write the private libvirtd's qemu.conf: {e}"))?;
+        }
         let cache = target.join("private-libvirtd-cache");
         let mut command = Command::new("unshare");
         command
