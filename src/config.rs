@@ -52,7 +52,7 @@ pub struct Config {
     /// Largest domain XML the hook accepts on stdin, in bytes (default 16 MiB).
     pub max_xml_bytes: usize,
     /// How long the migrate/restore phase's "incoming" record stays valid for the prepare phase
-    /// that follows it, in seconds (default 600).
+    /// that follows it, in seconds (default 600, at least [`crate::incoming::MIN_TTL_SECS`]).
     pub incoming_ttl_secs: u64,
     pub probe: ProbeConfig,
     pub policy: PolicyConfig,
@@ -200,6 +200,17 @@ impl Config {
         if self.max_xml_bytes < 1024 {
             return Err(invalid("max_xml_bytes", "must be at least 1024"));
         }
+        if self.incoming_ttl_secs < crate::incoming::MIN_TTL_SECS {
+            // Shorter than libvirt may take between `migrate begin` and `prepare`: the record
+            // would expire first and the incoming guest would start unchecked.
+            return Err(invalid(
+                "incoming_ttl_secs",
+                &format!(
+                    "must be at least {} (libvirt may take that long from migrate to prepare)",
+                    crate::incoming::MIN_TTL_SECS
+                ),
+            ));
+        }
         if self.probe.timeout_secs == 0 {
             return Err(invalid("probe.timeout_secs", "must be at least 1"));
         }
@@ -264,6 +275,14 @@ mod tests {
             "/etc/cpuguard/cpuguard.toml: runtime_dir: must be an absolute path"
         );
         assert!(!e.to_string().contains('\n'));
+        // A zero TTL would let every incoming guest start unchecked.
+        let e = parse("incoming_ttl_secs = 0\n").expect_err("zero ttl");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/cpuguard/cpuguard.toml: incoming_ttl_secs: must be at least 60"),
+            "{e}"
+        );
+        parse("incoming_ttl_secs = 60\n").expect("the minimum is accepted");
     }
 
     #[test]

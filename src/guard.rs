@@ -1,6 +1,7 @@
 //! The verdict on an incoming guest: the source's stamp against this host's measurement, under
 //! the configured policies. Pure: no I/O, so every policy path is tested directly.
 
+use crate::audit::escape;
 use crate::config::{PolicyConfig, Verdict};
 use crate::cpuid::FeatureMap;
 use crate::domain::metadata::{DomainPolicy, Stamp};
@@ -42,11 +43,11 @@ pub struct Incoming<'a> {
 
 impl Incoming<'_> {
     fn headline(&self, what: &str) -> String {
-        let verb = match self.origin {
-            Origin::Migrate => "incoming migration",
-            Origin::Restore => "restore",
-        };
-        format!("cpuguard: refusing {verb} of {}: {what}", self.domain)
+        format!(
+            "cpuguard: refusing {} of {}: {what}",
+            self.origin.describe(),
+            escape(self.domain)
+        )
     }
 }
 
@@ -93,7 +94,7 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
                     "{}\n  run `cpuguard stamp {}` on the source host and migrate again, or set \
                      policy.unstamped_source = \"allow\" in {}",
                     inc.headline(&reason),
-                    inc.domain,
+                    escape(inc.domain),
                     inc.config_path
                 );
                 refuse(reason, message)
@@ -107,7 +108,7 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             let message = format!(
                 "{}\n  run `cpuguard stamp {}` on the source host and migrate again",
                 inc.headline(&reason),
-                inc.domain
+                escape(inc.domain)
             );
             return refuse(reason, message);
         }

@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::audit::{Record, Severity};
+use crate::audit::{escape, Record, Severity};
 use crate::config::Config;
 
 pub use migrate::{rewrite_cpu, CpuDecision};
@@ -99,7 +99,9 @@ pub fn main(args: &[OsString]) -> i32 {
     let stdin = io::stdin();
     let outcome = run(args, &mut stdin.lock());
     if !outcome.stderr.is_empty() {
-        let _ = writeln!(io::stderr(), "{}", outcome.stderr.trim_end());
+        // libvirt hands this to `virsh`, which prints it on the operator's terminal.
+        let text = crate::audit::sanitize_message(outcome.stderr.trim_end());
+        let _ = writeln!(io::stderr(), "{text}");
     }
     // Audit lines that could not reach syslog come after the verdict.
     crate::audit::flush_deferred();
@@ -152,8 +154,10 @@ pub fn run(args: &[OsString], input: &mut dyn Read) -> Outcome {
                 status: EXIT_OK,
                 stdout: Vec::new(),
                 stderr: format!(
-                    "cpuguard: ignoring unknown hook operation {op:?} {subop:?} for domain {:?}",
-                    call.domain
+                    "cpuguard: ignoring unknown hook operation {} {} for domain {}",
+                    escape(op),
+                    escape(subop),
+                    escape(&call.domain)
                 ),
             }
         }
@@ -231,7 +235,7 @@ mod tests {
         let out = run(&args(&["g", "teleport", "begin", "-"]), &mut input);
         assert_eq!(out.status, EXIT_OK);
         assert!(out.stdout.is_empty());
-        assert!(out.stderr.contains("unknown hook operation \"teleport\""));
+        assert!(out.stderr.contains("unknown hook operation teleport begin"));
     }
 
     #[test]
