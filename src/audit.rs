@@ -282,4 +282,44 @@ mod tests {
         let r = Record::new(Severity::Warning, "p", "a").field("x", "a\u{1b}[31mb");
         assert_eq!(r.line(), "phase=p action=a x=\"a\\u{1b}[31mb\"");
     }
+
+    #[test]
+    fn fields_and_lines_are_capped_and_marked() {
+        let long = "h".repeat(300_000);
+        let r = Record::new(Severity::Info, "prepare", "allowed")
+            .field("source_host", &long)
+            .field("reason", &"r".repeat(5000));
+        let at = r.line().find("source_host=").expect("field");
+        let end = r.line().find(" reason=").expect("next field");
+        let host = &r.line()[at..end];
+        assert!(
+            host.len() <= "source_host=\"\"".len() + FIELD_CAP + 40,
+            "{}",
+            host.len()
+        );
+        assert!(host.ends_with("…(cut from 300000 bytes)\""), "{host}");
+        assert!(r.line().contains("…(cut from 5000 bytes)"));
+        // Escapes count towards the cap and are never split.
+        let r = Record::new(Severity::Info, "p", "a").field("x", &"\u{1b}".repeat(1000));
+        assert!(
+            r.line().contains("\\u{1b}…(cut from 1000 bytes)"),
+            "{}",
+            r.line()
+        );
+        // However many fields, the line stays under LINE_CAP and says it was cut.
+        let mut r = Record::new(Severity::Info, "p", "a");
+        for i in 0..100 {
+            r = r.field(&format!("f{i}"), &"v".repeat(1000));
+        }
+        assert!(r.line().len() <= LINE_CAP, "{}", r.line().len());
+        assert!(r.line().ends_with(" cut=line"));
+    }
+
+    #[test]
+    fn operator_text_is_escaped_like_syslog() {
+        assert_eq!(escape("guest1"), "guest1");
+        assert_eq!(escape("a\u{1b}[2J\rb"), "\"a\\u{1b}[2J\\u{d}b\"");
+        assert_eq!(sanitize_message("x\n  y\u{7}"), "x\n  y\\u{7}");
+        assert_eq!(escape("a\u{202e}b"), "\"a\\u{202e}b\"");
+    }
 }

@@ -51,6 +51,16 @@ impl Incoming<'_> {
     }
 }
 
+/// Largest stamp `<table>` accepted, in bytes. A real x86 table is ~100 lines and ~5 KiB, an
+/// aarch64 one ~25 lines; a larger one is refused as malformed before it is parsed (a 15 MB table
+/// cost the prepare hook seconds and hundreds of MB).
+pub const MAX_STAMP_TABLE_BYTES: usize = 64 * 1024;
+/// Most lines a stamp `<table>` may have.
+pub const MAX_STAMP_TABLE_LINES: usize = 1024;
+/// Most differences listed in a refusal (the first ones; the count of the rest follows), so the
+/// message libvirt carries back to `virsh` stays a screenful.
+pub const MAX_DIFF_LINES: usize = 64;
+
 /// The source's raw view (CPUID table or aarch64 ID registers) from its stamp, or why it cannot
 /// be used.
 pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
@@ -65,6 +75,18 @@ pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
         .table
         .as_deref()
         .ok_or("the source's cpuguard stamp carries no CPU table")?;
+    if text.len() > MAX_STAMP_TABLE_BYTES {
+        return Err(format!(
+            "the source's cpuguard stamp is malformed: its table is {} bytes, over the {MAX_STAMP_TABLE_BYTES}-byte limit",
+            text.len()
+        ));
+    }
+    let lines = text.lines().count();
+    if lines > MAX_STAMP_TABLE_LINES {
+        return Err(format!(
+            "the source's cpuguard stamp is malformed: its table has {lines} lines, over the {MAX_STAMP_TABLE_LINES}-line limit"
+        ));
+    }
     GuestView::parse_text(text)
         .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
@@ -156,9 +178,16 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
     }
     let what = format!("the guest CPU would change on {}", inc.this_host);
     let mut message = inc.headline(&what);
-    for line in d.lines() {
+    let lines = d.lines();
+    for line in lines.iter().take(MAX_DIFF_LINES) {
         message.push_str("\n  ");
-        message.push_str(&line);
+        message.push_str(line);
+    }
+    if lines.len() > MAX_DIFF_LINES {
+        message.push_str(&format!(
+            "\n  … and {} more differences",
+            lines.len() - MAX_DIFF_LINES
+        ));
     }
     if only_gained {
         message.push_str(

@@ -531,3 +531,222 @@ fn names_on_stderr_are_escaped_as_in_syslog() {
         out.stderr
     );
 }
+
+// --- 1. audit lines reach syslog whatever their fields -----------------------------------------
+
+/// The test bed's rsyslogd writes cpuguard's lines to this file (`testbed/bed.sh syslog-up`).
+fn audit_log() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/bed.sh");
+    let out = Command::new(&script)
+        .arg("audit-log")
+        .output()
+        .expect("testbed/bed.sh audit-log");
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        Path::new("/dev/log").exists() && path.exists(),
+        "no syslog daemon: run `testbed/bed.sh syslog-up` (testbed/run-tests.sh does)"
+    );
+    path
+}
+
+/// Waits (rsyslog writes asynchronously) for a line of `log` after byte `mark` with every field.
+fn wait_audit(log: &Path, mark: u64, fields: &[&str]) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let bytes = fs::read(log).unwrap_or_default();
+        let tail = String::from_utf8_lossy(bytes.get(mark as usize..).unwrap_or_default());
+        if let Some(line) = tail.lines().find(|l| fields.iter().all(|f| l.contains(f))) {
+            return Some(line.to_string());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// repro-02: a 300 KB stamp `host` attribute (or a long tag name in an error) made the syslog
+/// datagram too large (EMSGSIZE) and the decision reached only stderr, which libvirt drops on
+/// success. Fields are capped and marked; every line is found in the real syslog.
+#[test]
+fn oversized_audit_fields_still_reach_syslog() {
+    if !root_only() {
+        return;
+    }
+    let log = audit_log();
+    let dir = scratch_dir();
+    let config = host_config(dir.path(), "dst", QEMU);
+    let unique = format!(
+        "audit{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    );
+    let huge_host = "h".repeat(300_000);
+    let stamp = stamp_from(&config, QEMU, dir.path(), &huge_host);
+    let xml = domain(&unique, UUID, QEMU, &stamp);
+    let mark = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let out = hook(
+        &config,
+        &[&unique, "migrate", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = hook(
+        &config,
+        &[&unique, "prepare", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains("audit:"),
+        "the audit line fell back to stderr: {}",
+        &out.stderr[..out.stderr.len().min(300)]
+    );
+    let domain_field = format!("domain={unique} ");
+    let line = wait_audit(
+        &log,
+        mark,
+        &[
+            "phase=prepare action=allowed",
+            &domain_field,
+            "(cut from 300000 bytes)",
+        ],
+    )
+    .expect("the allowed decision is in syslog");
+    assert!(
+        line.len() <= cpuguard::audit::LINE_CAP + 200,
+        "{}",
+        line.len()
+    );
+
+    // A refusal whose reason quotes a 300 KB tag name.
+    let tag = "t".repeat(300_000);
+    let bad = format!("<domain><{tag}></x></domain>");
+    let name2 = format!("{unique}tag");
+    let out = hook(
+        &config,
+        &[&name2, "migrate", "begin", "-"],
+        bad.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(
+        out.code,
+        Some(1),
+        "{}",
+        &out.stderr[..out.stderr.len().min(300)]
+    );
+    let domain_field = format!("domain={name2} ");
+    wait_audit(
+        &log,
+        mark,
+        &["phase=migrate action=refused", &domain_field, "cut from"],
+    )
+    .expect("the refusal is in syslog");
+}
+
+// --- 2. the stamp table and the difference output are bounded ---------------------------------
+
+/// A stamp like [`stamp_from`]'s with `extra` lines appended to its table.
+fn stamp_with_extra(config: &Path, dir: &Path, extra: &str) -> String {
+    let plain = dir.join("plain.xml");
+    fs::write(&plain, domain("web1", UUID, QEMU, "")).expect("write");
+    let (code, out, err) = cpuguard(
+        config,
+        &["probe", "--cached", "--xml", plain.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let fp = Fingerprint::from_json(&out, "probe").expect("fingerprint");
+    let table = format!("{}{extra}", fp.raw().to_text());
+    namespaced_stamp("hv-src", &fp.digest, CPU, &table)
+}
+
+/// Leaves no CPU has, `count` of them, each with every register set: one difference per
+/// register when compared.
+fn bogus_leaves(count: u32) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "{:08x} 00000000: ffffffff ffffffff ffffffff ffffffff\n",
+                0x4fff_0000u32 + i
+            )
+        })
+        .collect()
+}
+
+/// repro-04: a 15 MB stamp table cost the prepare hook ~4 s, ~600 MB and ~93 MB of stderr. Over
+/// the documented limit the stamp is refused as malformed at once; within it, the refusal lists
+/// at most MAX_DIFF_LINES differences.
+#[test]
+fn huge_stamp_tables_and_long_difference_lists_are_bounded() {
+    if !root_only() {
+        return;
+    }
+    let dir = scratch_dir();
+    let config = host_config(dir.path(), "dst", QEMU);
+
+    let huge = stamp_with_extra(&config, dir.path(), &bogus_leaves(300_000));
+    assert!(huge.len() > 14_000_000);
+    let xml = domain("web1", UUID, QEMU, &huge);
+    let out = hook(
+        &config,
+        &["web1", "migrate", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = hook(
+        &config,
+        &["web1", "prepare", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with(
+            "cpuguard: refusing incoming migration of web1: the source's cpuguard stamp is malformed: its table is "
+        ) && out.stderr.contains(" bytes, over the 65536-byte limit"),
+        "{}",
+        &out.stderr[..out.stderr.len().min(400)]
+    );
+    assert!(
+        out.stderr.len() < 4096,
+        "{} bytes of stderr",
+        out.stderr.len()
+    );
+
+    // 800 leaves the destination does not have: within the table limits, thousands of
+    // differences, of which the message lists the first MAX_DIFF_LINES.
+    let many = stamp_with_extra(&config, dir.path(), &bogus_leaves(800));
+    let xml = domain("web1", UUID, QEMU, &many);
+    let out = hook(
+        &config,
+        &["web1", "migrate", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let out = hook(
+        &config,
+        &["web1", "prepare", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    let limit = cpuguard::guard::MAX_DIFF_LINES;
+    assert!(
+        lines.len() <= limit + 4,
+        "{} lines of stderr: {}",
+        lines.len(),
+        &out.stderr[..out.stderr.len().min(400)]
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("more differences")),
+        "{}",
+        &out.stderr[..out.stderr.len().min(2000)]
+    );
+}
