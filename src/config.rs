@@ -108,6 +108,10 @@ pub struct PolicyConfig {
     /// Honour `<cpuguard-policy:policy guard='off'/>` in a domain's metadata (default true;
     /// every use is audited).
     pub allow_domain_opt_out: bool,
+    /// Incoming guest whose `<qemu:commandline>` changes the CPU (`-cpu`, `-global` or `-device`
+    /// on a CPU, `-overcommit cpu-pm`), which neither the stamp nor this host's measurement sees
+    /// (default refuse; allow: audited as a warning each time).
+    pub qemu_commandline_cpu: Verdict,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for PolicyConfig {
             probe_failure: Verdict::Refuse,
             gained_features: Verdict::Refuse,
             allow_domain_opt_out: true,
+            qemu_commandline_cpu: Verdict::Refuse,
         }
     }
 }
@@ -306,6 +311,33 @@ mod tests {
             parse(&uncommented).expect("uncommented parses"),
             Config::default()
         );
+        // And it lists every key there is.
+        fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = value {
+                for (k, v) in t {
+                    let name = format!("{prefix}{k}");
+                    if v.is_table() {
+                        keys(v, &format!("{name}."), out);
+                    } else {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        let (mut all, mut listed) = (Vec::new(), Vec::new());
+        keys(
+            &toml::Value::try_from(Config::default()).expect("serializes"),
+            "",
+            &mut all,
+        );
+        keys(
+            &uncommented.parse::<toml::Value>().expect("toml"),
+            "",
+            &mut listed,
+        );
+        all.sort();
+        listed.sort();
+        assert_eq!(listed, all, "packaging/cpuguard.toml must list every key");
     }
 
     #[test]

@@ -750,3 +750,210 @@ fn huge_stamp_tables_and_long_difference_lists_are_bounded() {
         &out.stderr[..out.stderr.len().min(2000)]
     );
 }
+
+// --- 7. the probe's QEMU is confined ------------------------------------------------------------
+
+/// repro-09: the probe's QEMU ran as uid 0, unconfined, with the caller's whole environment. A
+/// wrapper emulator reports who it runs as, its environment, limits and arguments, then execs
+/// the real QEMU: the probe still measures, as libvirt's QEMU user under seccomp.
+#[test]
+fn probe_qemu_runs_as_libvirts_qemu_user_sandboxed_with_a_clean_environment() {
+    if !root_only() {
+        return;
+    }
+    let user = cpuguard::probe::confine::this_host_qemu_user()
+        .expect("libvirt's QEMU user exists (libvirt is installed)")
+        .expect("root resolves a user");
+    assert_ne!(user.uid, 0);
+    let dir = scratch_dir();
+    let report = dir.path().join("report");
+    fs::create_dir(&report).expect("mkdir");
+    nix::unistd::chown(&report, Some(nix::unistd::Uid::from_raw(user.uid)), None).expect("chown");
+    let wrapper = dir.path().join("qemu-report");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\nr={r}/$$\n{{ echo \"uid=$(id -u)\"; echo \"groups=$(id -G)\"; echo \"core=$(ulimit -c)\"; \
+             echo \"nofile=$(ulimit -n)\"; echo \"fsize=$(ulimit -f)\"; env | sed 's/^/env:/'; \
+             printf 'arg:%s\\n' \"$@\"; }} > \"$r\"\nexec {QEMU} \"$@\"\n",
+            r = report.display()
+        ),
+    )
+    .expect("wrapper");
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let wrapper = wrapper.to_str().expect("utf-8");
+    let config = host_config(dir.path(), "dst", wrapper);
+    let xml = dir.path().join("d.xml");
+    fs::write(&xml, domain("web1", UUID, wrapper, "")).expect("write");
+    let out = Command::new(BIN)
+        .env("CPUGUARD_CONFIG", &config)
+        .env("CPUGUARD_CANARY", "secret-from-the-caller")
+        .args(["probe", "--xml", xml.to_str().expect("utf-8")])
+        .output()
+        .expect("run cpuguard probe");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Fingerprint::from_json(&String::from_utf8_lossy(&out.stdout), "probe").expect("measured");
+
+    let reports: Vec<String> = fs::read_dir(&report)
+        .expect("dir")
+        .flatten()
+        .map(|e| fs::read_to_string(e.path()).expect("report"))
+        .collect();
+    // `--version` and the probe itself.
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let probe = reports
+        .iter()
+        .find(|r| r.contains("arg:-bios"))
+        .expect("the probe run");
+    assert!(probe.contains(&format!("uid={}\n", user.uid)), "{probe}");
+    assert!(probe.contains("core=0\n"), "{probe}");
+    assert!(probe.contains("nofile=1024\n"), "{probe}");
+    assert!(
+        probe.contains(&format!(
+            "arg:-sandbox\narg:{}\n",
+            cpuguard::probe::confine::SANDBOX
+        )),
+        "{probe}"
+    );
+    assert_eq!(
+        cpuguard::probe::confine::SANDBOX,
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    );
+    for report in &reports {
+        assert!(!report.contains("uid=0\n"), "{report}");
+        assert!(!report.contains("CPUGUARD_CANARY"), "{report}");
+        let env: Vec<&str> = report
+            .lines()
+            .filter_map(|l| l.strip_prefix("env:"))
+            // What bash itself sets.
+            .filter(|l| !["PWD=", "SHLVL=", "_="].iter().any(|p| l.starts_with(p)))
+            .collect();
+        assert_eq!(env, ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "{report}");
+    }
+}
+
+/// repro-09 (p15): `<feature name='start-powered-off'/>` is a QEMU CPU property, not a CPU
+/// feature, and was passed to QEMU as one. Only libvirt's CPU feature names are accepted.
+#[test]
+fn only_libvirt_cpu_feature_names_reach_the_probe() {
+    if !root_only() {
+        return;
+    }
+    let dir = scratch_dir();
+    let config = host_config(dir.path(), "dst", QEMU);
+    for (feature, refused) in [
+        ("start-powered-off", true),
+        ("x-force-features", true),
+        ("avx2", false),
+        ("tsc_adjust", false),
+    ] {
+        let xml = dir.path().join("f.xml");
+        fs::write(
+            &xml,
+            format!(
+                "<domain type='qemu'><name>f</name><vcpu>1</vcpu>\
+                 <os><type arch='x86_64' machine='pc'>hvm</type></os>\
+                 <cpu mode='custom'><model>Haswell-noTSX</model><feature policy='disable' name='{feature}'/></cpu>\
+                 <devices><emulator>{QEMU}</emulator></devices></domain>"
+            ),
+        )
+        .expect("write");
+        let (code, _, err) = cpuguard(
+            &config,
+            &["probe", "--xml", xml.to_str().expect("utf-8")],
+            None,
+        );
+        if refused {
+            assert_eq!(code, Some(2), "{feature}: {err}");
+            assert!(
+                err.contains(&format!(
+                    "domain CPU <feature name={feature:?}> is not one of libvirt's CPU feature names"
+                )),
+                "{feature}: {err}"
+            );
+            assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        } else {
+            assert_eq!(code, Some(0), "{feature}: {err}");
+        }
+    }
+}
+
+// --- 9. <qemu:commandline> touching the CPU ------------------------------------------------------
+
+fn with_commandline(args: &[&str]) -> String {
+    let args: String = args
+        .iter()
+        .map(|a| format!("<qemu:arg value='{a}'/>"))
+        .collect();
+    domain("web1", UUID, QEMU, "").replace(
+        "</domain>",
+        &format!(
+            "<qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>{args}</qemu:commandline></domain>"
+        ),
+    )
+}
+
+/// `<qemu:commandline>` arguments that change the guest CPU (`-cpu`, `-global` on the CPU) are
+/// invisible to the stamp and to this host's measurement: refused by default, allowed (and
+/// audited) only by `policy.qemu_commandline_cpu = "allow"`.
+#[test]
+fn qemu_commandline_cpu_arguments_are_refused_by_default() {
+    let dir = scratch_dir();
+    let config = host_config(dir.path(), "dst", QEMU);
+    for args in [
+        &["-cpu", "host"][..],
+        &["-global", "Haswell-noTSX-x86_64-cpu.avx2=off"][..],
+        &["-global", "driver=host-x86_64-cpu,property=pmu,value=on"][..],
+        &["-device", "Haswell-noTSX-x86_64-cpu,socket-id=1"][..],
+        &["-overcommit", "cpu-pm=on"][..],
+    ] {
+        let xml = with_commandline(args);
+        for phase in ["migrate", "restore"] {
+            let out = hook(
+                &config,
+                &["web1", phase, "begin", "-"],
+                xml.as_bytes(),
+                LIMIT,
+            );
+            assert_eq!(out.code, Some(1), "{args:?}: {}", out.stderr);
+            assert!(out.stdout.is_empty());
+            assert!(
+                out.stderr
+                    .contains("<qemu:commandline> changes the guest CPU")
+                    && out.stderr.contains(args[0])
+                    && out
+                        .stderr
+                        .contains("policy.qemu_commandline_cpu = \"allow\""),
+                "{args:?}: {}",
+                out.stderr
+            );
+        }
+    }
+    // Arguments that do not touch the CPU pass.
+    let xml = with_commandline(&["-device", "virtio-rng-pci"]);
+    let out = hook(
+        &config,
+        &["web1", "migrate", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+
+    // The policy key lets them through (the audit line says so; the verdict goes on).
+    let mut text = fs::read_to_string(&config).expect("read");
+    text.push_str("[policy]\nqemu_commandline_cpu = \"allow\"\n");
+    fs::write(&config, text).expect("write");
+    let xml = with_commandline(&["-cpu", "host"]);
+    let out = hook(
+        &config,
+        &["web1", "migrate", "begin", "-"],
+        xml.as_bytes(),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}

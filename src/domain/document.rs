@@ -75,7 +75,13 @@ pub struct DomainDocument<'a> {
     pub stamp: Option<Span>,
     /// cpuguard's per-domain policy element inside `<metadata>`.
     pub policy: Option<Span>,
+    /// The `value`s of `<qemu:commandline><qemu:arg/>` (libvirt's QEMU namespace, found by URI):
+    /// raw QEMU arguments, some of which change the guest CPU behind libvirt's back.
+    pub qemu_args: Vec<String>,
 }
+
+/// libvirt's namespace for raw QEMU command-line additions.
+pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// Checks raw hook input: size, UTF-8, then the document itself.
 pub fn parse_bytes(bytes: &[u8], limit: usize) -> Result<DomainDocument<'_>, DocumentError> {
@@ -118,6 +124,7 @@ impl<'a> DomainDocument<'a> {
             metadata: None,
             stamp: None,
             policy: None,
+            qemu_args: Vec::new(),
         };
         let mut reader = NsReader::from_str(text);
         let config = reader.config_mut();
@@ -132,14 +139,18 @@ impl<'a> DomainDocument<'a> {
         let mut open: Vec<(usize, Slot, usize, usize)> = Vec::new();
         let mut capture = Capture::None;
         let mut captured = String::new();
+        // Inside `<domain><qemu:commandline>`.
+        let mut in_commandline = false;
 
         loop {
             let start = reader.buffer_position() as usize;
-            let (ours, event) = match reader.read_resolved_event() {
-                Ok((ResolveResult::Bound(ns), event)) => {
-                    (metadata::classify_namespace(ns.as_ref()), event)
-                }
-                Ok((_, event)) => (None, event),
+            let (ours, qemu_ns, event) = match reader.read_resolved_event() {
+                Ok((ResolveResult::Bound(ns), event)) => (
+                    metadata::classify_namespace(ns.as_ref()),
+                    ns.as_ref() == QEMU_NS.as_bytes(),
+                    event,
+                ),
+                Ok((_, event)) => (None, false, event),
                 Err(e) => {
                     return Err(DocumentError::Malformed {
                         offset: reader.error_position() as usize,
@@ -196,6 +207,12 @@ impl<'a> DomainDocument<'a> {
                         }
                     }
                     check_attributes(e.attributes(), start)?;
+                    if qemu_ns && depth == 1 && local == "commandline" {
+                        in_commandline = !is_empty;
+                    } else if qemu_ns && depth == 2 && in_commandline && local == "arg" {
+                        doc.qemu_args
+                            .push(attribute(e, "value").unwrap_or_default());
+                    }
                     let slot = if depth <= TRACKED_DEPTH {
                         doc.classify(&path, &local, ours, e)?
                     } else {
@@ -227,6 +244,9 @@ impl<'a> DomainDocument<'a> {
                 Event::End(_) => {
                     path.pop();
                     let depth = path.len();
+                    if depth == 1 {
+                        in_commandline = false;
+                    }
                     if let Some(&(d, slot, s, tag_end)) = open.last() {
                         if d == depth {
                             open.pop();
@@ -311,6 +331,46 @@ impl<'a> DomainDocument<'a> {
     /// The text of a span.
     pub fn slice(&self, span: Span) -> &'a str {
         &self.text[span.start..span.end]
+    }
+
+    /// The `<qemu:commandline>` arguments that change what the guest sees of its CPU, each with
+    /// its value (`-cpu host`, `-global EPYC-x86_64-cpu.avx2=off`, `-device …-cpu,…`,
+    /// `-overcommit cpu-pm=on`): the stamp and this host's measurement both follow libvirt's
+    /// `<cpu>`, so these would change the CPU unseen.
+    pub fn commandline_cpu_args(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut args = self.qemu_args.iter().map(String::as_str).peekable();
+        while let Some(arg) = args.next() {
+            let option = arg.trim_start_matches('-');
+            if !arg.starts_with('-') {
+                continue;
+            }
+            let (option, inline) = match option.split_once('=') {
+                Some((o, v)) => (o, Some(v)),
+                None => (option, None),
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => args.peek().copied().unwrap_or(""),
+            };
+            let driver = value
+                .split([',', '.'])
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("driver=");
+            let cpu_driver = driver.ends_with("-cpu") || driver == "cpu";
+            let touches = match option {
+                "cpu" => true,
+                "global" => cpu_driver || value.contains("-cpu."),
+                "device" => cpu_driver,
+                "overcommit" => value.contains("cpu-pm"),
+                _ => false,
+            };
+            if touches {
+                found.push(format!("-{option} {value}"));
+            }
+        }
+        found
     }
 
     /// The name to use in messages: the document's `<name>`, else what libvirt passed in argv.

@@ -177,6 +177,9 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         Err(e) => return refuse(None, e.to_string()),
     };
     let uuid = doc.uuid.as_deref();
+    if let Err(reason) = super::commandline_cpu(&doc, &config, origin.as_str(), &call.domain) {
+        return refuse(uuid, reason);
+    }
     let (text, decision) = match rewrite_cpu(&doc) {
         Ok(r) => r,
         Err(e) => return refuse(uuid, e),

@@ -183,6 +183,40 @@ fn drain(input: &mut dyn Read) {
     let _ = io::copy(input, &mut io::sink());
 }
 
+/// `<qemu:commandline>` arguments that change the guest CPU: refused under the default policy
+/// (`Err` is the reason), audited as a warning when `policy.qemu_commandline_cpu = "allow"`.
+fn commandline_cpu(
+    doc: &crate::domain::document::DomainDocument<'_>,
+    config: &Config,
+    phase: &str,
+    domain: &str,
+) -> Result<(), String> {
+    let args = doc.commandline_cpu_args();
+    if args.is_empty() {
+        return Ok(());
+    }
+    let list = args.join(" ");
+    match config.policy.qemu_commandline_cpu {
+        crate::config::Verdict::Refuse => Err(format!(
+            "<qemu:commandline> changes the guest CPU ({}), which neither the stamp nor this host's measurement sees; remove it, or set policy.qemu_commandline_cpu = \"allow\" in {}",
+            escape(&list),
+            Config::path().display()
+        )),
+        crate::config::Verdict::Allow => {
+            Record::new(Severity::Warning, phase, "allowed")
+                .field("domain", domain)
+                .opt_field("uuid", doc.uuid.as_deref())
+                .field("qemu_commandline", &list)
+                .field(
+                    "reason",
+                    "<qemu:commandline> changes the guest CPU, unguarded for those arguments; allowed by policy.qemu_commandline_cpu",
+                )
+                .emit();
+            Ok(())
+        }
+    }
+}
+
 /// Loads the configuration for a phase that must not run on unknown policies.
 fn strict_config() -> Result<Config, String> {
     Config::load().map_err(|e| format!("configuration error: {e}"))

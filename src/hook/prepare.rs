@@ -135,6 +135,9 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         }
     };
     let refuse = |reason: String| refuse_as(origin, reason);
+    if let Err(reason) = super::commandline_cpu(&doc, &config, "prepare", &call.domain) {
+        return refuse(reason);
+    }
     let assessment = match assess(&doc, &call.domain, origin, &config) {
         Ok(a) => a,
         Err(e) => return refuse(e),
