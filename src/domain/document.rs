@@ -40,7 +40,26 @@ pub enum DocumentError {
     NoRoot,
     #[error("domain XML has more than one <{0}> element under <domain>")]
     Duplicate(&'static str),
+    #[error("domain XML nests elements deeper than {MAX_DEPTH} at byte {offset} (libvirt's parser refuses that too)")]
+    TooDeep { offset: usize },
+    #[error(
+        "domain XML has an element with more than {MAX_ATTRIBUTES} attributes at byte {offset}"
+    )]
+    TooManyAttributes { offset: usize },
+    #[error("domain XML has more than {MAX_NAMESPACES_IN_SCOPE} namespace declarations in scope at byte {offset}")]
+    TooManyNamespaces { offset: usize },
 }
+
+/// Deepest element nesting accepted: libxml2, which libvirt parses domain XML with, stops at 256
+/// without XML_PARSE_HUGE (which libvirt does not set), so no domain libvirt accepts is deeper.
+/// The bound (with the two below) keeps the parse linear in the input: namespace resolution
+/// and duplicate-attribute checks cost per element what is in scope or on the element.
+pub const MAX_DEPTH: usize = 256;
+/// Most attributes (namespace declarations included) on one element; libvirt's own elements
+/// have at most a dozen or two.
+pub const MAX_ATTRIBUTES: usize = 128;
+/// Most namespace declarations in scope at once; a domain has one per metadata application.
+pub const MAX_NAMESPACES_IN_SCOPE: usize = 64;
 
 /// Where an element sits in the text: `start..end` is the whole element, `start..tag_end` its start
 /// tag (for an empty element `<x/>` the two coincide with `end`).
@@ -141,6 +160,9 @@ impl<'a> DomainDocument<'a> {
         let mut captured = String::new();
         // Inside `<domain><qemu:commandline>`.
         let mut in_commandline = false;
+        // Namespace declarations made by each open element, and their sum.
+        let mut declared: Vec<usize> = Vec::new();
+        let mut in_scope = 0usize;
 
         loop {
             let start = reader.buffer_position() as usize;
@@ -206,7 +228,17 @@ impl<'a> DomainDocument<'a> {
                             return Err(DocumentError::NotADomain(local));
                         }
                     }
-                    check_attributes(e.attributes(), start)?;
+                    if depth >= MAX_DEPTH {
+                        return Err(DocumentError::TooDeep { offset: start });
+                    }
+                    let declarations = check_attributes(e.attributes(), start)?;
+                    if in_scope + declarations > MAX_NAMESPACES_IN_SCOPE {
+                        return Err(DocumentError::TooManyNamespaces { offset: start });
+                    }
+                    if !is_empty {
+                        declared.push(declarations);
+                        in_scope += declarations;
+                    }
                     if qemu_ns && depth == 1 && local == "commandline" {
                         in_commandline = !is_empty;
                     } else if qemu_ns && depth == 2 && in_commandline && local == "arg" {
@@ -243,6 +275,7 @@ impl<'a> DomainDocument<'a> {
                 }
                 Event::End(_) => {
                     path.pop();
+                    in_scope -= declared.pop().unwrap_or(0);
                     let depth = path.len();
                     if depth == 1 {
                         in_commandline = false;
@@ -397,15 +430,27 @@ pub fn attribute(e: &BytesStart<'_>, name: &str) -> Option<String> {
 
 /// Attribute syntax and duplicates are checked strictly; values may carry only the predefined
 /// entities, because quick-xml would otherwise pass an undeclared `&name;` through silently.
-fn check_attributes(mut attrs: Attributes<'_>, tag_start: usize) -> Result<(), DocumentError> {
+/// At most [`MAX_ATTRIBUTES`] (quick-xml's duplicate check compares each with every earlier
+/// one). Returns how many are namespace declarations.
+fn check_attributes(mut attrs: Attributes<'_>, tag_start: usize) -> Result<usize, DocumentError> {
+    let mut count = 0;
+    let mut declarations = 0;
     for attr in attrs.with_checks(true) {
+        count += 1;
+        if count > MAX_ATTRIBUTES {
+            return Err(DocumentError::TooManyAttributes { offset: tag_start });
+        }
         let attr = attr.map_err(|e| DocumentError::Malformed {
             offset: tag_start,
             reason: e.to_string(),
         })?;
+        let key = attr.key.as_ref();
+        if key == b"xmlns" || key.starts_with(b"xmlns:") {
+            declarations += 1;
+        }
         check_entities(&attr.value, tag_start)?;
     }
-    Ok(())
+    Ok(declarations)
 }
 
 /// Refuses every entity reference except `&lt; &gt; &amp; &quot; &apos;` and `&#…;`. Entities can
