@@ -418,7 +418,7 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
                 }
             }
             Decision::Refuse { message, .. } => {
-                let message = crate::audit::sanitize_message(&message);
+                let message = crate::audit::sanitize_message(message);
                 println!("no-go: {}", message.trim_start_matches("cpuguard: "));
             }
         }

@@ -418,6 +418,12 @@ mod tests {
     #[test]
     fn removed_model_features_are_disabled_unless_named() {
         let dir = tempfile::tempdir().unwrap();
+        // Feature names are checked against libvirt's installed list.
+        std::fs::copy(
+            Path::new(LIBVIRT_CPU_MAP).join("x86_features.xml"),
+            dir.path().join("x86_features.xml"),
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("x86_Old.xml"),
             "<cpus><model name='Old'><vendor name='AMD'/><feature name='sse2'/>\
