@@ -1,9 +1,16 @@
 //! The audit trail: one syslog line per decision, tag `cpuguard`, `key=value` fields.
 //!
 //! Values come from untrusted XML (domain names), so they are quoted and escaped: a crafted name
-//! must not forge fields or split the line. When `/dev/log` is absent the decision still happens;
+//! must not forge fields or split the line. They are also bounded: a value is cut at
+//! [`FIELD_CAP`] bytes ([`LONG_FIELD_CAP`] for reasons), marked as cut with its full length, and
+//! the whole line at [`LINE_CAP`] bytes, so every line fits in one syslog datagram (a datagram
+//! over the socket's limit fails with EMSGSIZE and the decision would never reach syslog) and in
+//! rsyslog's default 8 KiB message size. When `/dev/log` is absent the decision still happens;
 //! the line goes to stderr instead and the hook says once that syslog is unavailable.
+//!
+//! [`escape`] is the same escaping for untrusted text cpuguard prints for the operator.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
@@ -11,6 +18,14 @@ use once_cell::sync::Lazy;
 use syslog::{Facility, Formatter3164, Logger, LoggerBackend};
 
 pub const TAG: &str = "cpuguard";
+
+/// Longest escaped value of a field, in bytes, before it is cut (and marked).
+pub const FIELD_CAP: usize = 256;
+/// The same for fields that explain a decision (`reason`, `informational`, `changes`).
+pub const LONG_FIELD_CAP: usize = 1024;
+/// Longest line; beyond it whole fields are dropped and `cut=line` says so. Far below both the
+/// datagram limit of a Unix socket (~200 KiB by default) and rsyslog's 8 KiB message size.
+pub const LINE_CAP: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
@@ -38,12 +53,27 @@ impl Record {
     }
 
     pub fn field(mut self, key: &str, value: &str) -> Record {
+        let cap = if matches!(key, "reason" | "informational" | "changes") {
+            LONG_FIELD_CAP
+        } else {
+            FIELD_CAP
+        };
+        let mut field = String::with_capacity(key.len() + value.len().min(cap) + 8);
+        field.push_str(key);
+        field.push('=');
+        push_value(&mut field, value, cap);
+        if self.line.ends_with(" cut=line") {
+            return self;
+        }
+        const MARK: &str = " cut=line";
+        if self.line.len() + 1 + field.len() + MARK.len() > LINE_CAP {
+            self.line.push_str(MARK);
+            return self;
+        }
         if !self.line.is_empty() {
             self.line.push(' ');
         }
-        self.line.push_str(key);
-        self.line.push('=');
-        push_value(&mut self.line, value);
+        self.line.push_str(&field);
         self
     }
 
@@ -64,30 +94,81 @@ impl Record {
     }
 }
 
-/// Plain tokens stay bare; anything else is double-quoted with `\"`, `\\` and control characters
-/// escaped, so one record is always one line that splits unambiguously on spaces.
-fn push_value(out: &mut String, value: &str) {
-    let bare = !value.is_empty()
+fn is_bare(value: &str) -> bool {
+    !value.is_empty()
         && value
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@%>".contains(c));
-    if bare {
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/,+@%>".contains(c))
+}
+
+/// Plain tokens stay bare; anything else is double-quoted with `\"`, `\\` and control characters
+/// escaped, so one record is always one line that splits unambiguously on spaces. Past `cap`
+/// bytes the value is cut at a character boundary and ends in `…(cut from N bytes)`.
+fn push_value(out: &mut String, value: &str, cap: usize) {
+    if value.len() <= cap && is_bare(value) {
         out.push_str(value);
         return;
     }
     out.push('"');
+    let start = out.len();
+    let mut escaped = String::new();
     for c in value.chars() {
+        escaped.clear();
         match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if c.is_control() => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            '"' => escaped.push_str("\\\""),
+            '\\' => escaped.push_str("\\\\"),
+            '\n' => escaped.push_str("\\n"),
+            c if c.is_control() || is_bidi_control(c) => {
+                let _ = write!(escaped, "\\u{{{:x}}}", c as u32);
             }
-            c => out.push(c),
+            c => escaped.push(c),
         }
+        if out.len() - start + escaped.len() > cap {
+            let _ = write!(out, "…(cut from {} bytes)", value.len());
+            break;
+        }
+        out.push_str(&escaped);
     }
     out.push('"');
+}
+
+/// Characters that reorder what a terminal shows (Unicode bidirectional controls): escaped like
+/// control characters, so a name cannot display as another.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Untrusted text (a domain name, anything from the XML) as the audit trail writes it, for
+/// messages to the operator: plain tokens unchanged, anything else quoted with control
+/// characters escaped, so it can neither drive the terminal (ESC, CR) nor split a line.
+pub fn escape(value: &str) -> Cow<'_, str> {
+    if is_bare(value) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 2);
+    push_value(&mut out, value, usize::MAX);
+    Cow::Owned(out)
+}
+
+/// Text cpuguard wrote for the operator with untrusted parts inside (error messages quoting the
+/// XML, vendor strings from a stamp): every control character but the line breaks cpuguard put
+/// there is escaped, as a last line of defence for the terminal `virsh` prints it on.
+pub fn sanitize_message(text: &str) -> Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| (c.is_control() && c != '\n') || is_bidi_control(c))
+    {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if (c.is_control() && c != '\n') || is_bidi_control(c) {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 enum Sink {
@@ -200,5 +281,45 @@ mod tests {
     fn control_characters_are_escaped() {
         let r = Record::new(Severity::Warning, "p", "a").field("x", "a\u{1b}[31mb");
         assert_eq!(r.line(), "phase=p action=a x=\"a\\u{1b}[31mb\"");
+    }
+
+    #[test]
+    fn fields_and_lines_are_capped_and_marked() {
+        let long = "h".repeat(300_000);
+        let r = Record::new(Severity::Info, "prepare", "allowed")
+            .field("source_host", &long)
+            .field("reason", &"r".repeat(5000));
+        let at = r.line().find("source_host=").expect("field");
+        let end = r.line().find(" reason=").expect("next field");
+        let host = &r.line()[at..end];
+        assert!(
+            host.len() <= "source_host=\"\"".len() + FIELD_CAP + 40,
+            "{}",
+            host.len()
+        );
+        assert!(host.ends_with("…(cut from 300000 bytes)\""), "{host}");
+        assert!(r.line().contains("…(cut from 5000 bytes)"));
+        // Escapes count towards the cap and are never split.
+        let r = Record::new(Severity::Info, "p", "a").field("x", &"\u{1b}".repeat(1000));
+        assert!(
+            r.line().contains("\\u{1b}…(cut from 1000 bytes)"),
+            "{}",
+            r.line()
+        );
+        // However many fields, the line stays under LINE_CAP and says it was cut.
+        let mut r = Record::new(Severity::Info, "p", "a");
+        for i in 0..100 {
+            r = r.field(&format!("f{i}"), &"v".repeat(1000));
+        }
+        assert!(r.line().len() <= LINE_CAP, "{}", r.line().len());
+        assert!(r.line().ends_with(" cut=line"));
+    }
+
+    #[test]
+    fn operator_text_is_escaped_like_syslog() {
+        assert_eq!(escape("guest1"), "guest1");
+        assert_eq!(escape("a\u{1b}[2J\rb"), "\"a\\u{1b}[2J\\u{d}b\"");
+        assert_eq!(sanitize_message("x\n  y\u{7}"), "x\n  y\\u{7}");
+        assert_eq!(escape("a\u{202e}b"), "\"a\\u{202e}b\"");
     }
 }

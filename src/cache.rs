@@ -22,8 +22,8 @@
 //! a process cannot remove a good entry that another has just renamed into place.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -354,6 +354,9 @@ pub enum EntryProblem {
     ForeignVersion(String),
     /// A valid entry for another key (hash collision or a file renamed by hand).
     KeyMismatch,
+    /// Not a file cpuguard could have written: not a regular file, a symlink, owned by another
+    /// user, or writable by group or others. Whatever it says, someone else could have said it.
+    Untrusted(String),
 }
 
 impl std::fmt::Display for EntryProblem {
@@ -365,6 +368,7 @@ impl std::fmt::Display for EntryProblem {
             EntryProblem::KeyMismatch => {
                 write!(f, "stored for another configuration (key mismatch)")
             }
+            EntryProblem::Untrusted(reason) => write!(f, "untrusted: {reason}"),
         }
     }
 }
@@ -386,6 +390,13 @@ pub enum CacheWarning {
     /// The cache could not be used at all (see [`Cache::get_or_measure_or_bypass`]); the
     /// fingerprint was measured without it and not stored.
     Bypassed { dir: PathBuf, reason: String },
+    /// The directory was writable by others (mode `mode`): narrowed to 0700, and the `moved`
+    /// entries it held were moved aside (anyone could have planted them), to be measured again.
+    Quarantined {
+        dir: PathBuf,
+        mode: u32,
+        moved: usize,
+    },
 }
 
 impl std::fmt::Display for CacheWarning {
@@ -414,6 +425,12 @@ impl std::fmt::Display for CacheWarning {
                 f,
                 "fingerprint cache {} bypassed ({reason}); measured without it",
                 dir.display()
+            ),
+            CacheWarning::Quarantined { dir, mode, moved } => write!(
+                f,
+                "fingerprint cache {} had mode {mode:04o}: narrowed to 0700, its {moved} entr{} moved aside and measured again when needed",
+                dir.display(),
+                if *moved == 1 { "y" } else { "ies" }
             ),
             CacheWarning::NotStored { file, reason } => write!(
                 f,
@@ -474,6 +491,8 @@ pub struct EntrySummary {
 pub struct Cache {
     dir: PathBuf,
     lock_timeout: Duration,
+    /// What opening found and repaired (a too-open directory), for the caller to audit.
+    opened: Vec<CacheWarning>,
 }
 
 impl Cache {
@@ -482,42 +501,20 @@ impl Cache {
     /// by nobody else; an existing one with broader permissions is narrowed to 0700, one owned by
     /// someone else is refused.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| CacheError::CreateDir {
+        let narrowed = crate::fsutil::private_dir(dir).map_err(|e| match e {
+            crate::fsutil::DirError::Create(source) => CacheError::CreateDir {
                 path: dir.to_path_buf(),
                 source,
-            })?;
-        let unsafe_dir = |reason: String| CacheError::UnsafeDir {
-            path: dir.to_path_buf(),
-            reason,
-        };
-        let meta = fs::symlink_metadata(dir).map_err(|source| CacheError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
+            },
+            crate::fsutil::DirError::Narrow { source, .. } => CacheError::NotWritable {
+                path: dir.to_path_buf(),
+                source,
+            },
+            other => CacheError::UnsafeDir {
+                path: dir.to_path_buf(),
+                reason: other.to_string(),
+            },
         })?;
-        if !meta.is_dir() {
-            return Err(unsafe_dir(
-                "is not a directory (a symlink is refused too)".to_string(),
-            ));
-        }
-        let euid = nix::unistd::geteuid().as_raw();
-        if meta.uid() != euid {
-            return Err(unsafe_dir(format!(
-                "owned by uid {}, not by uid {euid} that runs cpuguard",
-                meta.uid()
-            )));
-        }
-        if meta.permissions().mode() & 0o077 != 0 {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
-                CacheError::NotWritable {
-                    path: dir.to_path_buf(),
-                    source,
-                }
-            })?;
-        }
         // access(2) reports a read-only file system even to root, which mode bits do not.
         nix::unistd::access(
             dir,
@@ -527,10 +524,45 @@ impl Cache {
             path: dir.to_path_buf(),
             source: io::Error::from(errno),
         })?;
-        Ok(Cache {
+        let mut cache = Cache {
             dir: dir.to_path_buf(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
-        })
+            opened: Vec::new(),
+        };
+        if let Some(mode) = narrowed {
+            let moved = cache.quarantine_all()?;
+            cache.opened.push(CacheWarning::Quarantined {
+                dir: dir.to_path_buf(),
+                mode,
+                moved,
+            });
+        }
+        Ok(cache)
+    }
+
+    /// What [`Cache::open`] found and repaired; empty for a healthy directory.
+    pub fn open_warnings(&self) -> &[CacheWarning] {
+        &self.opened
+    }
+
+    /// After narrowing a directory others could write to: every entry is moved aside and every
+    /// emulator record removed, since any of them may have been planted.
+    fn quarantine_all(&self) -> Result<usize, CacheError> {
+        let mut moved = 0;
+        for (digest, ext, path) in self.scan()? {
+            match ext.as_str() {
+                ENTRY_EXT => {
+                    let aside = self.file(&digest, QUARANTINE_EXT);
+                    match fs::rename(&path, &aside) {
+                        Ok(()) => moved += 1,
+                        Err(_) => remove_if_present(&path)?,
+                    }
+                }
+                EMULATOR_EXT | EMULATOR_TMP | ENTRY_TMP => remove_if_present(&path)?,
+                _ => {}
+            }
+        }
+        Ok(moved)
     }
 
     /// Opens `config.cache_dir`, waiting for a concurrent measurement at most twice the probe
@@ -1012,27 +1044,26 @@ impl<'a> Prepared<'a> {
     }
 }
 
-/// The file's text; None when it does not exist.
+/// The file's text; None when it does not exist. Read as a file cpuguard wrote must be (see
+/// [`crate::fsutil::read_trusted`]): an entry someone else owns or can write is not trusted.
 fn read_limited(path: &Path) -> Result<Option<String>, EntryProblem> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nofollow())
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(EntryProblem::Unreadable(e.to_string())),
+    use crate::fsutil::FileProblem;
+    let bytes = match crate::fsutil::read_trusted(path, MAX_ENTRY_BYTES) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(FileProblem::TooLarge { .. }) => {
+            return Err(EntryProblem::Corrupt(format!(
+                "larger than {MAX_ENTRY_BYTES} bytes"
+            )))
+        }
+        Err(problem @ (FileProblem::Open(_) | FileProblem::Read(_))) => {
+            return Err(EntryProblem::Unreadable(problem.to_string()))
+        }
+        Err(problem) => return Err(EntryProblem::Untrusted(problem.to_string())),
     };
-    let mut text = String::new();
-    file.take(MAX_ENTRY_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| EntryProblem::Unreadable(e.to_string()))?;
-    if text.len() as u64 > MAX_ENTRY_BYTES {
-        return Err(EntryProblem::Corrupt(format!(
-            "larger than {MAX_ENTRY_BYTES} bytes"
-        )));
-    }
-    Ok(Some(text))
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| EntryProblem::Corrupt("not UTF-8".to_string()))
 }
 
 /// Verifies an entry's text: its format, its key (against `expected` when given), and its
@@ -1151,6 +1182,7 @@ mod tests {
     use super::*;
     use crate::cpuid::table::{CpuidEntry, CpuidTable};
     use crate::fingerprint::HostFacts;
+    use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn config(model: &str) -> GuestCpuConfig {
@@ -1366,6 +1398,55 @@ mod tests {
             let err = Cache::open(&foreign).unwrap_err();
             assert!(err.to_string().contains("owned by uid 65534"), "{err}");
         }
+    }
+
+    #[test]
+    fn narrowing_a_too_open_directory_quarantines_what_it_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let cache = Cache::open(&dir).unwrap();
+        let k = key("Haswell-noTSX");
+        let calls = AtomicUsize::new(0);
+        obtain(&cache, &k, &calls, 1);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let cache = Cache::open(&dir).unwrap();
+        assert!(
+            matches!(
+                cache.open_warnings(),
+                [CacheWarning::Quarantined {
+                    mode: 0o777,
+                    moved: 1,
+                    ..
+                }]
+            ),
+            "{:?}",
+            cache.open_warnings()
+        );
+        let got = obtain(&cache, &k, &calls, 2);
+        assert_eq!(
+            got.source,
+            Source::Measured,
+            "the planted-or-not entry is not used"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn an_entry_others_can_write_is_remeasured() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&tmp.path().join("cache")).unwrap();
+        let k = key("Haswell-noTSX");
+        let calls = AtomicUsize::new(0);
+        obtain(&cache, &k, &calls, 1);
+        let entry = cache.entry_path(&k).unwrap();
+        fs::set_permissions(&entry, fs::Permissions::from_mode(0o666)).unwrap();
+        let got = obtain(&cache, &k, &calls, 2);
+        assert_eq!(got.source, Source::Measured);
+        assert!(
+            matches!(&got.warnings[..], [CacheWarning::Discarded { problem: EntryProblem::Untrusted(why), moved_to: Some(_), .. }] if why.contains("0666")),
+            "{:?}",
+            got.warnings
+        );
     }
 
     #[test]
@@ -1604,7 +1685,7 @@ mod tests {
                 [
                     CacheWarning::Discarded {
                         moved_to: None,
-                        problem: EntryProblem::Unreadable(_),
+                        problem: EntryProblem::Untrusted(_),
                         ..
                     },
                     CacheWarning::NotStored { .. }

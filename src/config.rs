@@ -52,7 +52,7 @@ pub struct Config {
     /// Largest domain XML the hook accepts on stdin, in bytes (default 16 MiB).
     pub max_xml_bytes: usize,
     /// How long the migrate/restore phase's "incoming" record stays valid for the prepare phase
-    /// that follows it, in seconds (default 600).
+    /// that follows it, in seconds (default 600, at least [`crate::incoming::MIN_TTL_SECS`]).
     pub incoming_ttl_secs: u64,
     pub probe: ProbeConfig,
     pub policy: PolicyConfig,
@@ -108,6 +108,10 @@ pub struct PolicyConfig {
     /// Honour `<cpuguard-policy:policy guard='off'/>` in a domain's metadata (default true;
     /// every use is audited).
     pub allow_domain_opt_out: bool,
+    /// Incoming guest whose `<qemu:commandline>` changes the CPU (`-cpu`, `-global` or `-device`
+    /// on a CPU, `-overcommit cpu-pm`), which neither the stamp nor this host's measurement sees
+    /// (default refuse; allow: audited as a warning each time).
+    pub qemu_commandline_cpu: Verdict,
 }
 
 impl Default for Config {
@@ -140,6 +144,7 @@ impl Default for PolicyConfig {
             probe_failure: Verdict::Refuse,
             gained_features: Verdict::Refuse,
             allow_domain_opt_out: true,
+            qemu_commandline_cpu: Verdict::Refuse,
         }
     }
 }
@@ -199,6 +204,17 @@ impl Config {
         }
         if self.max_xml_bytes < 1024 {
             return Err(invalid("max_xml_bytes", "must be at least 1024"));
+        }
+        if self.incoming_ttl_secs < crate::incoming::MIN_TTL_SECS {
+            // Shorter than libvirt may take between `migrate begin` and `prepare`: the record
+            // would expire first and the incoming guest would start unchecked.
+            return Err(invalid(
+                "incoming_ttl_secs",
+                &format!(
+                    "must be at least {} (libvirt may take that long from migrate to prepare)",
+                    crate::incoming::MIN_TTL_SECS
+                ),
+            ));
         }
         if self.probe.timeout_secs == 0 {
             return Err(invalid("probe.timeout_secs", "must be at least 1"));
@@ -264,6 +280,14 @@ mod tests {
             "/etc/cpuguard/cpuguard.toml: runtime_dir: must be an absolute path"
         );
         assert!(!e.to_string().contains('\n'));
+        // A zero TTL would let every incoming guest start unchecked.
+        let e = parse("incoming_ttl_secs = 0\n").expect_err("zero ttl");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/cpuguard/cpuguard.toml: incoming_ttl_secs: must be at least 60"),
+            "{e}"
+        );
+        parse("incoming_ttl_secs = 60\n").expect("the minimum is accepted");
     }
 
     #[test]
@@ -287,6 +311,33 @@ mod tests {
             parse(&uncommented).expect("uncommented parses"),
             Config::default()
         );
+        // And it lists every key there is.
+        fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = value {
+                for (k, v) in t {
+                    let name = format!("{prefix}{k}");
+                    if v.is_table() {
+                        keys(v, &format!("{name}."), out);
+                    } else {
+                        out.push(name);
+                    }
+                }
+            }
+        }
+        let (mut all, mut listed) = (Vec::new(), Vec::new());
+        keys(
+            &toml::Value::try_from(Config::default()).expect("serializes"),
+            "",
+            &mut all,
+        );
+        keys(
+            &uncommented.parse::<toml::Value>().expect("toml"),
+            "",
+            &mut listed,
+        );
+        all.sort();
+        listed.sort();
+        assert_eq!(listed, all, "packaging/cpuguard.toml must list every key");
     }
 
     #[test]

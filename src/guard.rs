@@ -1,6 +1,7 @@
 //! The verdict on an incoming guest: the source's stamp against this host's measurement, under
 //! the configured policies. Pure: no I/O, so every policy path is tested directly.
 
+use crate::audit::escape;
 use crate::config::{PolicyConfig, Verdict};
 use crate::cpuid::FeatureMap;
 use crate::domain::metadata::{DomainPolicy, Stamp};
@@ -42,13 +43,23 @@ pub struct Incoming<'a> {
 
 impl Incoming<'_> {
     fn headline(&self, what: &str) -> String {
-        let verb = match self.origin {
-            Origin::Migrate => "incoming migration",
-            Origin::Restore => "restore",
-        };
-        format!("cpuguard: refusing {verb} of {}: {what}", self.domain)
+        format!(
+            "cpuguard: refusing {} of {}: {what}",
+            self.origin.describe(),
+            escape(self.domain)
+        )
     }
 }
+
+/// Largest stamp `<table>` accepted, in bytes. A real x86 table is ~100 lines and ~5 KiB, an
+/// aarch64 one ~25 lines; a larger one is refused as malformed before it is parsed (a 15 MB table
+/// cost the prepare hook seconds and hundreds of MB).
+pub const MAX_STAMP_TABLE_BYTES: usize = 64 * 1024;
+/// Most lines a stamp `<table>` may have.
+pub const MAX_STAMP_TABLE_LINES: usize = 1024;
+/// Most differences listed in a refusal (the first ones; the count of the rest follows), so the
+/// message libvirt carries back to `virsh` stays a screenful.
+pub const MAX_DIFF_LINES: usize = 64;
 
 /// The source's raw view (CPUID table or aarch64 ID registers) from its stamp, or why it cannot
 /// be used.
@@ -64,6 +75,18 @@ pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
         .table
         .as_deref()
         .ok_or("the source's cpuguard stamp carries no CPU table")?;
+    if text.len() > MAX_STAMP_TABLE_BYTES {
+        return Err(format!(
+            "the source's cpuguard stamp is malformed: its table is {} bytes, over the {MAX_STAMP_TABLE_BYTES}-byte limit",
+            text.len()
+        ));
+    }
+    let lines = text.lines().count();
+    if lines > MAX_STAMP_TABLE_LINES {
+        return Err(format!(
+            "the source's cpuguard stamp is malformed: its table has {lines} lines, over the {MAX_STAMP_TABLE_LINES}-line limit"
+        ));
+    }
     GuestView::parse_text(text)
         .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
@@ -93,7 +116,7 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
                     "{}\n  run `cpuguard stamp {}` on the source host and migrate again, or set \
                      policy.unstamped_source = \"allow\" in {}",
                     inc.headline(&reason),
-                    inc.domain,
+                    escape(inc.domain),
                     inc.config_path
                 );
                 refuse(reason, message)
@@ -107,7 +130,7 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             let message = format!(
                 "{}\n  run `cpuguard stamp {}` on the source host and migrate again",
                 inc.headline(&reason),
-                inc.domain
+                escape(inc.domain)
             );
             return refuse(reason, message);
         }
@@ -155,9 +178,16 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
     }
     let what = format!("the guest CPU would change on {}", inc.this_host);
     let mut message = inc.headline(&what);
-    for line in d.lines() {
+    let lines = d.lines();
+    for line in lines.iter().take(MAX_DIFF_LINES) {
         message.push_str("\n  ");
-        message.push_str(&line);
+        message.push_str(line);
+    }
+    if lines.len() > MAX_DIFF_LINES {
+        message.push_str(&format!(
+            "\n  … and {} more differences",
+            lines.len() - MAX_DIFF_LINES
+        ));
     }
     if only_gained {
         message.push_str(

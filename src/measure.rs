@@ -146,10 +146,13 @@ pub fn for_guest(
     let key = CacheKey::new(guest, accel, identity);
     let obtained =
         cache.get_or_measure_or_bypass(&key, || measure_now(guest, &opts, &version, accel))?;
+    // What opening the cache repaired (a directory others could write) is audited too.
+    let mut warnings = cache.open_warnings().to_vec();
+    warnings.extend(obtained.warnings);
     Ok(Measurement {
         fingerprint: obtained.fingerprint,
         source: obtained.source,
-        warnings: obtained.warnings,
+        warnings,
         emulator,
     })
 }

@@ -408,12 +408,17 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
     } else {
         match &assessment.decision {
             Decision::Allow { .. } => {
-                println!("go: {name}: {reason}");
+                println!(
+                    "go: {}: {}",
+                    crate::audit::escape(&name),
+                    crate::audit::sanitize_message(&reason)
+                );
                 for l in &lines {
                     println!("  informational: {l}");
                 }
             }
             Decision::Refuse { message, .. } => {
+                let message = crate::audit::sanitize_message(message);
                 println!("no-go: {}", message.trim_start_matches("cpuguard: "));
             }
         }

@@ -40,7 +40,26 @@ pub enum DocumentError {
     NoRoot,
     #[error("domain XML has more than one <{0}> element under <domain>")]
     Duplicate(&'static str),
+    #[error("domain XML nests elements deeper than {MAX_DEPTH} at byte {offset} (libvirt's parser refuses that too)")]
+    TooDeep { offset: usize },
+    #[error(
+        "domain XML has an element with more than {MAX_ATTRIBUTES} attributes at byte {offset}"
+    )]
+    TooManyAttributes { offset: usize },
+    #[error("domain XML has more than {MAX_NAMESPACES_IN_SCOPE} namespace declarations in scope at byte {offset}")]
+    TooManyNamespaces { offset: usize },
 }
+
+/// Deepest element nesting accepted: libxml2, which libvirt parses domain XML with, stops at 256
+/// without XML_PARSE_HUGE (which libvirt does not set), so no domain libvirt accepts is deeper.
+/// The bound (with the two below) keeps the parse linear in the input: namespace resolution
+/// and duplicate-attribute checks cost per element what is in scope or on the element.
+pub const MAX_DEPTH: usize = 256;
+/// Most attributes (namespace declarations included) on one element; libvirt's own elements
+/// have at most a dozen or two.
+pub const MAX_ATTRIBUTES: usize = 128;
+/// Most namespace declarations in scope at once; a domain has one per metadata application.
+pub const MAX_NAMESPACES_IN_SCOPE: usize = 64;
 
 /// Where an element sits in the text: `start..end` is the whole element, `start..tag_end` its start
 /// tag (for an empty element `<x/>` the two coincide with `end`).
@@ -75,7 +94,13 @@ pub struct DomainDocument<'a> {
     pub stamp: Option<Span>,
     /// cpuguard's per-domain policy element inside `<metadata>`.
     pub policy: Option<Span>,
+    /// The `value`s of `<qemu:commandline><qemu:arg/>` (libvirt's QEMU namespace, found by URI):
+    /// raw QEMU arguments, some of which change the guest CPU behind libvirt's back.
+    pub qemu_args: Vec<String>,
 }
+
+/// libvirt's namespace for raw QEMU command-line additions.
+pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// Checks raw hook input: size, UTF-8, then the document itself.
 pub fn parse_bytes(bytes: &[u8], limit: usize) -> Result<DomainDocument<'_>, DocumentError> {
@@ -118,6 +143,7 @@ impl<'a> DomainDocument<'a> {
             metadata: None,
             stamp: None,
             policy: None,
+            qemu_args: Vec::new(),
         };
         let mut reader = NsReader::from_str(text);
         let config = reader.config_mut();
@@ -132,14 +158,21 @@ impl<'a> DomainDocument<'a> {
         let mut open: Vec<(usize, Slot, usize, usize)> = Vec::new();
         let mut capture = Capture::None;
         let mut captured = String::new();
+        // Inside `<domain><qemu:commandline>`.
+        let mut in_commandline = false;
+        // Namespace declarations made by each open element, and their sum.
+        let mut declared: Vec<usize> = Vec::new();
+        let mut in_scope = 0usize;
 
         loop {
             let start = reader.buffer_position() as usize;
-            let (ours, event) = match reader.read_resolved_event() {
-                Ok((ResolveResult::Bound(ns), event)) => {
-                    (metadata::classify_namespace(ns.as_ref()), event)
-                }
-                Ok((_, event)) => (None, event),
+            let (ours, qemu_ns, event) = match reader.read_resolved_event() {
+                Ok((ResolveResult::Bound(ns), event)) => (
+                    metadata::classify_namespace(ns.as_ref()),
+                    ns.as_ref() == QEMU_NS.as_bytes(),
+                    event,
+                ),
+                Ok((_, event)) => (None, false, event),
                 Err(e) => {
                     return Err(DocumentError::Malformed {
                         offset: reader.error_position() as usize,
@@ -195,7 +228,23 @@ impl<'a> DomainDocument<'a> {
                             return Err(DocumentError::NotADomain(local));
                         }
                     }
-                    check_attributes(e.attributes(), start)?;
+                    if depth >= MAX_DEPTH {
+                        return Err(DocumentError::TooDeep { offset: start });
+                    }
+                    let declarations = check_attributes(e.attributes(), start)?;
+                    if in_scope + declarations > MAX_NAMESPACES_IN_SCOPE {
+                        return Err(DocumentError::TooManyNamespaces { offset: start });
+                    }
+                    if !is_empty {
+                        declared.push(declarations);
+                        in_scope += declarations;
+                    }
+                    if qemu_ns && depth == 1 && local == "commandline" {
+                        in_commandline = !is_empty;
+                    } else if qemu_ns && depth == 2 && in_commandline && local == "arg" {
+                        doc.qemu_args
+                            .push(attribute(e, "value").unwrap_or_default());
+                    }
                     let slot = if depth <= TRACKED_DEPTH {
                         doc.classify(&path, &local, ours, e)?
                     } else {
@@ -226,7 +275,11 @@ impl<'a> DomainDocument<'a> {
                 }
                 Event::End(_) => {
                     path.pop();
+                    in_scope -= declared.pop().unwrap_or(0);
                     let depth = path.len();
+                    if depth == 1 {
+                        in_commandline = false;
+                    }
                     if let Some(&(d, slot, s, tag_end)) = open.last() {
                         if d == depth {
                             open.pop();
@@ -313,6 +366,46 @@ impl<'a> DomainDocument<'a> {
         &self.text[span.start..span.end]
     }
 
+    /// The `<qemu:commandline>` arguments that change what the guest sees of its CPU, each with
+    /// its value (`-cpu host`, `-global EPYC-x86_64-cpu.avx2=off`, `-device …-cpu,…`,
+    /// `-overcommit cpu-pm=on`): the stamp and this host's measurement both follow libvirt's
+    /// `<cpu>`, so these would change the CPU unseen.
+    pub fn commandline_cpu_args(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut args = self.qemu_args.iter().map(String::as_str).peekable();
+        while let Some(arg) = args.next() {
+            let option = arg.trim_start_matches('-');
+            if !arg.starts_with('-') {
+                continue;
+            }
+            let (option, inline) = match option.split_once('=') {
+                Some((o, v)) => (o, Some(v)),
+                None => (option, None),
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => args.peek().copied().unwrap_or(""),
+            };
+            let driver = value
+                .split([',', '.'])
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("driver=");
+            let cpu_driver = driver.ends_with("-cpu") || driver == "cpu";
+            let touches = match option {
+                "cpu" => true,
+                "global" => cpu_driver || value.contains("-cpu."),
+                "device" => cpu_driver,
+                "overcommit" => value.contains("cpu-pm"),
+                _ => false,
+            };
+            if touches {
+                found.push(format!("-{option} {value}"));
+            }
+        }
+        found
+    }
+
     /// The name to use in messages: the document's `<name>`, else what libvirt passed in argv.
     pub fn display_name<'b>(&'b self, fallback: &'b str) -> &'b str {
         self.name.as_deref().unwrap_or(fallback)
@@ -337,15 +430,27 @@ pub fn attribute(e: &BytesStart<'_>, name: &str) -> Option<String> {
 
 /// Attribute syntax and duplicates are checked strictly; values may carry only the predefined
 /// entities, because quick-xml would otherwise pass an undeclared `&name;` through silently.
-fn check_attributes(mut attrs: Attributes<'_>, tag_start: usize) -> Result<(), DocumentError> {
+/// At most [`MAX_ATTRIBUTES`] (quick-xml's duplicate check compares each with every earlier
+/// one). Returns how many are namespace declarations.
+fn check_attributes(mut attrs: Attributes<'_>, tag_start: usize) -> Result<usize, DocumentError> {
+    let mut count = 0;
+    let mut declarations = 0;
     for attr in attrs.with_checks(true) {
+        count += 1;
+        if count > MAX_ATTRIBUTES {
+            return Err(DocumentError::TooManyAttributes { offset: tag_start });
+        }
         let attr = attr.map_err(|e| DocumentError::Malformed {
             offset: tag_start,
             reason: e.to_string(),
         })?;
+        let key = attr.key.as_ref();
+        if key == b"xmlns" || key.starts_with(b"xmlns:") {
+            declarations += 1;
+        }
         check_entities(&attr.value, tag_start)?;
     }
-    Ok(())
+    Ok(declarations)
 }
 
 /// Refuses every entity reference except `&lt; &gt; &amp; &quot; &apos;` and `&#…;`. Entities can

@@ -145,13 +145,10 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             .opt_field("uuid", uuid)
             .field("reason", &reason)
             .emit();
-        let what = match origin {
-            Origin::Migrate => "incoming migration",
-            Origin::Restore => "restore",
-        };
         Outcome::refused(format!(
-            "cpuguard: refusing {what} of {}: {reason}",
-            call.domain
+            "cpuguard: refusing {} of {}: {reason}",
+            origin.describe(),
+            crate::audit::escape(&call.domain)
         ))
     };
 
@@ -180,6 +177,9 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         Err(e) => return refuse(None, e.to_string()),
     };
     let uuid = doc.uuid.as_deref();
+    if let Err(reason) = super::commandline_cpu(&doc, &config, origin.as_str(), &call.domain) {
+        return refuse(uuid, reason);
+    }
     let (text, decision) = match rewrite_cpu(&doc) {
         Ok(r) => r,
         Err(e) => return refuse(uuid, e),
@@ -192,6 +192,20 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         created: now,
         expires: now.saturating_add(config.incoming_ttl_secs),
     };
+    match incoming::check_dir(&config.runtime_dir) {
+        Ok(0) => {}
+        Ok(discarded) => Record::new(Severity::Warning, origin.as_str(), "discarded")
+            .field("domain", &call.domain)
+            .field(
+                "reason",
+                &format!(
+                    "runtime directory {} was writable by others: narrowed to 0700, {discarded} record(s) it held discarded",
+                    config.runtime_dir.display()
+                ),
+            )
+            .emit(),
+        Err(e) => return refuse(uuid, e.to_string()),
+    }
     if let Err(e) = incoming::write(&config.runtime_dir, &record) {
         return refuse(uuid, e.to_string());
     }

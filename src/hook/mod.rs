@@ -16,7 +16,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::audit::{Record, Severity};
+use crate::audit::{escape, Record, Severity};
 use crate::config::Config;
 
 pub use migrate::{rewrite_cpu, CpuDecision};
@@ -99,7 +99,9 @@ pub fn main(args: &[OsString]) -> i32 {
     let stdin = io::stdin();
     let outcome = run(args, &mut stdin.lock());
     if !outcome.stderr.is_empty() {
-        let _ = writeln!(io::stderr(), "{}", outcome.stderr.trim_end());
+        // libvirt hands this to `virsh`, which prints it on the operator's terminal.
+        let text = crate::audit::sanitize_message(outcome.stderr.trim_end());
+        let _ = writeln!(io::stderr(), "{text}");
     }
     // Audit lines that could not reach syslog come after the verdict.
     crate::audit::flush_deferred();
@@ -152,8 +154,10 @@ pub fn run(args: &[OsString], input: &mut dyn Read) -> Outcome {
                 status: EXIT_OK,
                 stdout: Vec::new(),
                 stderr: format!(
-                    "cpuguard: ignoring unknown hook operation {op:?} {subop:?} for domain {:?}",
-                    call.domain
+                    "cpuguard: ignoring unknown hook operation {} {} for domain {}",
+                    escape(op),
+                    escape(subop),
+                    escape(&call.domain)
                 ),
             }
         }
@@ -177,6 +181,40 @@ fn read_limited(input: &mut dyn Read, limit: usize) -> io::Result<(Vec<u8>, bool
 
 fn drain(input: &mut dyn Read) {
     let _ = io::copy(input, &mut io::sink());
+}
+
+/// `<qemu:commandline>` arguments that change the guest CPU: refused under the default policy
+/// (`Err` is the reason), audited as a warning when `policy.qemu_commandline_cpu = "allow"`.
+fn commandline_cpu(
+    doc: &crate::domain::document::DomainDocument<'_>,
+    config: &Config,
+    phase: &str,
+    domain: &str,
+) -> Result<(), String> {
+    let args = doc.commandline_cpu_args();
+    if args.is_empty() {
+        return Ok(());
+    }
+    let list = args.join(" ");
+    match config.policy.qemu_commandline_cpu {
+        crate::config::Verdict::Refuse => Err(format!(
+            "<qemu:commandline> changes the guest CPU ({}), which neither the stamp nor this host's measurement sees; remove it, or set policy.qemu_commandline_cpu = \"allow\" in {}",
+            escape(&list),
+            Config::path().display()
+        )),
+        crate::config::Verdict::Allow => {
+            Record::new(Severity::Warning, phase, "allowed")
+                .field("domain", domain)
+                .opt_field("uuid", doc.uuid.as_deref())
+                .field("qemu_commandline", &list)
+                .field(
+                    "reason",
+                    "<qemu:commandline> changes the guest CPU, unguarded for those arguments; allowed by policy.qemu_commandline_cpu",
+                )
+                .emit();
+            Ok(())
+        }
+    }
 }
 
 /// Loads the configuration for a phase that must not run on unknown policies.
@@ -231,7 +269,7 @@ mod tests {
         let out = run(&args(&["g", "teleport", "begin", "-"]), &mut input);
         assert_eq!(out.status, EXIT_OK);
         assert!(out.stdout.is_empty());
-        assert!(out.stderr.contains("unknown hook operation \"teleport\""));
+        assert!(out.stderr.contains("unknown hook operation teleport begin"));
     }
 
     #[test]

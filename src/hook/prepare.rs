@@ -1,19 +1,26 @@
 //! The `prepare begin` phase: every start passes here; only an incoming guest is examined.
 //!
-//! A normal start costs one `stat` of the incoming record (plus reading an absent or small config
-//! file): no XML parsing, no probing. A broken configuration never blocks a normal start.
+//! A normal start costs one `stat` of the incoming record, the runtime directory's checks and a
+//! scan of the XML for cpuguard's stamp namespace (plus reading an absent or small config file):
+//! no XML parsing, no probing. A broken configuration never blocks a normal start.
+//!
+//! An incoming guest is known by its record (left by `migrate begin` / `restore begin`, matched by
+//! UUID) or, when the record is missing, by a cpuguard stamp in the XML: the stamp lives only in
+//! a running domain's live metadata, so a definition started cold does not carry one.
 
 use std::io::Read;
 
+use crate::audit::escape;
 use crate::audit::{Record, Severity};
 use crate::cache::Source;
 use crate::config::Config;
 use crate::cpuid::FeatureMap;
 use crate::domain::document::{self, DomainDocument};
+use crate::domain::metadata::STAMP_NS;
 use crate::domain::metadata::{DomainPolicy, Stamp};
 use crate::guard::{judge, Decision, Incoming};
 use crate::hook::{drain, read_limited, HookCall, Outcome};
-use crate::incoming::{self, Origin};
+use crate::incoming::{self, Claim, Origin};
 use crate::measure::{self, Measurement};
 
 pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
@@ -30,50 +37,108 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             return Outcome::ok();
         }
     };
-    let record = match incoming::take(&config.runtime_dir, &call.domain, incoming::now()) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            drain(input);
-            return Outcome::ok();
-        }
-        Err(e) => {
-            drain(input);
-            Record::new(Severity::Error, "prepare", "refused")
-                .field("domain", &call.domain)
-                .field("reason", &e.to_string())
-                .emit();
-            return Outcome::refused(format!(
-                "cpuguard: refusing incoming guest {}: {e}",
-                call.domain
-            ));
-        }
-    };
-    let refuse = |reason: String| {
+    let name = escape(&call.domain);
+    let refuse_as = |origin: Origin, reason: String| {
         Record::new(Severity::Error, "prepare", "refused")
             .field("domain", &call.domain)
+            .field("incoming", origin.as_str())
             .field("reason", &reason)
             .emit();
         Outcome::refused(format!(
-            "cpuguard: refusing incoming {} of {}: {reason}",
-            record.origin.as_str(),
-            call.domain
+            "cpuguard: refusing {} of {name}: {reason}",
+            origin.describe()
         ))
     };
-    let bytes = match read_limited(input, config.max_xml_bytes) {
-        Ok((_, true)) => {
-            return refuse(format!(
+    // A runtime directory someone else can write to cannot say whether this start is incoming:
+    // its records are not consulted (the stamp below still is).
+    let dir_ok = match incoming::check_dir(&config.runtime_dir) {
+        Ok(0) => true,
+        Ok(discarded) => {
+            Record::new(Severity::Warning, "prepare", "discarded")
+                .field("domain", &call.domain)
+                .field(
+                    "reason",
+                    &format!(
+                        "runtime directory {} was writable by others: narrowed to 0700, {discarded} record(s) it held discarded",
+                        config.runtime_dir.display()
+                    ),
+                )
+                .emit();
+            true
+        }
+        Err(e) => {
+            Record::new(Severity::Warning, "prepare", "ignored")
+                .field("domain", &call.domain)
+                .field("reason", &format!("incoming records not consulted: {e}"))
+                .emit();
+            false
+        }
+    };
+    let has_record = dir_ok && incoming::present(&config.runtime_dir, &call.domain);
+    let (bytes, over) = match read_limited(input, config.max_xml_bytes) {
+        Ok(r) => r,
+        Err(e) if has_record => {
+            return refuse_as(Origin::Migrate, format!("cannot read the domain XML: {e}"))
+        }
+        Err(_) => return Outcome::ok(),
+    };
+    // The common case, a normal start: no record and no stamp in the XML. A substring search,
+    // no parsing.
+    let mentions_stamp = contains(&bytes, STAMP_NS.as_bytes());
+    if !has_record && !mentions_stamp {
+        return Outcome::ok();
+    }
+    if over {
+        return refuse_as(
+            Origin::Migrate,
+            format!(
                 "domain XML is over the {}-byte limit (max_xml_bytes)",
                 config.max_xml_bytes
-            ))
-        }
-        Ok((bytes, false)) => bytes,
-        Err(e) => return refuse(format!("cannot read the domain XML: {e}")),
-    };
+            ),
+        );
+    }
     let doc = match document::parse_bytes(&bytes, config.max_xml_bytes) {
         Ok(doc) => doc,
-        Err(e) => return refuse(e.to_string()),
+        Err(e) => return refuse_as(Origin::Migrate, e.to_string()),
     };
-    let assessment = match assess(&doc, &call.domain, record.origin, &config) {
+    let claim = if has_record {
+        match incoming::take(
+            &config.runtime_dir,
+            &call.domain,
+            doc.uuid.as_deref(),
+            incoming::now(),
+        ) {
+            Ok(claim) => claim,
+            Err(e) => return refuse_as(Origin::Migrate, e.to_string()),
+        }
+    } else {
+        Claim::None
+    };
+    let origin = match claim {
+        Claim::Matched(record) => record.origin,
+        other => {
+            if let Claim::Stale(why) = &other {
+                // A migration that failed after `migrate begin` left it: not this start's.
+                Record::new(Severity::Warning, "prepare", "discarded")
+                    .field("domain", &call.domain)
+                    .opt_field("uuid", doc.uuid.as_deref())
+                    .field("reason", why)
+                    .emit();
+            }
+            if doc.stamp.is_none() {
+                return Outcome::ok();
+            }
+            // libvirt keeps cpuguard's stamp only in a running domain's live metadata: XML that
+            // carries one is a running guest's, arriving without its record (deleted, expired,
+            // or the runtime directory unusable). Judged as incoming rather than let through.
+            Origin::Inferred
+        }
+    };
+    let refuse = |reason: String| refuse_as(origin, reason);
+    if let Err(reason) = super::commandline_cpu(&doc, &config, "prepare", &call.domain) {
+        return refuse(reason);
+    }
+    let assessment = match assess(&doc, &call.domain, origin, &config) {
         Ok(a) => a,
         Err(e) => return refuse(e),
     };
@@ -95,7 +160,7 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         Record::new(severity, "prepare", action)
             .field("domain", &call.domain)
             .opt_field("uuid", doc.uuid.as_deref())
-            .field("incoming", record.origin.as_str())
+            .field("incoming", origin.as_str())
             .opt_field(
                 "source_host",
                 stamp.as_ref().and_then(|s| s.host.as_deref()),
@@ -147,6 +212,11 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
             Outcome::refused(message)
         }
     }
+}
+
+/// Whether `needle` occurs in `haystack` (a plain scan: the hook's warm path needs no index).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The verdict on an incoming guest and what it was based on.

@@ -6,11 +6,13 @@
 //! - `qemu_args`: the QEMU command line from a `GuestCpuConfig` (as libvirt would build it).
 //! - `emulator`: deciding whether an emulator path from untrusted XML may be run.
 //! - `models`: the CPU models an emulator has (for libvirt's `fallback='allow'` rule).
+//! - `confine`: who and under which limits the probe's QEMU runs (libvirt's QEMU user, seccomp).
 //! - `run`: running it with a wall-time bound; `probe()` is the x86 entry point.
 //!
 //! [`probe_view`] is the entry point for every architecture: aarch64 domains go to the
 //! ID-register probe in `crate::arm`, which shares the runner.
 
+pub mod confine;
 pub mod emulator;
 pub mod firmware;
 pub mod models;

@@ -58,6 +58,8 @@ pub enum ArgsError {
     CpuMap { path: String, reason: String },
     #[error("probe path {path:?} is not valid UTF-8 text for the QEMU command line")]
     BadPath { path: String },
+    #[error("domain CPU <feature name={name:?}> is not one of libvirt's CPU feature names ({map}); refused, as it would reach QEMU as a -cpu property")]
+    UnknownFeature { name: String, map: String },
 }
 
 /// The QEMU system emulator name for a domain architecture (when the XML names no emulator).
@@ -249,6 +251,22 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
                     if let Some(v) = &cpu.vendor_id {
                         parts.push(format!("vendor={v}"));
                     }
+                }
+            }
+            // Only libvirt's CPU feature names: anything else (`start-powered-off`, any QEMU CPU
+            // property) is not a CPU feature libvirt would accept, and must not become a `-cpu`
+            // property of a QEMU started by root.
+            if !cpu.features.is_empty() {
+                let path = cpu_map.join("x86_features.xml");
+                let map = crate::cpuid::FeatureMap::load(&path).map_err(|e| ArgsError::CpuMap {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                if let Some(f) = cpu.features.iter().find(|f| map.by_name(&f.name).is_none()) {
+                    return Err(ArgsError::UnknownFeature {
+                        name: f.name.clone(),
+                        map: path.display().to_string(),
+                    });
                 }
             }
             let features = cpu
@@ -511,6 +529,12 @@ mod tests {
     #[test]
     fn removed_model_features_are_disabled_unless_named() {
         let dir = tempfile::tempdir().unwrap();
+        // Feature names are checked against libvirt's installed list.
+        std::fs::copy(
+            Path::new(LIBVIRT_CPU_MAP).join("x86_features.xml"),
+            dir.path().join("x86_features.xml"),
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("x86_Old.xml"),
             "<cpus><model name='Old'><vendor name='AMD'/><feature name='sse2'/>\

@@ -1,9 +1,10 @@
 //! Running the probe: a private work directory, the emulator in its own process group with a
-//! wall-time bound, and the firmware's debugcon output parsed into a [`CpuidTable`].
+//! wall-time bound, confined (see [`super::confine`]: libvirt's QEMU user, seccomp, clean
+//! environment, rlimits), and the firmware's debugcon output parsed into a [`CpuidTable`].
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use super::confine;
 use super::emulator::{check_emulator, EmulatorError};
 use super::firmware::{
     HEARTBEAT_X86, PROBE_EXIT_STATUS, PROBE_FATAL_STATUS, PROBE_MSR_SELFTEST_X86, PROBE_X86,
@@ -100,6 +102,8 @@ pub enum ProbeError {
     NoVersion { emulator: PathBuf },
     #[error("{0}")]
     Aarch64(Box<crate::arm::ArmProbeError>),
+    #[error("probe: cannot confine the emulator: {0}")]
+    Confine(String),
 }
 
 /// One completed probe run with what it took.
@@ -178,12 +182,14 @@ pub fn emulator_version(emulator: &str, allowed: &[PathBuf]) -> Result<String, P
         path: out_path.clone(),
         reason: e.to_string(),
     })?;
+    let user = confine::this_host_qemu_user().map_err(ProbeError::Confine)?;
     let mut command = Command::new(&emulator);
     command
         .arg("--version")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::null());
+    confine::confine(&mut command, user.as_ref(), VERSION_TIMEOUT.as_secs());
     let status = run_bounded(command, &emulator, VERSION_TIMEOUT)?;
     if !status.success() {
         return Err(ProbeError::EmulatorFailed {
@@ -247,8 +253,32 @@ pub(crate) fn run_firmware<E: From<ProbeError>>(
     let firmware_path = work.path.join("firmware.bin");
     let output_path = work.path.join(output_name);
     let stderr_path = work.path.join("stderr.log");
+    let user = confine::this_host_qemu_user().map_err(ProbeError::Confine)?;
     std::fs::write(&firmware_path, image).map_err(|e| work_error(&firmware_path, e))?;
-    let argv = argv_for(&firmware_path, &output_path)?;
+    if let Some(user) = &user {
+        // QEMU runs as libvirt's QEMU user: it may enter the directory (not list or change
+        // it), read the firmware, and write only the output file made for it here.
+        let mode = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| work_error(path, e))
+        };
+        mode(&work.path, 0o711)?;
+        mode(&firmware_path, 0o644)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&output_path)
+            .map_err(|e| work_error(&output_path, e))?;
+        nix::unistd::chown(
+            &output_path,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| work_error(&output_path, e.into()))?;
+    }
+    let mut argv = argv_for(&firmware_path, &output_path)?;
+    argv.extend(["-sandbox".to_string(), confine::SANDBOX.to_string()]);
     let stderr = File::create(&stderr_path).map_err(|e| work_error(&stderr_path, e))?;
     let started = Instant::now();
     let mut command = Command::new(emulator);
@@ -257,6 +287,12 @@ pub(crate) fn run_firmware<E: From<ProbeError>>(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
+    // CPU time across QEMU's threads, well above what the wall-time bound allows.
+    confine::confine(
+        &mut command,
+        user.as_ref(),
+        timeout.as_secs().saturating_mul(4).saturating_add(10),
+    );
     let status = run_bounded(command, emulator, timeout)?;
     let wall_time = started.elapsed();
     if !finished(status) {
