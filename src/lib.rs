@@ -23,4 +23,5 @@ pub mod install;
 pub mod matrix;
 pub mod measure;
 pub mod probe;
+pub mod report;
 pub mod stamp;

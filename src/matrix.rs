@@ -213,6 +213,12 @@ pub struct Pair {
     pub gained: Vec<String>,
     /// Other differences (vendor, family/model/stepping, leaves), one line each.
     pub changed: Vec<String>,
+    /// `go` or `no-go`.
+    #[serde(default)]
+    pub verdict: String,
+    /// The comparison as `cpuguard diff --json` gives it (numbers, masks, echo leaves).
+    #[serde(default)]
+    pub diff: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,12 +227,17 @@ pub struct ConfigurationMatrix {
     pub configuration: serde_json::Value,
     /// Hosts that measured this configuration, sorted.
     pub hosts: Vec<String>,
+    /// Each measuring host's CPU as the guest sees it (vendor, brand, family/model/stepping).
+    #[serde(default)]
+    pub identities: BTreeMap<String, serde_json::Value>,
     /// Every ordered pair of distinct hosts in `hosts`.
     pub pairs: Vec<Pair>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Matrix {
+    #[serde(default)]
+    pub schema_version: u32,
     /// Every host of every bundle, sorted.
     pub hosts: Vec<String>,
     pub configurations: Vec<ConfigurationMatrix>,
@@ -371,6 +382,8 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
                     lost: d.lost_names(),
                     gained: d.gained_names(),
                     changed: d.changed_lines(),
+                    verdict: if d.is_equivalent() { "go" } else { "no-go" }.to_string(),
+                    diff: crate::report::diff(&d),
                 });
             }
         }
@@ -378,6 +391,10 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
             label: label(&configuration),
             configuration,
             hosts: hosts.keys().cloned().collect(),
+            identities: hosts
+                .iter()
+                .map(|(h, e)| (h.clone(), crate::report::identity(&e.fingerprint.raw())))
+                .collect(),
             pairs,
         });
     }
@@ -385,6 +402,7 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
     let mut all_hosts: Vec<String> = bundles.iter().map(|(_, b)| b.hostname.clone()).collect();
     all_hosts.sort();
     Ok(Matrix {
+        schema_version: crate::report::SCHEMA_VERSION,
         hosts: all_hosts,
         configurations,
     })

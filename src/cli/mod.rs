@@ -63,15 +63,19 @@ enum Command {
     /// Compare two CPUID views: fingerprints (JSON), kvm-unit-tests dumps (`LLLLLLLL SSSSSSSS: EAX
     /// EBX ECX EDX`) or `cpuid -r` output, in any combination. A is the source, B the destination:
     /// "lost" features are in A and missing in B.
-    #[command(after_help = "Example: cpuguard diff src.json dst.json\n\
+    #[command(after_help = "Example: cpuguard diff src.json dst.json --verbose\n\
                             Exit codes: 0 equivalent after normalization (informational differences \
                             are listed), 1 different, 2 bad input.")]
     Diff {
         a: PathBuf,
         b: PathBuf,
-        /// Print the difference as JSON.
+        /// Print the difference as JSON (schema in the README, "JSON output").
         #[arg(long)]
         json: bool,
+        /// Also list masked differences with their reasons, and the echo leaves (outside a
+        /// side's declared CPUID ranges) left out of the comparison.
+        #[arg(long, short)]
+        verbose: bool,
         /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
         #[arg(long)]
         features: Option<PathBuf>,
@@ -227,9 +231,16 @@ enum FirmwareKind {
 }
 
 pub fn main(args: Vec<OsString>) -> i32 {
+    // Known before parsing, so that a command line clap rejects still answers in JSON.
+    let json = args.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
+            if e.use_stderr() && json {
+                let first = e.to_string();
+                let line = first.lines().next().unwrap_or("bad command line");
+                return fail(line.trim_start_matches("error: "), true);
+            }
             let _ = e.print();
             return if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
         }
@@ -264,16 +275,24 @@ pub fn main(args: Vec<OsString>) -> i32 {
             a,
             b,
             json,
+            verbose,
             features,
-        } => diff(&a, &b, json, features.as_deref()),
+        } => diff(&a, &b, json, verbose, features.as_deref()),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("cpuguard: {e}");
-            EXIT_ERROR
-        }
+        Err(e) => fail(&e, json),
     }
+}
+
+/// The one-line error on stderr (exit 2); with `--json`, also the error as a JSON object on
+/// stdout, so a script reading stdout always gets JSON.
+fn fail(message: &str, json: bool) -> i32 {
+    eprintln!("cpuguard: {message}");
+    if json {
+        println!("{:#}", crate::report::error(message));
+    }
+    EXIT_ERROR
 }
 
 /// Reads a named file or stdin (`-`), with the XML size limit in force.
@@ -332,14 +351,32 @@ fn feature_map(path: Option<&Path>) -> Result<FeatureMap, String> {
     .map_err(|e| e.to_string())
 }
 
-fn diff(a: &Path, b: &Path, json: bool, features: Option<&Path>) -> Result<i32, String> {
+fn diff(
+    a: &Path,
+    b: &Path,
+    json: bool,
+    verbose: bool,
+    features: Option<&Path>,
+) -> Result<i32, String> {
     let features = feature_map(features)?;
-    let diff = crate::fingerprint::diff_inputs(a, b, &features).map_err(|e| e.to_string())?;
+    let va = crate::fingerprint::load_input(a)
+        .map_err(|e| e.to_string())?
+        .raw();
+    let vb = crate::fingerprint::load_input(b)
+        .map_err(|e| e.to_string())?
+        .raw();
+    let diff = crate::guest_view::diff(&va, &vb, &features);
     if json {
-        let text = serde_json::to_string_pretty(&diff).map_err(|e| e.to_string())?;
-        println!("{text}");
+        let doc = crate::report::diff_document(
+            &a.display().to_string(),
+            &va,
+            &b.display().to_string(),
+            &vb,
+            &diff,
+        );
+        println!("{doc:#}");
     } else {
-        print!("{diff}");
+        print!("{}", diff.render(verbose));
     }
     Ok(if diff.is_equivalent() {
         EXIT_OK
@@ -367,8 +404,17 @@ fn probe(xml: &Path, cached: bool, tcg: bool) -> Result<i32, String> {
     } else {
         measure::probe_now(&guest, &config, accel).map_err(|e| e.to_string())?
     };
-    let json = fingerprint.to_json().map_err(|e| e.to_string())?;
-    println!("{json}");
+    // The fingerprint as `cpuguard diff` reads it, plus the schema version and the identity of
+    // the CPU measured (extra keys a fingerprint reader ignores).
+    let mut value = serde_json::to_value(&fingerprint).map_err(|e| e.to_string())?;
+    crate::report::merge(
+        &mut value,
+        serde_json::json!({
+            "schema_version": crate::report::SCHEMA_VERSION,
+            "identity": crate::report::identity(&fingerprint.raw()),
+        }),
+    );
+    println!("{value:#}");
     Ok(EXIT_OK)
 }
 
@@ -396,14 +442,38 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
         ),
     };
     if json {
-        let v = serde_json::json!({
+        let source = assessment
+            .stamp
+            .as_ref()
+            .and_then(|s| crate::guard::stamped_table(s).ok());
+        let local = assessment
+            .measured
+            .as_ref()
+            .and_then(|m| m.as_ref().ok())
+            .map(|m| m.fingerprint.raw());
+        let mut v = serde_json::json!({
+            "schema_version": crate::report::SCHEMA_VERSION,
+            "command": "check",
             "domain": name,
+            "verdict": if go { "go" } else { "no-go" },
             "go": go,
             "reason": reason,
             "details": lines,
+            "source_host": assessment.stamp.as_ref().and_then(|s| s.host.clone()),
             "source_digest": assessment.stamp.as_ref().and_then(|s| s.digest.clone()),
             "local_digest": assessment.measured.as_ref().and_then(|m| m.as_ref().ok()).map(|m| m.fingerprint.digest.clone()),
+            "source": source.as_ref().map(crate::report::identity),
+            "destination": local.as_ref().map(crate::report::identity),
+            "equivalent": serde_json::Value::Null,
+            "diff": serde_json::Value::Null,
         });
+        // The comparison behind the verdict, when both views were there to compare.
+        if let (Some(a), Some(b)) = (&source, &local) {
+            let features = FeatureMap::load_default().map_err(|e| e.to_string())?;
+            let d = crate::guest_view::diff(a, b, &features);
+            v["equivalent"] = serde_json::Value::Bool(d.is_equivalent());
+            v["diff"] = crate::report::diff(&d);
+        }
         println!("{v:#}");
     } else {
         match &assessment.decision {
