@@ -143,6 +143,13 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
     if text.len() as u64 > MAX_BUNDLE_BYTES {
         return Err(read_error(format!("larger than {MAX_BUNDLE_BYTES} bytes")));
     }
+    // The common case in one typed pass (a Value tree of a large bundle costs several times
+    // its size); anything unexpected goes through the checks below for a precise message.
+    if let Ok(bundle) = serde_json::from_str::<Bundle>(&text) {
+        if bundle.format == BUNDLE_FORMAT && bundle.version == BUNDLE_VERSION {
+            return verified(path, bundle);
+        }
+    }
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| MatrixError::NotABundle {
             path: path.to_path_buf(),
@@ -165,6 +172,11 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    verified(path, bundle)
+}
+
+/// `bundle` once each fingerprint has been verified like a cache entry.
+fn verified(path: &Path, bundle: Bundle) -> Result<Bundle, MatrixError> {
     for (index, entry) in bundle.entries.iter().enumerate() {
         entry
             .fingerprint
@@ -176,6 +188,46 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
             })?;
     }
     Ok(bundle)
+}
+
+/// Loads destination bundles for a plan, reduced to one view per configuration, two files at a
+/// time (parsing and verifying fingerprints is most of a large plan's time).
+pub fn load_host_views(
+    files: &[PathBuf],
+) -> Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = files.len().div_ceil(threads).max(1);
+    let results: Vec<Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|f| {
+                                load_bundle(f).map(|b| (f.clone(), crate::plan::HostViews::of(b)))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(MatrixError::Read {
+                            path: PathBuf::from("(bundle loader)"),
+                            reason: "a loading thread panicked".to_string(),
+                        })
+                    })
+                })
+                .collect()
+        });
+    let mut out = Vec::with_capacity(files.len());
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
 }
 
 /// The configuration a matrix groups by: the key's canonical guest configuration without the

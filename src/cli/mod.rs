@@ -123,6 +123,42 @@ enum Command {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// This host's running (or --all) domains with their stamps and canonical CPU
+    /// configurations, as one JSON bundle (runs cpuguard-libvirt; `cpuguard inventory --help`
+    /// shows its options).
+    #[command(
+        disable_help_flag = true,
+        after_help = "Example: cpuguard inventory > $(hostname)-vms.json\n\
+                            Exit codes: 0 written, 2 error."
+    )]
+    Inventory {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Per VM of the inventories, each destination's go/no-go with the reason, then which hosts
+    /// can take which VMs and what blocks the rest.
+    #[command(
+        after_help = "Example: cpuguard plan hv-old-01-vms.json --to hv-new-01.json hv-new-02.json --html plan.html\n\
+                            Inventories come from `cpuguard inventory` on the sources, bundles from \
+                            `cpuguard fingerprint measure INVENTORY…` on each candidate destination.\n\
+                            Exit codes: 0 every VM can go to every destination, 1 some cannot, 2 error."
+    )]
+    Plan {
+        /// Files written by `cpuguard inventory`, one per source host.
+        inventories: Vec<PathBuf>,
+        /// Bundles written by `cpuguard fingerprint measure` (or `export`), one per destination.
+        #[arg(long, num_args = 1.., required = true)]
+        to: Vec<PathBuf>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the plan as one self-contained HTML page.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
+        #[arg(long)]
+        features: Option<PathBuf>,
+    },
     /// The CPU to give new VMs so they can live on every listed host, and what each host's VMs
     /// give up (runs cpuguard-libvirt; `cpuguard baseline --help` shows its options).
     #[command(
@@ -158,8 +194,12 @@ enum Command {
         #[arg(long)]
         target: Option<PathBuf>,
     },
-    /// This host's measured fingerprints, for `cpuguard matrix` on another machine.
-    #[command(after_help = "Example: cpuguard fingerprint export > $(hostname).json")]
+    /// This host's measured fingerprints, for `cpuguard matrix` and `cpuguard plan` on another
+    /// machine; `measure` first measures an inventory's configurations.
+    #[command(
+        after_help = "Examples: cpuguard fingerprint export > $(hostname).json\n          \
+                            cpuguard fingerprint measure hv-old-01-vms.json -j 2 > $(hostname).json"
+    )]
     Fingerprint {
         #[command(subcommand)]
         action: FingerprintAction,
@@ -218,6 +258,28 @@ enum FingerprintAction {
         #[arg(long)]
         host: Option<String>,
     },
+    /// On a candidate destination: measure every distinct CPU configuration of the inventories
+    /// this host has not measured yet (progress on stderr), then print what `export` prints.
+    #[command(
+        after_help = "Example: cpuguard fingerprint measure hv-old-01-vms.json -j 2 > $(hostname).json\n\
+                            Exit codes: 0 every configuration measured, 1 some could not be (named on stderr; \
+                            the bundle holds the others), 2 error."
+    )]
+    Measure {
+        /// Files written by `cpuguard inventory` on the source hosts.
+        #[arg(required = true)]
+        inventories: Vec<PathBuf>,
+        /// Probes at once.
+        #[arg(short = 'j', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        jobs: u32,
+        /// Measure with this host's emulator instead of the path the inventory names (a
+        /// destination that installs QEMU elsewhere).
+        #[arg(long)]
+        emulator: Option<String>,
+        /// The name to record (default: this host's hostname).
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -260,6 +322,29 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Check { xml, file, json } => check(file.as_deref().unwrap_or(&xml), json),
         Command::Stamp { args } => run_helper("stamp", &args),
         Command::Baseline { args } => run_helper("baseline", &args),
+        Command::Inventory { args } => run_helper("inventory", &args),
+        Command::Plan {
+            inventories,
+            to,
+            json,
+            html,
+            features,
+        } => plan(
+            &inventories,
+            &to,
+            json,
+            html.as_deref(),
+            features.as_deref(),
+        ),
+        Command::Fingerprint {
+            action:
+                FingerprintAction::Measure {
+                    inventories,
+                    jobs,
+                    emulator,
+                    host,
+                },
+        } => measure_inventories(&inventories, jobs, emulator, host),
         Command::Install { hooks_dir, target } => install(&hooks_dir, target),
         Command::Fingerprint {
             action: FingerprintAction::Export { host },
@@ -607,4 +692,115 @@ fn matrix(files: &[PathBuf], json: bool, features: Option<&Path>) -> Result<i32,
         print!("{}", m.to_text());
     }
     Ok(if m.all_go() { EXIT_OK } else { EXIT_DIFFERENT })
+}
+
+/// `cpuguard fingerprint measure`: every distinct configuration of the inventories through the
+/// cache (a hit costs nothing, a miss one probe), `jobs` at a time, then the export bundle.
+fn measure_inventories(
+    files: &[PathBuf],
+    jobs: u32,
+    emulator: Option<String>,
+    host: Option<String>,
+) -> Result<i32, String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let config = load_config()?;
+    let mut configs: Vec<(String, GuestCpuConfig)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        let inv = crate::plan::load_inventory(f).map_err(|e| e.to_string())?;
+        for mut d in inv.domains {
+            if let Some(e) = &emulator {
+                d.config.emulator = Some(e.clone());
+            }
+            let text = serde_json::to_string(&d.config).map_err(|e| e.to_string())?;
+            if seen.insert(text) {
+                configs.push((d.label, d.config));
+            }
+        }
+    }
+    let total = configs.len();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    eprintln!(
+        "cpuguard: {total} distinct configurations in {} inventories, {jobs} at a time",
+        files.len()
+    );
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(total.max(1) as u32) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some((label, guest)) = configs.get(i) else {
+                    break;
+                };
+                let started = std::time::Instant::now();
+                let line = match measure::for_guest(guest, &config, None) {
+                    Ok(m) => format!(
+                        "{} ({} ms)",
+                        match m.source {
+                            crate::cache::Source::Hit => "already measured",
+                            _ => "measured",
+                        },
+                        started.elapsed().as_millis()
+                    ),
+                    Err(e) => {
+                        let why = format!("{label}: cannot measure: {e}");
+                        if let Ok(mut f) = failures.lock() {
+                            f.push(why.clone());
+                        }
+                        format!("FAILED: {e}")
+                    }
+                };
+                eprintln!("cpuguard: [{}/{total}] {label}: {line}", i + 1);
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap_or_default();
+    for f in &failures {
+        eprintln!("cpuguard: {f}");
+    }
+    export_fingerprints(host)?;
+    Ok(if failures.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
+}
+
+/// `cpuguard plan`: inventories against destination bundles.
+fn plan(
+    inventories: &[PathBuf],
+    to: &[PathBuf],
+    json: bool,
+    html: Option<&Path>,
+    features: Option<&Path>,
+) -> Result<i32, String> {
+    let features = feature_map(features)?;
+    let inventories = inventories
+        .iter()
+        .map(|f| crate::plan::load_inventory(f).map(|i| (f.clone(), i)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let destinations = crate::matrix::load_host_views(to).map_err(|e| e.to_string())?;
+    let plan =
+        crate::plan::build(&inventories, &destinations, &features).map_err(|e| e.to_string())?;
+    if let Some(path) = html {
+        crate::fsutil::write_atomic(path, plan.to_html().as_bytes(), 0o644)
+            .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        serde_json::to_writer_pretty(&mut out, &plan).map_err(|e| format!("stdout: {e}"))?;
+        writeln!(out).map_err(|e| format!("stdout: {e}"))?;
+    } else {
+        out.write_all(plan.to_text().as_bytes())
+            .map_err(|e| format!("stdout: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("stdout: {e}"))?;
+    Ok(if plan.all_go() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
 }
