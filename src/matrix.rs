@@ -130,6 +130,76 @@ pub fn export(cache: &Cache, hostname: &str) -> Result<(Bundle, Vec<String>), Ma
 
 /// Reads and checks a bundle file (each fingerprint is verified like a cache entry).
 pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
+    load_bundle_with(path, &mut Verified::new())
+}
+
+/// Fingerprint tables already verified, by digest: an entry whose tables equal one of them is
+/// verified by that comparison (hosts of one CPU generation export identical fingerprints, and
+/// recomputing normalization and digest is most of loading a large fleet's bundles).
+pub type Verified = std::collections::HashMap<String, crate::guest_view::Tables>;
+
+/// The typed x86-only layout of a bundle, read in one pass without the tagged-enum buffering
+/// [`Fingerprint`]'s flattened tables need; `None` for anything else (aarch64 entries, other
+/// versions, damage), which the general path then reads and explains.
+fn fast_x86_bundle(text: &str) -> Option<Bundle> {
+    #[derive(Deserialize)]
+    struct Fp {
+        format_version: u32,
+        host: crate::fingerprint::HostFacts,
+        config: serde_json::Value,
+        arch: String,
+        raw: crate::cpuid::CpuidTable,
+        normalized: crate::cpuid::CpuidTable,
+        masks: Vec<crate::cpuid::normalize::Mask>,
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        key: serde_json::Value,
+        measured_at_unix: u64,
+        fingerprint: Fp,
+    }
+    #[derive(Deserialize)]
+    struct Fast {
+        format: String,
+        version: u32,
+        hostname: String,
+        entries: Vec<Entry>,
+    }
+    let fast: Fast = serde_json::from_str(text).ok()?;
+    if fast.format != BUNDLE_FORMAT
+        || fast.version != BUNDLE_VERSION
+        || fast.entries.iter().any(|e| e.fingerprint.arch != "x86_64")
+    {
+        return None;
+    }
+    Some(Bundle {
+        format: fast.format,
+        version: fast.version,
+        hostname: fast.hostname,
+        entries: fast
+            .entries
+            .into_iter()
+            .map(|e| BundleEntry {
+                key: e.key,
+                measured_at_unix: e.measured_at_unix,
+                fingerprint: Fingerprint {
+                    format_version: e.fingerprint.format_version,
+                    host: e.fingerprint.host,
+                    config: e.fingerprint.config,
+                    tables: crate::guest_view::Tables::X86 {
+                        raw: e.fingerprint.raw,
+                        normalized: e.fingerprint.normalized,
+                        masks: e.fingerprint.masks,
+                    },
+                    digest: e.fingerprint.digest,
+                },
+            })
+            .collect(),
+    })
+}
+
+fn load_bundle_with(path: &Path, memo: &mut Verified) -> Result<Bundle, MatrixError> {
     use std::io::Read;
     let read_error = |reason: String| MatrixError::Read {
         path: path.to_path_buf(),
@@ -145,9 +215,12 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
     }
     // The common case in one typed pass (a Value tree of a large bundle costs several times
     // its size); anything unexpected goes through the checks below for a precise message.
+    if let Some(bundle) = fast_x86_bundle(&text) {
+        return verified(path, bundle, memo);
+    }
     if let Ok(bundle) = serde_json::from_str::<Bundle>(&text) {
         if bundle.format == BUNDLE_FORMAT && bundle.version == BUNDLE_VERSION {
-            return verified(path, bundle);
+            return verified(path, bundle, memo);
         }
     }
     let value: serde_json::Value =
@@ -172,12 +245,18 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    verified(path, bundle)
+    verified(path, bundle, memo)
 }
 
 /// `bundle` once each fingerprint has been verified like a cache entry.
-fn verified(path: &Path, bundle: Bundle) -> Result<Bundle, MatrixError> {
+fn verified(path: &Path, bundle: Bundle, memo: &mut Verified) -> Result<Bundle, MatrixError> {
     for (index, entry) in bundle.entries.iter().enumerate() {
+        let fp = &entry.fingerprint;
+        if fp.format_version == crate::fingerprint::FORMAT_VERSION
+            && memo.get(&fp.digest) == Some(&fp.tables)
+        {
+            continue;
+        }
         entry
             .fingerprint
             .verify(&format!("{} entry {index}", path.display()))
@@ -186,6 +265,7 @@ fn verified(path: &Path, bundle: Bundle) -> Result<Bundle, MatrixError> {
                 index,
                 reason: e.to_string(),
             })?;
+        memo.insert(fp.digest.clone(), fp.tables.clone());
     }
     Ok(bundle)
 }
@@ -203,9 +283,11 @@ pub fn load_host_views(
                 .chunks(chunk)
                 .map(|part| {
                     scope.spawn(move || {
+                        let mut memo = Verified::new();
                         part.iter()
                             .map(|f| {
-                                load_bundle(f).map(|b| (f.clone(), crate::plan::HostViews::of(b)))
+                                load_bundle_with(f, &mut memo)
+                                    .map(|b| (f.clone(), crate::plan::HostViews::of(b)))
                             })
                             .collect::<Result<Vec<_>, _>>()
                     })
