@@ -368,7 +368,7 @@ pub fn build(
                             None => interner.fixed(
                                 Verdict::NotMeasured,
                                 format!(
-                                    "not measured on {}: run `cpuguard fingerprint measure` there with {}'s inventory",
+                                    "run `cpuguard fingerprint measure` on {} with {}'s inventory",
                                     dest.hostname, inv.hostname
                                 ),
                             ),
@@ -608,7 +608,7 @@ impl Plan {
             "\nsummary: {} of {} VMs can go to every destination, {} to none\n",
             s.go_anywhere, s.vms, s.go_nowhere
         ));
-        for h in &s.hosts {
+        for h in s.hosts.iter().filter(|h| h.of > 0) {
             out.push_str(&format!(
                 "  {} can take {} of {} VMs",
                 h.host, h.can_take, h.of
@@ -714,7 +714,7 @@ impl Plan {
             out.push_str("</tr>\n");
         }
         out.push_str("</tbody></table>\n<h2>Destinations</h2><ul id=\"hosts\">\n");
-        for h in &s.hosts {
+        for h in s.hosts.iter().filter(|h| h.of > 0) {
             out.push_str(&format!(
                 "<li>{} can take {} of {} VMs{}</li>\n",
                 esc(&h.host),

@@ -170,7 +170,7 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     let web1 = section("web1");
     assert!(web1.contains("hv-b: no-go: lost avx2"), "{text}");
     assert!(
-        web1.contains("hv-c: not measured: not measured on hv-c"),
+        web1.contains("hv-c: not measured: run `cpuguard fingerprint measure` on hv-c"),
         "{text}"
     );
     assert!(
