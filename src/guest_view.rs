@@ -267,7 +267,7 @@ impl ViewDiff {
                     .chain(&d.gained)
                     .map(|c| c.to_string())
                     .collect();
-                out.extend(d.fields.iter().map(|f| format!("changed: {f}")));
+                out.extend(d.changed_lines().iter().map(|f| format!("changed: {f}")));
                 out
             }
             ViewDiff::Aarch64(d) => d.lines(),
@@ -306,7 +306,7 @@ impl ViewDiff {
     /// `changed:` prefix.
     pub fn changed_lines(&self) -> Vec<String> {
         match self {
-            ViewDiff::X86(d) => d.fields.iter().map(ToString::to_string).collect(),
+            ViewDiff::X86(d) => d.changed_lines(),
             ViewDiff::Aarch64(d) => d.changed.iter().map(|c| c.detail()).collect(),
             ViewDiff::Arch { a, b } => vec![format!("architecture ({a} -> {b})")],
         }
@@ -333,20 +333,51 @@ impl ViewDiff {
     }
 }
 
-impl fmt::Display for ViewDiff {
-    /// `equivalent` first when nothing but informational lines follow, then one line per
-    /// difference, then `informational: …` lines.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_equivalent() {
-            writeln!(f, "equivalent")?;
+impl ViewDiff {
+    /// `equivalent: 0 lost, 0 gained, 0 changed, 1 informational, 3 masked` (or `different: …`):
+    /// the first line of every rendering.
+    pub fn summary_line(&self) -> String {
+        match self {
+            ViewDiff::X86(d) => d.summary_line(),
+            ViewDiff::Aarch64(d) => format!(
+                "{}: {} lost, {} gained, {} changed, {} informational, 0 masked",
+                if d.is_equivalent() {
+                    "equivalent"
+                } else {
+                    "different"
+                },
+                d.lost.len(),
+                d.gained.len(),
+                d.changed.len(),
+                d.informational.len()
+            ),
+            ViewDiff::Arch { .. } => {
+                "different: 0 lost, 0 gained, 1 changed, 0 informational, 0 masked".to_string()
+            }
         }
+    }
+
+    /// The summary line, one line per difference, `informational: …` lines; with `verbose`,
+    /// also masked differences with their reasons and the echo leaves left out (x86).
+    pub fn render(&self, verbose: bool) -> String {
+        if let ViewDiff::X86(d) = self {
+            return d.render(verbose);
+        }
+        let mut out = format!("{}\n", self.summary_line());
         for line in self.lines() {
-            writeln!(f, "{line}")?;
+            out.push_str(&format!("{line}\n"));
         }
         for line in self.informational() {
-            writeln!(f, "informational: {line}")?;
+            out.push_str(&format!("informational: {line}\n"));
         }
-        Ok(())
+        out
+    }
+}
+
+impl fmt::Display for ViewDiff {
+    /// [`ViewDiff::render`] without the verbose part.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render(false))
     }
 }
 

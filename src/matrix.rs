@@ -8,7 +8,7 @@
 //! emulator path (hosts install QEMU in different places), so the same domain measured on two
 //! hosts meets in one matrix.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -130,6 +130,76 @@ pub fn export(cache: &Cache, hostname: &str) -> Result<(Bundle, Vec<String>), Ma
 
 /// Reads and checks a bundle file (each fingerprint is verified like a cache entry).
 pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
+    load_bundle_with(path, &mut Verified::new())
+}
+
+/// Fingerprint tables already verified, by digest: an entry whose tables equal one of them is
+/// verified by that comparison (hosts of one CPU generation export identical fingerprints, and
+/// recomputing normalization and digest is most of loading a large fleet's bundles).
+pub type Verified = std::collections::HashMap<String, crate::guest_view::Tables>;
+
+/// The typed x86-only layout of a bundle, read in one pass without the tagged-enum buffering
+/// [`Fingerprint`]'s flattened tables need; `None` for anything else (aarch64 entries, other
+/// versions, damage), which the general path then reads and explains.
+fn fast_x86_bundle(text: &str) -> Option<Bundle> {
+    #[derive(Deserialize)]
+    struct Fp {
+        format_version: u32,
+        host: crate::fingerprint::HostFacts,
+        config: serde_json::Value,
+        arch: String,
+        raw: crate::cpuid::CpuidTable,
+        normalized: crate::cpuid::CpuidTable,
+        masks: Vec<crate::cpuid::normalize::Mask>,
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        key: serde_json::Value,
+        measured_at_unix: u64,
+        fingerprint: Fp,
+    }
+    #[derive(Deserialize)]
+    struct Fast {
+        format: String,
+        version: u32,
+        hostname: String,
+        entries: Vec<Entry>,
+    }
+    let fast: Fast = serde_json::from_str(text).ok()?;
+    if fast.format != BUNDLE_FORMAT
+        || fast.version != BUNDLE_VERSION
+        || fast.entries.iter().any(|e| e.fingerprint.arch != "x86_64")
+    {
+        return None;
+    }
+    Some(Bundle {
+        format: fast.format,
+        version: fast.version,
+        hostname: fast.hostname,
+        entries: fast
+            .entries
+            .into_iter()
+            .map(|e| BundleEntry {
+                key: e.key,
+                measured_at_unix: e.measured_at_unix,
+                fingerprint: Fingerprint {
+                    format_version: e.fingerprint.format_version,
+                    host: e.fingerprint.host,
+                    config: e.fingerprint.config,
+                    tables: crate::guest_view::Tables::X86 {
+                        raw: e.fingerprint.raw,
+                        normalized: e.fingerprint.normalized,
+                        masks: e.fingerprint.masks,
+                    },
+                    digest: e.fingerprint.digest,
+                },
+            })
+            .collect(),
+    })
+}
+
+fn load_bundle_with(path: &Path, memo: &mut Verified) -> Result<Bundle, MatrixError> {
     use std::io::Read;
     let read_error = |reason: String| MatrixError::Read {
         path: path.to_path_buf(),
@@ -142,6 +212,16 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
         .map_err(|e| read_error(e.to_string()))?;
     if text.len() as u64 > MAX_BUNDLE_BYTES {
         return Err(read_error(format!("larger than {MAX_BUNDLE_BYTES} bytes")));
+    }
+    // The common case in one typed pass (a Value tree of a large bundle costs several times
+    // its size); anything unexpected goes through the checks below for a precise message.
+    if let Some(bundle) = fast_x86_bundle(&text) {
+        return verified(path, bundle, memo);
+    }
+    if let Ok(bundle) = serde_json::from_str::<Bundle>(&text) {
+        if bundle.format == BUNDLE_FORMAT && bundle.version == BUNDLE_VERSION {
+            return verified(path, bundle, memo);
+        }
     }
     let value: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| MatrixError::NotABundle {
@@ -165,7 +245,18 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    verified(path, bundle, memo)
+}
+
+/// `bundle` once each fingerprint has been verified like a cache entry.
+fn verified(path: &Path, bundle: Bundle, memo: &mut Verified) -> Result<Bundle, MatrixError> {
     for (index, entry) in bundle.entries.iter().enumerate() {
+        let fp = &entry.fingerprint;
+        if fp.format_version == crate::fingerprint::FORMAT_VERSION
+            && memo.get(&fp.digest) == Some(&fp.tables)
+        {
+            continue;
+        }
         entry
             .fingerprint
             .verify(&format!("{} entry {index}", path.display()))
@@ -174,8 +265,133 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
                 index,
                 reason: e.to_string(),
             })?;
+        memo.insert(fp.digest.clone(), fp.tables.clone());
     }
     Ok(bundle)
+}
+
+/// Loads destination bundles for a plan, reduced to one view per configuration, two files at a
+/// time (parsing and verifying fingerprints is most of a large plan's time).
+pub fn load_host_views(
+    files: &[PathBuf],
+) -> Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let chunk = files.len().div_ceil(threads).max(1);
+    let results: Vec<Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut memo = Verified::new();
+                        let mut raw_memo = HashMap::new();
+                        part.iter()
+                            .map(|f| {
+                                if let Some(views) = fast_host_views(f, &mut raw_memo)? {
+                                    return Ok((f.clone(), views));
+                                }
+                                load_bundle_with(f, &mut memo)
+                                    .map(|b| (f.clone(), crate::plan::HostViews::of(b)))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(MatrixError::Read {
+                            path: PathBuf::from("(bundle loader)"),
+                            reason: "a loading thread panicked".to_string(),
+                        })
+                    })
+                })
+                .collect()
+        });
+    let mut out = Vec::with_capacity(files.len());
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+/// A plan needs only each entry's configuration, time, raw x86 table and digest: those are read
+/// (the stored normalization and masks are skipped, not trusted) and the digest is checked by
+/// normalizing the raw table again, once per distinct table (`memo`: digest -> raw table
+/// verified). `Ok(None)` for anything but a well-formed x86 bundle: the general loader then
+/// reads and explains it.
+fn fast_host_views(
+    path: &Path,
+    memo: &mut HashMap<String, crate::cpuid::CpuidTable>,
+) -> Result<Option<crate::plan::HostViews>, MatrixError> {
+    // Fields not named here (normalized, masks, host, config) are skipped by the parser.
+    #[derive(Deserialize)]
+    struct Fp {
+        format_version: u32,
+        arch: String,
+        raw: crate::cpuid::CpuidTable,
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        key: serde_json::Value,
+        measured_at_unix: u64,
+        fingerprint: Fp,
+    }
+    #[derive(Deserialize)]
+    struct Fast {
+        format: String,
+        version: u32,
+        hostname: String,
+        entries: Vec<Entry>,
+    }
+    let text =
+        crate::plan::read_bounded(path, MAX_BUNDLE_BYTES).map_err(|reason| MatrixError::Read {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+    let Ok(fast) = serde_json::from_str::<Fast>(&text) else {
+        return Ok(None);
+    };
+    drop(text);
+    if fast.format != BUNDLE_FORMAT
+        || fast.version != BUNDLE_VERSION
+        || fast.entries.iter().any(|e| {
+            e.fingerprint.arch != "x86_64"
+                || e.fingerprint.format_version != crate::fingerprint::FORMAT_VERSION
+        })
+    {
+        return Ok(None);
+    }
+    let mut views = HashMap::new();
+    for (index, entry) in fast.entries.into_iter().enumerate() {
+        let Fp { raw, digest, .. } = entry.fingerprint;
+        let mut raw = raw;
+        raw.canonicalize();
+        if memo.get(&digest) != Some(&raw) {
+            let computed = crate::guest_view::Tables::of(raw.clone().into()).digest();
+            if computed != digest {
+                return Err(MatrixError::BadEntry {
+                    path: path.to_path_buf(),
+                    index,
+                    reason: format!("digest {digest} recorded, {computed} computed from its table"),
+                });
+            }
+            memo.insert(digest.clone(), raw.clone());
+        }
+        let text = configuration_of(&entry.key).to_string();
+        let newer = views.get(&text).is_none_or(
+            |(_, at, _): &(String, u64, crate::guest_view::GuestView)| entry.measured_at_unix > *at,
+        );
+        if newer {
+            views.insert(text, (digest, entry.measured_at_unix, raw.into()));
+        }
+    }
+    Ok(Some(crate::plan::HostViews {
+        hostname: fast.hostname,
+        views,
+    }))
 }
 
 /// The configuration a matrix groups by: the key's canonical guest configuration without the
@@ -213,6 +429,12 @@ pub struct Pair {
     pub gained: Vec<String>,
     /// Other differences (vendor, family/model/stepping, leaves), one line each.
     pub changed: Vec<String>,
+    /// `go` or `no-go`.
+    #[serde(default)]
+    pub verdict: String,
+    /// The comparison as `cpuguard diff --json` gives it (numbers, masks, echo leaves).
+    #[serde(default)]
+    pub diff: serde_json::Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,12 +443,17 @@ pub struct ConfigurationMatrix {
     pub configuration: serde_json::Value,
     /// Hosts that measured this configuration, sorted.
     pub hosts: Vec<String>,
+    /// Each measuring host's CPU as the guest sees it (vendor, brand, family/model/stepping).
+    #[serde(default)]
+    pub identities: BTreeMap<String, serde_json::Value>,
     /// Every ordered pair of distinct hosts in `hosts`.
     pub pairs: Vec<Pair>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Matrix {
+    #[serde(default)]
+    pub schema_version: u32,
     /// Every host of every bundle, sorted.
     pub hosts: Vec<String>,
     pub configurations: Vec<ConfigurationMatrix>,
@@ -371,6 +598,8 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
                     lost: d.lost_names(),
                     gained: d.gained_names(),
                     changed: d.changed_lines(),
+                    verdict: if d.is_equivalent() { "go" } else { "no-go" }.to_string(),
+                    diff: crate::report::diff(&d),
                 });
             }
         }
@@ -378,6 +607,10 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
             label: label(&configuration),
             configuration,
             hosts: hosts.keys().cloned().collect(),
+            identities: hosts
+                .iter()
+                .map(|(h, e)| (h.clone(), crate::report::identity(&e.fingerprint.raw())))
+                .collect(),
             pairs,
         });
     }
@@ -385,6 +618,7 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
     let mut all_hosts: Vec<String> = bundles.iter().map(|(_, b)| b.hostname.clone()).collect();
     all_hosts.sort();
     Ok(Matrix {
+        schema_version: crate::report::SCHEMA_VERSION,
         hosts: all_hosts,
         configurations,
     })

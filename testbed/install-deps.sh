@@ -13,6 +13,7 @@ PACKAGES=(
     pkg-config
     rsyslog                 # the real syslog daemon the audit lines are checked in
     cpuid                   # reference CPUID dumps
+    chromium                # headless browser that renders `cpuguard plan --html` in tests/operator_plan.rs
     hyperfine               # benchmarks
     rpm                     # rpmbuild: the RPM is built and installed into a scratch root by tests/packaging_rpm.rs
     iproute2                # ss: is a syslog socket being listened on

@@ -132,7 +132,14 @@ fn aarch64_domains_are_probed_stamped_checked_diffed_and_matrixed() {
     let (a_arg, b_arg) = (a.to_str().expect("utf-8"), b.to_str().expect("utf-8"));
     let (code, out, err) = cpuguard(&full, &["diff", a_arg, b_arg], None);
     assert_eq!(code, Some(1), "{out}{err}");
-    assert!(out.starts_with("lost: ID_AA64DFR0_EL1.PMUVer"), "{out}");
+    // The summary line, then the differences.
+    assert!(out.starts_with("different: 1 lost, 0 gained"), "{out}");
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("lost: ID_AA64DFR0_EL1.PMUVer")),
+        "{out}"
+    );
     let (code, out, _) = cpuguard(&full, &["diff", a_arg, a_arg], None);
     assert_eq!(code, Some(0));
     assert!(out.starts_with("equivalent"), "{out}");
@@ -141,6 +148,10 @@ fn aarch64_domains_are_probed_stamped_checked_diffed_and_matrixed() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["arch"], "aarch64");
     assert_eq!(v["lost"][0]["field"], "PMUVer", "{v}");
+    assert_eq!(v["lost"][0]["register"], "ID_AA64DFR0_EL1", "{v}");
+    assert!(v["lost"][0]["a"].is_u64(), "field values are numbers: {v}");
+    assert_eq!(v["a"]["arch"], "aarch64", "{v}");
+    assert!(v["a"]["midr_el1"].is_u64(), "{v}");
 
     // The matrix of both hosts' exported caches: one configuration, a no-go each way.
     let mut bundles = Vec::new();

@@ -77,7 +77,8 @@ fn seed001_cases_1_and_2_lose_vmx_and_tsc_adjust() {
         assert!(d.informational.is_empty(), "{case}: {d}");
         assert_eq!(
             d.to_string(),
-            "lost: vmx (CPUID.0x1:ECX[5])\nlost: tsc_adjust (CPUID.0x7.0:EBX[1])\n",
+            "different: 2 lost, 0 gained, 0 changed, 0 informational, 0 masked\n\
+             lost: vmx (CPUID.0x1:ECX[5])\nlost: tsc_adjust (CPUID.0x7.0:EBX[1])\n",
             "{case}"
         );
         // The other direction is the same bits, gained.
@@ -141,9 +142,12 @@ fn seed002_tsc_frequency_is_informational_only() {
     assert_eq!(info.location.as_deref(), Some("CPUID.0x40000010:EAX"));
     assert_eq!(info.a, format!("{} kHz", 0x0027ac40));
     assert_eq!(info.b, format!("{} kHz", 0x0027ac3d));
-    assert!(d
-        .to_string()
-        .starts_with("equivalent\ninformational: TSC frequency"));
+    let text = d.to_string();
+    assert!(
+        text.starts_with("equivalent: 0 lost, 0 gained, 0 changed, 1 informational"),
+        "{text}"
+    );
+    assert!(text.contains("\ninformational: TSC frequency"), "{text}");
 }
 
 #[test]

@@ -371,6 +371,89 @@ fn probe_options() -> ProbeOptions {
     }
 }
 
+const CPUGUARD: &str = env!("CARGO_BIN_EXE_cpuguard");
+
+/// Runs `cpuguard` with a private configuration (QEMU allowed, cache in `dir`).
+fn run_cpuguard(dir: &Path, args: &[&str]) -> Result<(Option<i32>, String, String), String> {
+    let config = dir.join("cpuguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = \"{}\"\nruntime_dir = \"{}\"\n[probe]\nemulators = [\"{QEMU}\"]\n",
+            dir.join("cache").display(),
+            dir.join("run").display()
+        ),
+    )
+    .map_err(|e| format!("{}: {e}", config.display()))?;
+    let out = std::process::Command::new(CPUGUARD)
+        .env("CPUGUARD_CONFIG", &config)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{CPUGUARD}: {e}"))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// One `cpuguard diff` run: (direction, exit code, equivalent, `--verbose` text).
+type CliVerdict = (String, Option<i32>, bool, String);
+
+/// `cpuguard probe --tcg` of the case's domain, then `cpuguard diff --json` of it against the
+/// guest's `cpuid -r` text in both directions: (direction, exit code, equivalent, text output).
+fn cli_diff_verdicts(
+    case: &Case,
+    guest_dump: &str,
+    work: &Path,
+) -> Result<Vec<CliVerdict>, String> {
+    let dir = work.join(format!("cli-{}", case.model));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let xml = dir.join("domain.xml");
+    std::fs::write(&xml, domain_xml(case)).map_err(|e| e.to_string())?;
+    let xml = xml.to_string_lossy().into_owned();
+    let (code, probe_json, err) = run_cpuguard(&dir, &["probe", "--xml", &xml, "--tcg"])?;
+    if code != Some(0) {
+        return Err(format!(
+            "{}: cpuguard probe: exit {code:?}: {err}",
+            case.model
+        ));
+    }
+    let probe = dir.join("probe.json");
+    let guest = dir.join("guest-cpuid-r.txt");
+    std::fs::write(&probe, &probe_json).map_err(|e| e.to_string())?;
+    std::fs::write(&guest, guest_dump).map_err(|e| e.to_string())?;
+    let (probe, guest) = (
+        probe.to_string_lossy().into_owned(),
+        guest.to_string_lossy().into_owned(),
+    );
+    let mut out = Vec::new();
+    for (direction, a, b) in [
+        ("probe -> guest", &probe, &guest),
+        ("guest -> probe", &guest, &probe),
+    ] {
+        let (code, json, err) = run_cpuguard(&dir, &["diff", "--json", a, b])?;
+        let v: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| format!("{}: diff --json: {e}: {json}{err}", case.model))?;
+        let (_, text, _) = run_cpuguard(&dir, &["diff", "--verbose", a, b])?;
+        // Not vacuous: the guest's `cpuid -r` has echo leaves the comparison left out.
+        let echoes = v["echo_leaves"].as_array().map_or(0, Vec::len);
+        if echoes == 0 {
+            return Err(format!(
+                "{}: no echo leaf seen in `cpuid -r`: {text}",
+                case.model
+            ));
+        }
+        out.push((
+            direction.to_string(),
+            code,
+            v["equivalent"] == true && v["verdict"] == "equivalent",
+            text,
+        ));
+    }
+    Ok(out)
+}
+
 /// Runs one case; `Err` holds every problem found for it.
 fn check_case(case: &Case, guest: &LinuxGuest, work: &Path) -> Result<String, String> {
     let config = GuestCpuConfig::from_domain_xml(&domain_xml(case))
@@ -443,6 +526,18 @@ fn check_case(case: &Case, guest: &LinuxGuest, work: &Path) -> Result<String, St
         {
             problems.push(format!(
                 "a flipped CPUID.1:ECX[0] went unnoticed (differences: {seen:?})"
+            ));
+        }
+    }
+
+    // The operator's view of the same comparison: `cpuguard diff` between the guest's own
+    // `cpuid -r` output (echo leaves such as 0x20000000 and 0xc0000000 included) and
+    // `cpuguard probe --tcg` of the same domain says "equivalent", exit 0, both ways.
+    let verdicts = cli_diff_verdicts(case, &run.output.dump, work)?;
+    for (direction, code, equivalent, text) in &verdicts {
+        if *code != Some(0) || !equivalent {
+            problems.push(format!(
+                "cpuguard diff {direction}: exit {code:?}, not equivalent:\n{text}"
             ));
         }
     }

@@ -96,6 +96,18 @@ fn check_gives_the_hooks_verdict_without_migrating() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(v["go"], false);
     assert_ne!(v["source_digest"], v["local_digest"]);
+    assert_eq!(v["schema_version"], 1);
+    assert_eq!(v["verdict"], "no-go");
+    assert_eq!(v["equivalent"], false);
+    assert_eq!(v["source"]["vendor"], "GenuineIntel", "{v:#}");
+    assert_eq!(v["destination"]["vendor"], "GenuineIntel", "{v:#}");
+    let lost = &v["diff"]["lost"][0];
+    assert_eq!(lost["name"], "avx2", "{v:#}");
+    assert_eq!(
+        (lost["leaf"].as_u64(), lost["bit"].as_u64()),
+        (Some(7), Some(5))
+    );
+    assert_eq!(lost["register"], "ebx");
 
     // Back the other way the guest would only gain avx2: refused by default policy too.
     let stamp_reduced = stamped(&reduced, &wrapper, dir.path());
@@ -111,4 +123,16 @@ fn check_gives_the_hooks_verdict_without_migrating() {
     assert_eq!(code, Some(2), "{out}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("bad.xml"), "{err}");
+    // With --json the error is a JSON object on stdout too.
+    let (code, out, _) = cpuguard(
+        &full,
+        &["check", "--json", bad.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(2), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("error JSON");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("bad.xml")),
+        "{v}"
+    );
 }

@@ -118,6 +118,12 @@ fn matrix_of_two_hosts_from_real_probes() {
     assert_eq!(pair("hv-a")["go"], false);
     assert_eq!(pair("hv-a")["lost"], serde_json::json!(["avx2"]));
     assert_eq!(pair("hv-b")["gained"], serde_json::json!(["avx2"]));
+    assert_eq!(m["schema_version"], 1);
+    assert_eq!(pair("hv-a")["verdict"], "no-go");
+    assert_eq!(pair("hv-a")["diff"]["equivalent"], false);
+    assert_eq!(pair("hv-a")["diff"]["lost"][0]["leaf"], 7);
+    assert_eq!(pair("hv-a")["diff"]["lost"][0]["bit"], 5);
+    assert_eq!(haswell["identities"]["hv-a"]["vendor"], "GenuineIntel");
     let nehalem = configurations
         .iter()
         .find(|c| {

@@ -24,6 +24,12 @@ pub struct FieldChange {
     /// Human-readable old and new values (`2 (AES+PMULL)`, `absent`, ...).
     pub a: String,
     pub b: String,
+    /// The field's (or, for `field` empty or `bits[…]`, the register's or those bits') value on
+    /// A as a number; absent when the register is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a_value: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b_value: Option<u64>,
 }
 
 impl FieldChange {
@@ -101,6 +107,8 @@ pub fn diff(a: &ArmIdTable, b: &ArmIdTable) -> ArmDiff {
                     field: String::new(),
                     a: presence(x),
                     b: presence(y),
+                    a_value: x.flatten(),
+                    b_value: y.flatten(),
                 });
                 continue;
             }
@@ -149,6 +157,8 @@ fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
             field: String::new(),
             a: format!("{va:#018x}"),
             b: format!("{vb:#018x}"),
+            a_value: Some(va),
+            b_value: Some(vb),
         });
         return;
     };
@@ -173,6 +183,8 @@ fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
             field: f.name.to_string(),
             a: describe_field(name, f, fa),
             b: describe_field(name, f, fb),
+            a_value: Some(fa),
+            b_value: Some(fb),
         };
         match kind {
             ChangeKind::Lost => out.lost.push(change),
@@ -188,6 +200,8 @@ fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
             field: format!("bits[{rest:#x}]"),
             a: format!("{:#x}", va & rest),
             b: format!("{:#x}", vb & rest),
+            a_value: Some(va & rest),
+            b_value: Some(vb & rest),
         });
     }
 }

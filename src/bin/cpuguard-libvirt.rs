@@ -11,7 +11,7 @@ use cpuguard::stamp;
 #[command(
     name = "cpuguard-libvirt",
     version,
-    about = "cpuguard's libvirt client (stamping)"
+    about = "cpuguard's libvirt client (stamping, inventory, baseline)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -37,6 +37,21 @@ enum Command {
         /// libvirt connection URI (default: stamp.uri from the configuration).
         #[arg(long)]
         uri: Option<String>,
+    },
+    /// This host's running (or all) domains with their stamps and canonical CPU configurations,
+    /// as one JSON bundle for `cpuguard fingerprint measure` and `cpuguard plan`.
+    #[command(after_help = "Example: cpuguard inventory > $(hostname)-vms.json\n\
+                            Exit codes: 0 written (unreadable domains are named on stderr), 2 error.")]
+    Inventory {
+        /// Every defined domain, not only the running ones (those have no stamp).
+        #[arg(long)]
+        all: bool,
+        /// libvirt connection URI (default: stamp.uri from the configuration).
+        #[arg(long)]
+        uri: Option<String>,
+        /// The name to record (default: this host's hostname).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// The CPU to give new VMs so they can live on every listed host (libvirt's migratable
     /// hypervisor baseline of the hosts' host-model CPUs, migration blockers disabled), and what
@@ -77,6 +92,31 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Inventory { all, uri, host } => {
+            let uri = uri.unwrap_or_else(|| config.stamp.uri.clone());
+            let host = host.unwrap_or_else(cpuguard::matrix::this_hostname);
+            match cpuguard::inventory::take(&uri, all, &host) {
+                Ok((inventory, warnings)) => {
+                    for w in &warnings {
+                        eprintln!("cpuguard: {w}");
+                    }
+                    match serde_json::to_string_pretty(&inventory) {
+                        Ok(text) => {
+                            println!("{text}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("cpuguard: inventory: {e}");
+                            ExitCode::from(2)
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("cpuguard: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Baseline {
             hosts,
             hypervisor,

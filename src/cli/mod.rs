@@ -63,15 +63,19 @@ enum Command {
     /// Compare two CPUID views: fingerprints (JSON), kvm-unit-tests dumps (`LLLLLLLL SSSSSSSS: EAX
     /// EBX ECX EDX`) or `cpuid -r` output, in any combination. A is the source, B the destination:
     /// "lost" features are in A and missing in B.
-    #[command(after_help = "Example: cpuguard diff src.json dst.json\n\
+    #[command(after_help = "Example: cpuguard diff src.json dst.json --verbose\n\
                             Exit codes: 0 equivalent after normalization (informational differences \
                             are listed), 1 different, 2 bad input.")]
     Diff {
         a: PathBuf,
         b: PathBuf,
-        /// Print the difference as JSON.
+        /// Print the difference as JSON (schema in the README, "JSON output").
         #[arg(long)]
         json: bool,
+        /// Also list masked differences with their reasons, and the echo leaves (outside a
+        /// side's declared CPUID ranges) left out of the comparison.
+        #[arg(long, short)]
+        verbose: bool,
         /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
         #[arg(long)]
         features: Option<PathBuf>,
@@ -119,6 +123,42 @@ enum Command {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// This host's running (or --all) domains with their stamps and canonical CPU
+    /// configurations, as one JSON bundle (runs cpuguard-libvirt; `cpuguard inventory --help`
+    /// shows its options).
+    #[command(
+        disable_help_flag = true,
+        after_help = "Example: cpuguard inventory > $(hostname)-vms.json\n\
+                            Exit codes: 0 written, 2 error."
+    )]
+    Inventory {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Per VM of the inventories, each destination's go/no-go with the reason, then which hosts
+    /// can take which VMs and what blocks the rest.
+    #[command(
+        after_help = "Example: cpuguard plan hv-old-01-vms.json --to hv-new-01.json hv-new-02.json --html plan.html\n\
+                            Inventories come from `cpuguard inventory` on the sources, bundles from \
+                            `cpuguard fingerprint measure INVENTORY…` on each candidate destination.\n\
+                            Exit codes: 0 every VM can go to every destination, 1 some cannot, 2 error."
+    )]
+    Plan {
+        /// Files written by `cpuguard inventory`, one per source host.
+        inventories: Vec<PathBuf>,
+        /// Bundles written by `cpuguard fingerprint measure` (or `export`), one per destination.
+        #[arg(long, num_args = 1.., required = true)]
+        to: Vec<PathBuf>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the plan as one self-contained HTML page.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
+        #[arg(long)]
+        features: Option<PathBuf>,
+    },
     /// The CPU to give new VMs so they can live on every listed host, and what each host's VMs
     /// give up (runs cpuguard-libvirt; `cpuguard baseline --help` shows its options).
     #[command(
@@ -154,8 +194,12 @@ enum Command {
         #[arg(long)]
         target: Option<PathBuf>,
     },
-    /// This host's measured fingerprints, for `cpuguard matrix` on another machine.
-    #[command(after_help = "Example: cpuguard fingerprint export > $(hostname).json")]
+    /// This host's measured fingerprints, for `cpuguard matrix` and `cpuguard plan` on another
+    /// machine; `measure` first measures an inventory's configurations.
+    #[command(
+        after_help = "Examples: cpuguard fingerprint export > $(hostname).json\n          \
+                            cpuguard fingerprint measure hv-old-01-vms.json -j 2 > $(hostname).json"
+    )]
     Fingerprint {
         #[command(subcommand)]
         action: FingerprintAction,
@@ -214,6 +258,28 @@ enum FingerprintAction {
         #[arg(long)]
         host: Option<String>,
     },
+    /// On a candidate destination: measure every distinct CPU configuration of the inventories
+    /// this host has not measured yet (progress on stderr), then print what `export` prints.
+    #[command(
+        after_help = "Example: cpuguard fingerprint measure hv-old-01-vms.json -j 2 > $(hostname).json\n\
+                            Exit codes: 0 every configuration measured, 1 some could not be (named on stderr; \
+                            the bundle holds the others), 2 error."
+    )]
+    Measure {
+        /// Files written by `cpuguard inventory` on the source hosts.
+        #[arg(required = true)]
+        inventories: Vec<PathBuf>,
+        /// Probes at once.
+        #[arg(short = 'j', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        jobs: u32,
+        /// Measure with this host's emulator instead of the path the inventory names (a
+        /// destination that installs QEMU elsewhere).
+        #[arg(long)]
+        emulator: Option<String>,
+        /// The name to record (default: this host's hostname).
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -227,9 +293,16 @@ enum FirmwareKind {
 }
 
 pub fn main(args: Vec<OsString>) -> i32 {
+    // Known before parsing, so that a command line clap rejects still answers in JSON.
+    let json = args.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
+            if e.use_stderr() && json {
+                let first = e.to_string();
+                let line = first.lines().next().unwrap_or("bad command line");
+                return fail(line.trim_start_matches("error: "), true);
+            }
             let _ = e.print();
             return if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
         }
@@ -249,6 +322,29 @@ pub fn main(args: Vec<OsString>) -> i32 {
         Command::Check { xml, file, json } => check(file.as_deref().unwrap_or(&xml), json),
         Command::Stamp { args } => run_helper("stamp", &args),
         Command::Baseline { args } => run_helper("baseline", &args),
+        Command::Inventory { args } => run_helper("inventory", &args),
+        Command::Plan {
+            inventories,
+            to,
+            json,
+            html,
+            features,
+        } => plan(
+            &inventories,
+            &to,
+            json,
+            html.as_deref(),
+            features.as_deref(),
+        ),
+        Command::Fingerprint {
+            action:
+                FingerprintAction::Measure {
+                    inventories,
+                    jobs,
+                    emulator,
+                    host,
+                },
+        } => measure_inventories(&inventories, jobs, emulator, host),
         Command::Install { hooks_dir, target } => install(&hooks_dir, target),
         Command::Fingerprint {
             action: FingerprintAction::Export { host },
@@ -264,16 +360,24 @@ pub fn main(args: Vec<OsString>) -> i32 {
             a,
             b,
             json,
+            verbose,
             features,
-        } => diff(&a, &b, json, features.as_deref()),
+        } => diff(&a, &b, json, verbose, features.as_deref()),
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("cpuguard: {e}");
-            EXIT_ERROR
-        }
+        Err(e) => fail(&e, json),
     }
+}
+
+/// The one-line error on stderr (exit 2); with `--json`, also the error as a JSON object on
+/// stdout, so a script reading stdout always gets JSON.
+fn fail(message: &str, json: bool) -> i32 {
+    eprintln!("cpuguard: {message}");
+    if json {
+        println!("{:#}", crate::report::error(message));
+    }
+    EXIT_ERROR
 }
 
 /// Reads a named file or stdin (`-`), with the XML size limit in force.
@@ -332,14 +436,32 @@ fn feature_map(path: Option<&Path>) -> Result<FeatureMap, String> {
     .map_err(|e| e.to_string())
 }
 
-fn diff(a: &Path, b: &Path, json: bool, features: Option<&Path>) -> Result<i32, String> {
+fn diff(
+    a: &Path,
+    b: &Path,
+    json: bool,
+    verbose: bool,
+    features: Option<&Path>,
+) -> Result<i32, String> {
     let features = feature_map(features)?;
-    let diff = crate::fingerprint::diff_inputs(a, b, &features).map_err(|e| e.to_string())?;
+    let va = crate::fingerprint::load_input(a)
+        .map_err(|e| e.to_string())?
+        .raw();
+    let vb = crate::fingerprint::load_input(b)
+        .map_err(|e| e.to_string())?
+        .raw();
+    let diff = crate::guest_view::diff(&va, &vb, &features);
     if json {
-        let text = serde_json::to_string_pretty(&diff).map_err(|e| e.to_string())?;
-        println!("{text}");
+        let doc = crate::report::diff_document(
+            &a.display().to_string(),
+            &va,
+            &b.display().to_string(),
+            &vb,
+            &diff,
+        );
+        println!("{doc:#}");
     } else {
-        print!("{diff}");
+        print!("{}", diff.render(verbose));
     }
     Ok(if diff.is_equivalent() {
         EXIT_OK
@@ -367,8 +489,17 @@ fn probe(xml: &Path, cached: bool, tcg: bool) -> Result<i32, String> {
     } else {
         measure::probe_now(&guest, &config, accel).map_err(|e| e.to_string())?
     };
-    let json = fingerprint.to_json().map_err(|e| e.to_string())?;
-    println!("{json}");
+    // The fingerprint as `cpuguard diff` reads it, plus the schema version and the identity of
+    // the CPU measured (extra keys a fingerprint reader ignores).
+    let mut value = serde_json::to_value(&fingerprint).map_err(|e| e.to_string())?;
+    crate::report::merge(
+        &mut value,
+        serde_json::json!({
+            "schema_version": crate::report::SCHEMA_VERSION,
+            "identity": crate::report::identity(&fingerprint.raw()),
+        }),
+    );
+    println!("{value:#}");
     Ok(EXIT_OK)
 }
 
@@ -396,14 +527,38 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
         ),
     };
     if json {
-        let v = serde_json::json!({
+        let source = assessment
+            .stamp
+            .as_ref()
+            .and_then(|s| crate::guard::stamped_table(s).ok());
+        let local = assessment
+            .measured
+            .as_ref()
+            .and_then(|m| m.as_ref().ok())
+            .map(|m| m.fingerprint.raw());
+        let mut v = serde_json::json!({
+            "schema_version": crate::report::SCHEMA_VERSION,
+            "command": "check",
             "domain": name,
+            "verdict": if go { "go" } else { "no-go" },
             "go": go,
             "reason": reason,
             "details": lines,
+            "source_host": assessment.stamp.as_ref().and_then(|s| s.host.clone()),
             "source_digest": assessment.stamp.as_ref().and_then(|s| s.digest.clone()),
             "local_digest": assessment.measured.as_ref().and_then(|m| m.as_ref().ok()).map(|m| m.fingerprint.digest.clone()),
+            "source": source.as_ref().map(crate::report::identity),
+            "destination": local.as_ref().map(crate::report::identity),
+            "equivalent": serde_json::Value::Null,
+            "diff": serde_json::Value::Null,
         });
+        // The comparison behind the verdict, when both views were there to compare.
+        if let (Some(a), Some(b)) = (&source, &local) {
+            let features = FeatureMap::load_default().map_err(|e| e.to_string())?;
+            let d = crate::guest_view::diff(a, b, &features);
+            v["equivalent"] = serde_json::Value::Bool(d.is_equivalent());
+            v["diff"] = crate::report::diff(&d);
+        }
         println!("{v:#}");
     } else {
         match &assessment.decision {
@@ -542,4 +697,115 @@ fn matrix(files: &[PathBuf], json: bool, features: Option<&Path>) -> Result<i32,
         print!("{}", m.to_text());
     }
     Ok(if m.all_go() { EXIT_OK } else { EXIT_DIFFERENT })
+}
+
+/// `cpuguard fingerprint measure`: every distinct configuration of the inventories through the
+/// cache (a hit costs nothing, a miss one probe), `jobs` at a time, then the export bundle.
+fn measure_inventories(
+    files: &[PathBuf],
+    jobs: u32,
+    emulator: Option<String>,
+    host: Option<String>,
+) -> Result<i32, String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let config = load_config()?;
+    let mut configs: Vec<(String, GuestCpuConfig)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for f in files {
+        let inv = crate::plan::load_inventory(f).map_err(|e| e.to_string())?;
+        for mut d in inv.domains {
+            if let Some(e) = &emulator {
+                d.config.emulator = Some(e.clone());
+            }
+            let text = serde_json::to_string(&d.config).map_err(|e| e.to_string())?;
+            if seen.insert(text) {
+                configs.push((d.label, d.config));
+            }
+        }
+    }
+    let total = configs.len();
+    let next = AtomicUsize::new(0);
+    let failures = Mutex::new(Vec::new());
+    eprintln!(
+        "cpuguard: {total} distinct configurations in {} inventories, {jobs} at a time",
+        files.len()
+    );
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(total.max(1) as u32) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some((label, guest)) = configs.get(i) else {
+                    break;
+                };
+                let started = std::time::Instant::now();
+                let line = match measure::for_guest(guest, &config, None) {
+                    Ok(m) => format!(
+                        "{} ({} ms)",
+                        match m.source {
+                            crate::cache::Source::Hit => "already measured",
+                            _ => "measured",
+                        },
+                        started.elapsed().as_millis()
+                    ),
+                    Err(e) => {
+                        let why = format!("{label}: cannot measure: {e}");
+                        if let Ok(mut f) = failures.lock() {
+                            f.push(why.clone());
+                        }
+                        format!("FAILED: {e}")
+                    }
+                };
+                eprintln!("cpuguard: [{}/{total}] {label}: {line}", i + 1);
+            });
+        }
+    });
+    let failures = failures.into_inner().unwrap_or_default();
+    for f in &failures {
+        eprintln!("cpuguard: {f}");
+    }
+    export_fingerprints(host)?;
+    Ok(if failures.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
+}
+
+/// `cpuguard plan`: inventories against destination bundles.
+fn plan(
+    inventories: &[PathBuf],
+    to: &[PathBuf],
+    json: bool,
+    html: Option<&Path>,
+    features: Option<&Path>,
+) -> Result<i32, String> {
+    let features = feature_map(features)?;
+    let inventories = inventories
+        .iter()
+        .map(|f| crate::plan::load_inventory(f).map(|i| (f.clone(), i)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let destinations = crate::matrix::load_host_views(to).map_err(|e| e.to_string())?;
+    let plan =
+        crate::plan::build(&inventories, &destinations, &features).map_err(|e| e.to_string())?;
+    if let Some(path) = html {
+        crate::fsutil::write_atomic(path, plan.to_html().as_bytes(), 0o644)
+            .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
+    }
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        serde_json::to_writer_pretty(&mut out, &plan).map_err(|e| format!("stdout: {e}"))?;
+        writeln!(out).map_err(|e| format!("stdout: {e}"))?;
+    } else {
+        out.write_all(plan.to_text().as_bytes())
+            .map_err(|e| format!("stdout: {e}"))?;
+    }
+    out.flush().map_err(|e| format!("stdout: {e}"))?;
+    Ok(if plan.all_go() {
+        EXIT_OK
+    } else {
+        EXIT_DIFFERENT
+    })
 }

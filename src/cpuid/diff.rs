@@ -4,13 +4,19 @@
 //! (vendor, family/model/stepping, brand string, maximum leaves, caches) are decoded into words;
 //! anything else is shown as the raw register. Side A is the migration source, side B the
 //! destination: a feature A has and B lacks is *lost* by the guest when it moves.
+//!
+//! Only leaves inside each side's declared ranges are compared: past a range's maximum (and in a
+//! range whose base leaf declares none) Intel CPUs and QEMU answer with the highest basic leaf,
+//! an echo that is no leaf of the CPU's. Such echo leaves are listed apart, never as differences.
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::features::{leaf_has_subleaves, msr_name, register_name, FeatureBit, FeatureMap};
+use super::features::{
+    leaf_has_subleaves, msr_name, register_name, subleaf_text, FeatureBit, FeatureMap,
+};
 use super::normalize::{normalize, standard_masks};
 use super::table::{CpuidEntry, CpuidTable, Register};
 
@@ -45,18 +51,46 @@ impl fmt::Display for FeatureChange {
     }
 }
 
-/// A difference outside named feature bits, described in words.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A difference outside named feature bits, described in words, with its numbers for scripts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldChange {
     /// What differs, e.g. `family/model/stepping` or `leaf 0x6.0 EAX`.
     pub field: String,
     /// Where it is read, e.g. `CPUID.0x1:EAX`, when `field` does not already say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<String>,
-    /// Value on side A (source).
+    /// Value on side A (source), in words.
     pub a: String,
-    /// Value on side B (destination).
+    /// Value on side B (destination), in words.
     pub b: String,
+    /// The CPUID leaf whose register differs (the first one, for fields spanning several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subleaf: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub register: Option<Register>,
+    /// The MSR index, for an MSR difference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msr: Option<u32>,
+    /// The bits of the register (or MSR) that differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u64>,
+    /// The whole register (or MSR) on A; absent when the leaf (or MSR) is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a_value: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b_value: Option<u64>,
+    /// Why these bits are masked (masked and informational differences only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_reason: Option<String>,
+}
+
+impl FieldChange {
+    /// A register shown raw (no decoding knows it): these are what folding groups.
+    fn is_raw(&self) -> bool {
+        self.location.is_none() && self.msr.is_none() && self.field.starts_with("leaf ")
+    }
 }
 
 impl fmt::Display for FieldChange {
@@ -69,6 +103,22 @@ impl fmt::Display for FieldChange {
     }
 }
 
+/// Which side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Which {
+    A,
+    B,
+}
+
+/// A leaf one side answered outside its declared ranges (an echo, never compared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EchoLeaf {
+    pub side: Which,
+    pub leaf: u32,
+    pub subleaf: u32,
+}
+
 /// Everything that differs between A (source) and B (destination).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Diff {
@@ -77,6 +127,13 @@ pub struct Diff {
     pub fields: Vec<FieldChange>,
     /// Differences under informational masks: reported, never a reason to refuse.
     pub informational: Vec<FieldChange>,
+    /// Differences under the other normalization masks (per-vCPU IDs, bits mirroring guest OS
+    /// state), each with its mask's reason: never a reason to refuse.
+    #[serde(default)]
+    pub masked: Vec<FieldChange>,
+    /// Leaves outside a side's declared ranges, left out of the comparison.
+    #[serde(default)]
+    pub echo_leaves: Vec<EchoLeaf>,
 }
 
 impl Diff {
@@ -84,45 +141,189 @@ impl Diff {
     pub fn is_equivalent(&self) -> bool {
         self.lost.is_empty() && self.gained.is_empty() && self.fields.is_empty()
     }
-}
 
-impl fmt::Display for Diff {
-    /// One line per difference: `lost: vmx (CPUID.0x1:ECX[5])`, `changed: ...`,
-    /// `informational: ...`; `equivalent` first when nothing but informational lines follow.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_equivalent() {
-            writeln!(f, "equivalent")?;
-        }
-        for change in self.lost.iter().chain(&self.gained) {
-            writeln!(f, "{change}")?;
-        }
+    /// `equivalent: 0 lost, 0 gained, 0 changed, 1 informational, 3 masked` (or `different: …`).
+    pub fn summary_line(&self) -> String {
+        format!(
+            "{}: {} lost, {} gained, {} changed, {} informational, {} masked",
+            if self.is_equivalent() {
+                "equivalent"
+            } else {
+                "different"
+            },
+            self.lost.len(),
+            self.gained.len(),
+            self.fields.len(),
+            self.informational.len(),
+            self.masked.len()
+        )
+    }
+
+    /// The `changed:` lines without their prefix, raw registers with the same values on both
+    /// sides folded into one line (`leaf 0x16.0 EAX, leaf 0x20000000.0 EAX: … -> …`).
+    pub fn changed_lines(&self) -> Vec<String> {
+        // (first index in `out`, a, b) of each raw group already printed.
+        let mut raw_groups: Vec<(usize, &str, &str, Vec<&str>)> = Vec::new();
+        let mut out: Vec<Option<String>> = Vec::new();
         for field in &self.fields {
-            writeln!(f, "changed: {field}")?;
+            if field.is_raw() {
+                if let Some(group) = raw_groups
+                    .iter_mut()
+                    .find(|g| g.1 == field.a && g.2 == field.b)
+                {
+                    group.3.push(&field.field);
+                    continue;
+                }
+                raw_groups.push((out.len(), &field.a, &field.b, vec![&field.field]));
+                out.push(None);
+            } else {
+                out.push(Some(field.to_string()));
+            }
+        }
+        for (index, a, b, names) in raw_groups {
+            out[index] = Some(format!("{}: {a} -> {b}", names.join(", ")));
+        }
+        out.into_iter().flatten().collect()
+    }
+
+    /// The operator's text: the summary line, one line per difference, then informational
+    /// lines; with `verbose`, also the masked differences with their reasons and the echo
+    /// leaves left out.
+    pub fn render(&self, verbose: bool) -> String {
+        let mut out = format!("{}\n", self.summary_line());
+        for change in self.lost.iter().chain(&self.gained) {
+            out.push_str(&format!("{change}\n"));
+        }
+        for line in self.changed_lines() {
+            out.push_str(&format!("changed: {line}\n"));
         }
         for field in &self.informational {
-            writeln!(f, "informational: {field}")?;
+            out.push_str(&format!("informational: {field}\n"));
         }
-        Ok(())
+        if verbose {
+            for field in &self.masked {
+                out.push_str(&format!(
+                    "masked: {field} ({})\n",
+                    field.mask_reason.as_deref().unwrap_or("")
+                ));
+            }
+            for which in [Which::A, Which::B] {
+                let leaves: Vec<String> = self
+                    .echo_leaves
+                    .iter()
+                    .filter(|e| e.side == which)
+                    .map(|e| format!("{:#x}.{}", e.leaf, subleaf_text(e.subleaf)))
+                    .collect();
+                if !leaves.is_empty() {
+                    out.push_str(&format!(
+                        "not compared on {}: {} leaves outside its declared ranges (answered with \
+                         the highest basic leaf, not the CPU's): {}\n",
+                        if which == Which::A { "A" } else { "B" },
+                        leaves.len(),
+                        leaves.join(" ")
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 
-/// Compares two raw tables (A = source, B = destination): both are normalized first, and the
-/// values under informational masks are compared raw and listed apart. Passing tables that are
-/// already normalized works, but then informational differences are no longer visible.
+impl fmt::Display for Diff {
+    /// [`Diff::render`] without the verbose part.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.render(false))
+    }
+}
+
+/// The base leaf of the range `leaf` belongs to: 0x40000000 and 0x40000100 are separate
+/// hypervisor ranges (KVM behind Hyper-V's), every other range spans 0x10000 leaves.
+fn range_base(leaf: u32) -> u32 {
+    if leaf & 0xffff_0000 == 0x4000_0000 {
+        leaf & 0xffff_ff00
+    } else {
+        leaf & 0xffff_0000
+    }
+}
+
+/// Whether `table` declares `leaf`: its range's base entry names a maximum inside the range and
+/// at or above `leaf`. A table without the base entry cannot say: its leaves are compared (never
+/// hide a difference for lack of information).
+fn declared(table: &CpuidTable, leaf: u32) -> bool {
+    let base = range_base(leaf);
+    let Some(e) = table.get(base, 0) else {
+        return true;
+    };
+    if base == 0 {
+        return leaf <= e.eax;
+    }
+    let span = if base & 0xffff_0000 == 0x4000_0000 {
+        0xff
+    } else {
+        0xffff
+    };
+    e.eax >= base && e.eax - base <= span && leaf <= e.eax
+}
+
+/// `table` canonicalized without its echo leaves, and those leaves.
+fn split_declared(table: &CpuidTable) -> (CpuidTable, Vec<(u32, u32)>) {
+    let mut table = table.clone();
+    table.canonicalize();
+    let mut echoes = Vec::new();
+    let mut kept = Vec::with_capacity(table.entries.len());
+    for e in &table.entries {
+        if declared(&table, e.leaf) {
+            kept.push(*e);
+        } else {
+            echoes.push((e.leaf, e.subleaf));
+        }
+    }
+    table.entries = kept;
+    (table, echoes)
+}
+
+fn echo_list(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<EchoLeaf> {
+    let tag = |side| {
+        move |&(leaf, subleaf): &(u32, u32)| EchoLeaf {
+            side,
+            leaf,
+            subleaf,
+        }
+    };
+    a.iter()
+        .map(tag(Which::A))
+        .chain(b.iter().map(tag(Which::B)))
+        .collect()
+}
+
+/// Compares two raw tables (A = source, B = destination) over their declared ranges: both are
+/// normalized first; the values under masks are compared raw and listed apart (informational
+/// and masked). Passing tables that are already normalized works, but then those differences
+/// are no longer visible.
 pub fn diff(a: &CpuidTable, b: &CpuidTable, features: &FeatureMap) -> Diff {
-    let (na, _) = normalize(a);
-    let (nb, _) = normalize(b);
-    let mut out = diff_normalized(&na, &nb, features);
-    out.informational = informational(a, b);
+    let (a, echo_a) = split_declared(a);
+    let (b, echo_b) = split_declared(b);
+    let (na, _) = normalize(&a);
+    let (nb, _) = normalize(&b);
+    let mut out = compare_tables(&na, &nb, features);
+    out.informational = masked_changes(&a, &b, true);
+    out.masked = masked_changes(&a, &b, false);
+    out.echo_leaves = echo_list(&echo_a, &echo_b);
     out
 }
 
-/// Compares two normalized tables (no informational section).
+/// Compares two normalized tables over their declared ranges (no informational or masked
+/// section).
 pub fn diff_normalized(a: &CpuidTable, b: &CpuidTable, features: &FeatureMap) -> Diff {
-    let mut a = a.clone();
-    let mut b = b.clone();
-    a.canonicalize();
-    b.canonicalize();
+    let (a, echo_a) = split_declared(a);
+    let (b, echo_b) = split_declared(b);
+    let mut out = compare_tables(&a, &b, features);
+    out.echo_leaves = echo_list(&echo_a, &echo_b);
+    out
+}
+
+/// Every entry of two canonical tables, bit by bit.
+fn compare_tables(a: &CpuidTable, b: &CpuidTable, features: &FeatureMap) -> Diff {
     let mut out = Diff::default();
     let mut described: BTreeSet<String> = BTreeSet::new();
 
@@ -162,9 +363,15 @@ pub fn diff_normalized(a: &CpuidTable, b: &CpuidTable, features: &FeatureMap) ->
                 }
             }
             if unnamed != 0 {
-                if let Some(field) = describe_field(&a, &b, leaf, subleaf, register, unnamed) {
+                if let Some(mut field) = describe_field(a, b, leaf, subleaf, register, unnamed) {
                     // Fields spanning several registers or leaves (vendor, brand) appear once.
                     if described.insert(field.to_string()) {
+                        field.leaf = Some(leaf);
+                        field.subleaf = Some(subleaf);
+                        field.register = Some(register);
+                        field.bits = Some(u64::from(unnamed));
+                        field.a_value = ea.map(|e| u64::from(e.reg(register)));
+                        field.b_value = eb.map(|e| u64::from(e.reg(register)));
                         out.fields.push(field);
                     }
                 }
@@ -202,9 +409,13 @@ pub fn diff_normalized(a: &CpuidTable, b: &CpuidTable, features: &FeatureMap) ->
                     Some(name) => format!("MSR {index:#x} {name}"),
                     None => format!("MSR {index:#x}"),
                 },
-                location: None,
                 a: va.map_or_else(|| "(not readable)".to_string(), |v| format!("{v:#018x}")),
                 b: vb.map_or_else(|| "(not readable)".to_string(), |v| format!("{v:#018x}")),
+                msr: Some(index),
+                bits: Some(unnamed),
+                a_value: va,
+                b_value: vb,
+                ..FieldChange::default()
             });
         }
     }
@@ -229,12 +440,12 @@ fn push_feature(out: &mut Diff, name: &str, location: FeatureBit, on_a: bool) {
     }
 }
 
-/// Differences under informational masks, compared on the raw tables.
-fn informational(a: &CpuidTable, b: &CpuidTable) -> Vec<FieldChange> {
-    let mut a = a.clone();
-    let mut b = b.clone();
-    a.canonicalize();
-    b.canonicalize();
+/// How one side's masked value is written.
+type Shown = Box<dyn Fn(u32) -> String>;
+
+/// Differences under the standard masks (`informational` ones, or the others), compared on the
+/// raw tables (already limited to their declared ranges).
+fn masked_changes(a: &CpuidTable, b: &CpuidTable, informational: bool) -> Vec<FieldChange> {
     let keys: BTreeSet<(u32, u32)> = a
         .entries
         .iter()
@@ -242,47 +453,74 @@ fn informational(a: &CpuidTable, b: &CpuidTable) -> Vec<FieldChange> {
         .map(|e| (e.leaf, e.subleaf))
         .collect();
     let mut out = Vec::new();
-    for mask in standard_masks().iter().filter(|m| m.informational) {
+    for mask in standard_masks()
+        .iter()
+        .filter(|m| m.informational == informational)
+    {
         for &(leaf, subleaf) in keys.iter().filter(|(l, s)| mask.applies_to(*l, *s)) {
-            let va = a
-                .get(leaf, subleaf)
-                .map(|e| e.reg(mask.register) & mask.bits);
-            let vb = b
-                .get(leaf, subleaf)
-                .map(|e| e.reg(mask.register) & mask.bits);
+            let ra = a.get(leaf, subleaf).map(|e| e.reg(mask.register));
+            let rb = b.get(leaf, subleaf).map(|e| e.reg(mask.register));
+            let va = ra.map(|v| v & mask.bits);
+            let vb = rb.map(|v| v & mask.bits);
             if va == vb {
                 continue;
             }
-            let (field, unit) = match (leaf, mask.register) {
-                (0x4000_0010, Register::Eax) => ("TSC frequency".to_string(), " kHz"),
-                (0x4000_0010, Register::Ebx) => ("APIC bus frequency".to_string(), " kHz"),
-                _ => (format!("bits {:#010x}", mask.bits), ""),
-            };
-            let show =
-                |v: Option<u32>| v.map_or_else(|| "(absent)".to_string(), |v| format!("{v}{unit}"));
+            let location = cpuid_location(leaf, subleaf, mask.register);
+            let (field, location, show): (String, Option<String>, Shown) =
+                match (leaf, mask.register) {
+                    (0x4000_0010, Register::Eax) => (
+                        "TSC frequency".to_string(),
+                        Some(location),
+                        Box::new(|v| format!("{v} kHz")),
+                    ),
+                    (0x4000_0010, Register::Ebx) => (
+                        "APIC bus frequency".to_string(),
+                        Some(location),
+                        Box::new(|v| format!("{v} kHz")),
+                    ),
+                    _ if informational => (
+                        format!("bits {:#010x}", mask.bits),
+                        Some(location),
+                        Box::new(|v| v.to_string()),
+                    ),
+                    _ => (
+                        format!("{location} bits {:#010x}", mask.bits),
+                        None,
+                        Box::new(|v| format!("{v:#010x}")),
+                    ),
+                };
+            let text = |v: Option<u32>| v.map_or_else(|| "(absent)".to_string(), &show);
             out.push(FieldChange {
                 field,
-                location: Some(cpuid_location(leaf, subleaf, mask.register)),
-                a: show(va),
-                b: show(vb),
+                location,
+                a: text(va),
+                b: text(vb),
+                leaf: Some(leaf),
+                subleaf: Some(subleaf),
+                register: Some(mask.register),
+                msr: None,
+                bits: Some(u64::from(mask.bits)),
+                a_value: ra.map(u64::from),
+                b_value: rb.map(u64::from),
+                mask_reason: Some(mask.reason.clone()),
             });
         }
     }
     out
 }
 
-/// `CPUID.0x1:EAX`, `CPUID.0x4.2:EAX`.
+/// `CPUID.0x1:EAX`, `CPUID.0x4.2:EAX`, `CPUID.0xd.0xb:EAX`.
 fn cpuid_location(leaf: u32, subleaf: u32, register: Register) -> String {
-    if subleaf != 0 || leaf_has_subleaves(leaf) {
-        format!("CPUID.{leaf:#x}.{subleaf}:{}", register_name(register))
-    } else {
-        format!("CPUID.{leaf:#x}:{}", register_name(register))
-    }
+    format!(
+        "{}:{}",
+        leaf_location(leaf, subleaf),
+        register_name(register)
+    )
 }
 
 fn leaf_location(leaf: u32, subleaf: u32) -> String {
     if subleaf != 0 || leaf_has_subleaves(leaf) {
-        format!("CPUID.{leaf:#x}.{subleaf}")
+        format!("CPUID.{leaf:#x}.{}", subleaf_text(subleaf))
     } else {
         format!("CPUID.{leaf:#x}")
     }
@@ -305,6 +543,7 @@ fn describe_field(
             location: Some(location),
             a: da,
             b: db,
+            ..FieldChange::default()
         })
     };
     // Decodes one side, or says the leaf is not there.
@@ -389,7 +628,7 @@ fn describe_field(
             field("cache and TLB descriptors", "CPUID.0x2".to_string(), da, db)
         }
         (0x4, _) | (0x8000_001d, _) => {
-            let (da, db) = both(&deterministic_cache);
+            let (da, db) = both(&|e| deterministic_cache(leaf, e));
             field("cache parameters", leaf_location(leaf, subleaf), da, db)
         }
         (0x8000_0005, Register::Ecx) => {
@@ -421,21 +660,22 @@ fn describe_field(
             let register_value = |e: &CpuidEntry| format!("{:#010x}", e.reg(register));
             let (da, db) = both(&register_value);
             let whole = ea.map_or(0, |e| e.reg(register)) ^ eb.map_or(0, |e| e.reg(register));
+            let sub = subleaf_text(subleaf);
             let name = if whole == unnamed {
-                format!("leaf {leaf:#x}.{subleaf} {}", register_name(register))
+                format!("leaf {leaf:#x}.{sub} {}", register_name(register))
             } else {
                 // Some bits of this register were reported by name already.
                 format!(
-                    "leaf {leaf:#x}.{subleaf} {} bits without a libvirt name {:#010x}",
+                    "leaf {leaf:#x}.{sub} {} bits without a libvirt name {:#010x}",
                     register_name(register),
                     unnamed
                 )
             };
             Some(FieldChange {
                 field: name,
-                location: None,
                 a: da,
                 b: db,
+                ..FieldChange::default()
             })
         }
     }
@@ -488,7 +728,8 @@ fn kvm_features(eax: u32) -> String {
 }
 
 fn ascii(bytes: &[u8]) -> String {
-    bytes
+    let end = bytes.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
+    bytes[..end]
         .iter()
         .map(|&c| {
             if c.is_ascii_graphic() || c == b' ' {
@@ -506,7 +747,17 @@ fn vendor(first: u32, second: u32, third: u32) -> String {
     for word in [first, second, third] {
         bytes.extend_from_slice(&word.to_le_bytes());
     }
-    format!("'{}'", ascii(&bytes))
+    quoted_or_none(&ascii(&bytes))
+}
+
+/// `'text'`, or `(none)` for a string that is empty once trailing NULs and blanks are gone (an
+/// all-zero vendor would otherwise print as `'............'`).
+fn quoted_or_none(text: &str) -> String {
+    if text.trim().is_empty() {
+        "(none)".to_string()
+    } else {
+        format!("'{text}'")
+    }
 }
 
 fn brand(table: &CpuidTable) -> String {
@@ -520,7 +771,7 @@ fn brand(table: &CpuidTable) -> String {
         }
     }
     let end = bytes.iter().position(|&c| c == 0).unwrap_or(bytes.len());
-    format!("'{}'", ascii(&bytes[..end]).trim())
+    quoted_or_none(ascii(&bytes[..end]).trim())
 }
 
 /// Decodes CPUID.1:EAX the way the SDM defines the displayed family and model.
@@ -543,10 +794,15 @@ pub fn family_model_stepping(eax: u32) -> String {
     format!("family {display_family:#x} model {display_model:#x} stepping {stepping} ({eax:#010x})")
 }
 
-/// Leaf 4 / 0x8000001D: one cache level's geometry.
-fn deterministic_cache(e: &CpuidEntry) -> String {
+/// Leaf 4 / 0x8000001D: one cache level's geometry, every field the SDM (leaf 4) and the APM
+/// (0x8000001D) define, so two descriptions read the same only when the registers are the same.
+fn deterministic_cache(leaf: u32, e: &CpuidEntry) -> String {
+    let raw = format!(
+        "eax {:#010x} ebx {:#010x} ecx {:#010x} edx {:#010x}",
+        e.eax, e.ebx, e.ecx, e.edx
+    );
     let kind = match e.eax & 0x1f {
-        0 => return "no cache".to_string(),
+        0 => return format!("no cache ({raw})"),
         1 => "data",
         2 => "instruction",
         3 => "unified",
@@ -559,14 +815,47 @@ fn deterministic_cache(e: &CpuidEntry) -> String {
     let line = u64::from(e.ebx & 0xfff) + 1;
     let sets = u64::from(e.ecx) + 1;
     let size = ways * partitions * line * sets;
-    format!(
-        "L{level} {kind} {}, {ways}-way, {line}-byte lines, {sets} sets, shared by {sharing} threads (eax {:#010x} ebx {:#010x} ecx {:#010x} edx {:#010x})",
-        human_size(size),
-        e.eax,
-        e.ebx,
-        e.ecx,
-        e.edx
-    )
+    let mut words = vec![
+        format!("L{level} {kind} {}", human_size(size)),
+        if e.eax & (1 << 9) != 0 {
+            "fully associative".to_string()
+        } else {
+            format!("{ways}-way")
+        },
+        format!("{line}-byte lines"),
+        format!(
+            "{partitions} partition{}",
+            if partitions == 1 { "" } else { "s" }
+        ),
+        format!("{sets} sets"),
+        format!("shared by {sharing} threads"),
+    ];
+    let top = (e.eax >> 26) & 0x3f;
+    if leaf == 0x4 {
+        words.push(format!("{} cores per package", top + 1));
+    } else if top != 0 {
+        words.push(format!("EAX[31:26] {top}"));
+    }
+    if e.eax & (1 << 8) != 0 {
+        words.push("self-initializing".to_string());
+    }
+    words.push(if e.edx & 1 != 0 {
+        "WBINVD not guaranteed on sharers' lower levels".to_string()
+    } else {
+        "WBINVD acts on lower levels".to_string()
+    });
+    words.push(
+        if e.edx & 2 != 0 {
+            "inclusive"
+        } else {
+            "not inclusive"
+        }
+        .to_string(),
+    );
+    if e.edx & 4 != 0 {
+        words.push("complex indexing".to_string());
+    }
+    format!("{} ({raw})", words.join(", "))
 }
 
 fn human_size(bytes: u64) -> String {
@@ -670,7 +959,10 @@ mod tests {
         let d = diff(&base(), &base(), &map());
         assert!(d.is_equivalent());
         assert!(d.informational.is_empty());
-        assert_eq!(d.to_string(), "equivalent\n");
+        assert_eq!(
+            d.to_string(),
+            "equivalent: 0 lost, 0 gained, 0 changed, 0 informational, 0 masked\n"
+        );
     }
 
     #[test]
@@ -729,7 +1021,12 @@ mod tests {
         assert_eq!(info.a, "2600000 kHz");
         assert_eq!(info.b, "2599997 kHz");
         let text = d.to_string();
-        assert!(text.starts_with("equivalent\n"), "{text}");
+        assert!(
+            text.starts_with(
+                "equivalent: 0 lost, 0 gained, 0 changed, 1 informational, 2 masked\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "informational: TSC frequency (CPUID.0x40000010:EAX): 2600000 kHz -> 2599997 kHz"
@@ -855,5 +1152,171 @@ mod tests {
         assert_eq!(lost["side"], "lost");
         let back: Diff = serde_json::from_value(json).unwrap();
         assert_eq!(back, d);
+    }
+
+    /// What Intel CPUs and QEMU answer past a range's maximum: the highest basic leaf.
+    fn echo_of(t: &CpuidTable, leaf: u32) -> CpuidEntry {
+        let max = t.get(0, 0).unwrap().eax;
+        let e = t.entries.iter().rev().find(|e| e.leaf <= max).unwrap();
+        entry(leaf, 0, [e.eax, e.ebx, e.ecx, e.edx])
+    }
+
+    #[test]
+    fn echo_leaves_never_differ_but_declared_leaves_still_do() {
+        let mut a = base();
+        a.entries
+            .push(entry(0x8000_0000, 0, [0x8000_0004, 0, 0, 0]));
+        let mut b = a.clone();
+        // `cpuid -r` on the guest also asks 0x20000000, 0x40000100, 0x80860000, 0xc0000000 and
+        // gets echoes; the probe never asked. A leaf past the basic maximum echoes too.
+        for leaf in [0x2000_0000, 0x4000_0100, 0x8086_0000, 0xc000_0000, 0xe] {
+            let echo = echo_of(&a, leaf);
+            b.entries.push(echo);
+        }
+        b.entries.push(entry(0x8000_0005, 0, [1, 2, 3, 4])); // past 0x80000004
+        let d = diff(&a, &b, &map());
+        assert!(d.is_equivalent(), "{d}");
+        assert_eq!(d.echo_leaves.len(), 6, "{:?}", d.echo_leaves);
+        assert!(d.echo_leaves.iter().all(|e| e.side == Which::B));
+        let verbose = d.render(true);
+        assert!(
+            verbose.contains("not compared on B: 6 leaves outside its declared ranges"),
+            "{verbose}"
+        );
+        assert!(verbose.contains("0x20000000.0"), "{verbose}");
+        assert!(
+            !d.to_string().contains("not compared"),
+            "only with --verbose"
+        );
+
+        // A range both sides declare is compared, echo or not on a third range.
+        let mut c = b.clone();
+        set(&mut c, 0x8000_0003, 0, |e| e.eax ^= 1);
+        let d = diff(&a, &c, &map());
+        assert!(!d.is_equivalent(), "declared leaves are still compared");
+        assert!(d.fields.iter().any(|f| f.field == "brand string"), "{d}");
+
+        // A hypervisor range one side declares and the other does not is a difference.
+        let mut kvm = a.clone();
+        kvm.entries.push(entry(
+            0x4000_0000,
+            0,
+            [0x4000_0010, 0x4b4d564b, 0x564b4d56, 0x4d],
+        ));
+        kvm.entries
+            .push(entry(0x4000_0001, 0, [0x0100_00fb, 0, 0, 0]));
+        let mut tcg = a.clone();
+        tcg.entries.push(echo_of(&a, 0x4000_0000));
+        let d = diff(&kvm, &tcg, &map());
+        assert!(!d.is_equivalent(), "{d}");
+        assert!(
+            d.fields
+                .iter()
+                .any(|f| f.field == "maximum hypervisor leaf" && f.b == "(absent)"),
+            "{d}"
+        );
+
+        // 0x40000100 is compared when 0x40000100.EAX declares it (KVM behind Hyper-V).
+        let mut hv = kvm.clone();
+        hv.entries.push(entry(
+            0x4000_0100,
+            0,
+            [0x4000_0101, 0x4b4d564b, 0x564b4d56, 0x4d],
+        ));
+        hv.entries
+            .push(entry(0x4000_0101, 0, [0x0100_00fb, 0, 0, 0]));
+        let mut hv2 = hv.clone();
+        set(&mut hv2, 0x4000_0101, 0, |e| e.eax = 0x0100_007b);
+        let d = diff(&hv, &hv2, &map());
+        assert!(!d.is_equivalent(), "{d}");
+        assert!(d.echo_leaves.is_empty(), "{:?}", d.echo_leaves);
+    }
+
+    #[test]
+    fn sub_leaves_are_hex_and_repeated_raw_values_fold() {
+        let mut a = base();
+        let mut b = base();
+        for t in [&mut a, &mut b] {
+            t.entries.push(entry(0xd, 0xb, [0x10, 0, 0, 0]));
+            t.entries.push(entry(0x6, 0, [4, 0, 0, 0]));
+            t.entries.push(entry(0x9, 0, [4, 0, 0, 0]));
+        }
+        set(&mut b, 0xd, 0xb, |e| e.eax = 0x11);
+        set(&mut b, 0x6, 0, |e| e.eax = 5);
+        set(&mut b, 0x9, 0, |e| e.eax = 5);
+        let d = diff(&a, &b, &map());
+        let text = d.to_string();
+        assert!(
+            text.contains("changed: leaf 0xd.0xb EAX: 0x00000010 -> 0x00000011"),
+            "{text}"
+        );
+        assert!(
+            text.contains("changed: leaf 0x6.0 EAX, leaf 0x9.0 EAX: 0x00000004 -> 0x00000005"),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("different: 0 lost, 0 gained, 3 changed, 0 informational, 0 masked\n"),
+            "{text}"
+        );
+        let f = d.fields.iter().find(|f| f.leaf == Some(0xd)).unwrap();
+        assert_eq!(
+            (f.subleaf, f.a_value, f.b_value),
+            (Some(0xb), Some(0x10), Some(0x11))
+        );
+        let location = FeatureBit::Cpuid {
+            leaf: 0xd,
+            subleaf: 0xb,
+            register: Register::Eax,
+            bit: 0,
+        };
+        assert_eq!(location.to_string(), "CPUID.0xd.0xb:EAX[0]");
+    }
+
+    #[test]
+    fn cache_geometry_names_every_field_and_empty_vendors_read_none() {
+        let a = base();
+        let mut b = base();
+        // Only EAX[31:26] (cores per package) differs.
+        set(&mut b, 4, 1, |e| e.eax |= 3 << 26);
+        let d = diff(&a, &b, &map());
+        let f = &d.fields[0];
+        assert!(f.a.contains("1 cores per package"), "{d}");
+        assert!(f.b.contains("4 cores per package"), "{d}");
+        assert_ne!(f.a.split(" (").next(), f.b.split(" (").next(), "{d}");
+
+        let mut zero = base();
+        set(&mut zero, 0, 0, |e| {
+            e.ebx = 0;
+            e.ecx = 0;
+            e.edx = 0;
+        });
+        let d = diff(&base(), &zero, &map());
+        assert!(
+            d.to_string()
+                .contains("vendor (CPUID.0x0:EBX,EDX,ECX): 'GenuineIntel' -> (none)"),
+            "{d}"
+        );
+    }
+
+    #[test]
+    fn masked_differences_carry_their_reason() {
+        let a = base();
+        let mut b = base();
+        set(&mut b, 1, 0, |e| e.ebx |= 0x0100_0000);
+        let d = diff(&a, &b, &map());
+        assert!(d.is_equivalent());
+        assert_eq!(d.masked.len(), 1, "{d}");
+        let m = &d.masked[0];
+        assert_eq!(
+            (m.leaf, m.register, m.bits),
+            (Some(1), Some(Register::Ebx), Some(0xff00_0000))
+        );
+        assert!(m.mask_reason.as_deref().unwrap_or("").contains("APIC ID"));
+        assert!(
+            d.render(true)
+                .contains("masked: CPUID.0x1:EBX bits 0xff000000"),
+            "{}",
+            d.render(true)
+        );
     }
 }

@@ -124,12 +124,22 @@ impl fmt::Display for FeatureBit {
             } => {
                 write!(f, "CPUID.{leaf:#x}")?;
                 if subleaf != 0 || leaf_has_subleaves(leaf) {
-                    write!(f, ".{subleaf}")?;
+                    write!(f, ".{}", subleaf_text(subleaf))?;
                 }
                 write!(f, ":{}[{bit}]", register_name(register))
             }
             FeatureBit::Msr { index, bit } => write!(f, "MSR.{index:#x}[{bit}]"),
         }
+    }
+}
+
+/// A sub-leaf as written after a hex leaf: `0`..`9` (the same in both bases), else `0xb`, so
+/// `0xd.0xb` is never read as sub-leaf 0x11.
+pub fn subleaf_text(subleaf: u32) -> String {
+    if subleaf < 10 {
+        subleaf.to_string()
+    } else {
+        format!("{subleaf:#x}")
     }
 }
 

@@ -1,0 +1,793 @@
+//! The fleet migration plan: which running VM can move to which candidate destination, before
+//! moving anything.
+//!
+//! A source host's `cpuguard inventory` lists its domains with their stamps (what each guest
+//! sees there) and canonical CPU configurations; each candidate destination's `cpuguard
+//! fingerprint measure` bundle says what a guest with each configuration would see there. A cell
+//! of the plan is the verdict the destination's hook would give: the stamp against the
+//! destination's fingerprint for the VM's configuration, with the same diff and the default
+//! policies (gained-only is a no-go). Comparisons are made once per distinct (stamp,
+//! fingerprint) pair, so thousands of VMs on hundreds of hosts cost as many diffs as there are
+//! CPU generations times configurations.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cpuid::FeatureMap;
+use crate::domain::document::DomainDocument;
+use crate::domain::guest::GuestCpuConfig;
+use crate::domain::metadata::Stamp;
+use crate::guest_view::{diff, GuestView};
+use crate::matrix::{configuration_of, label, Bundle};
+
+pub const INVENTORY_FORMAT: &str = "cpuguard-inventory";
+pub const INVENTORY_VERSION: u32 = 1;
+const MAX_INVENTORY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The stamp a running domain carries, as the inventory records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryStamp {
+    pub host: Option<String>,
+    pub time: Option<String>,
+    /// `sha256:…` of the normalized table, as the stamping host computed it.
+    pub digest: Option<String>,
+    /// The source guest's raw view (kvm-unit-tests dump lines, or the aarch64 probe's output).
+    pub table: String,
+}
+
+/// One domain of a source host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryDomain {
+    pub name: String,
+    pub uuid: Option<String>,
+    pub running: bool,
+    /// `Haswell-noTSX (custom), pc-i440fx-7.2/kvm, 2 vCPUs`.
+    pub label: String,
+    /// The canonical guest CPU configuration (what the cache key and bundles group by).
+    pub config: GuestCpuConfig,
+    /// None: not stamped (never started under cpuguard, or not running).
+    pub stamp: Option<InventoryStamp>,
+}
+
+/// What `cpuguard inventory` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub format: String,
+    pub version: u32,
+    pub hostname: String,
+    pub taken_at: String,
+    pub domains: Vec<InventoryDomain>,
+}
+
+impl InventoryDomain {
+    /// Reads one domain from its (live) XML.
+    pub fn from_xml(xml: &str, running: bool) -> Result<InventoryDomain, String> {
+        let doc = DomainDocument::parse(xml).map_err(|e| e.to_string())?;
+        let name = doc.display_name("(unnamed)").to_string();
+        let config = GuestCpuConfig::from_domain_xml(xml).map_err(|e| format!("{name}: {e}"))?;
+        let stamp = doc.stamp.map(|s| Stamp::read(doc.slice(s))).and_then(|s| {
+            s.table.clone().map(|table| InventoryStamp {
+                host: s.host,
+                time: s.time,
+                digest: s.digest,
+                table,
+            })
+        });
+        Ok(InventoryDomain {
+            label: label(&configuration(&config)),
+            uuid: doc.uuid.clone(),
+            name,
+            running,
+            config,
+            stamp,
+        })
+    }
+}
+
+/// The configuration as a bundle's entries group by ([`configuration_of`] of a cache key).
+pub fn configuration(config: &GuestCpuConfig) -> serde_json::Value {
+    configuration_of(&serde_json::json!({ "config": config, "accel": config.accel }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{path}: cannot read: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: not a cpuguard inventory: {reason}")]
+    NotAnInventory { path: PathBuf, reason: String },
+    #[error("{path}: inventory version {found}, this cpuguard reads version {INVENTORY_VERSION}")]
+    Version { path: PathBuf, found: u64 },
+    #[error("{path}: host {host} was already given by {first}")]
+    DuplicateHost {
+        path: PathBuf,
+        host: String,
+        first: PathBuf,
+    },
+    #[error("no inventories given: name the files `cpuguard inventory` wrote on the source hosts")]
+    NoInventories,
+    #[error("no destination bundles given: --to FILE (written by `cpuguard fingerprint measure` on each candidate)")]
+    NoBundles,
+}
+
+/// Reads and checks an inventory file.
+pub fn load_inventory(path: &Path) -> Result<Inventory, PlanError> {
+    let text = read_bounded(path, MAX_INVENTORY_BYTES).map_err(|reason| PlanError::Read {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    let not = |reason: String| PlanError::NotAnInventory {
+        path: path.to_path_buf(),
+        reason,
+    };
+    #[derive(Deserialize)]
+    struct Head {
+        format: Option<String>,
+        version: Option<u64>,
+    }
+    let head: Head = serde_json::from_str(&text).map_err(|e| not(e.to_string()))?;
+    if head.format.as_deref() != Some(INVENTORY_FORMAT) {
+        return Err(not(format!("no \"format\": \"{INVENTORY_FORMAT}\"")));
+    }
+    let version = head.version.unwrap_or(0);
+    if version != u64::from(INVENTORY_VERSION) {
+        return Err(PlanError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| not(e.to_string()))
+}
+
+/// A file's text, refusing files over `limit` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > limit {
+        return Err(format!("larger than {limit} bytes"));
+    }
+    Ok(text)
+}
+
+/// What a destination would say about one VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Go,
+    NoGo,
+    /// The destination has not measured the VM's configuration.
+    NotMeasured,
+    /// The VM carries no (readable) stamp: the guard would refuse it.
+    Unstamped,
+    /// The destination is the VM's own host.
+    Source,
+}
+
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Go => "go",
+            Verdict::NoGo => "no-go",
+            Verdict::NotMeasured => "not measured",
+            Verdict::Unstamped => "unstamped",
+            Verdict::Source => "source",
+        }
+    }
+}
+
+/// One distinct comparison result, shared by every cell that has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub lost: Vec<String>,
+    pub gained: Vec<String>,
+    pub changed: Vec<String>,
+    /// One line: `lost avx2,avx512f; gained pku`, `not measured on hv-b`, …
+    pub reason: String,
+}
+
+/// One destination's verdict on one VM: an index into [`Plan::outcomes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cell {
+    pub verdict: Verdict,
+    pub outcome: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPlan {
+    pub name: String,
+    pub source_host: String,
+    pub label: String,
+    pub stamp_digest: Option<String>,
+    /// One per [`Plan::hosts`], in that order.
+    pub cells: Vec<Cell>,
+}
+
+/// What one destination can take.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostSummary {
+    pub host: String,
+    /// VMs (not already on it) it can take.
+    pub can_take: usize,
+    /// VMs from other hosts it was asked about.
+    pub of: usize,
+    pub not_measured: usize,
+}
+
+/// VMs that cannot go everywhere, grouped by source host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    pub source_host: String,
+    pub vms: Vec<String>,
+    /// Features lost or gained on some destination, with how many of these VMs they block.
+    pub blocking: BTreeMap<String, usize>,
+    /// Hosts that have not measured some of these VMs' configurations.
+    pub not_measured_on: Vec<String>,
+    /// VMs without a stamp.
+    pub unstamped: Vec<String>,
+    /// The command that gives the CPU (libvirt's baseline of the source and every
+    /// destination) these VMs could be restarted with to go anywhere.
+    pub baseline_command: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub vms: usize,
+    /// VMs every destination (other than their own host) can take.
+    pub go_anywhere: usize,
+    pub go_nowhere: usize,
+    pub hosts: Vec<HostSummary>,
+    pub blocked: Vec<Blocked>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub schema_version: u32,
+    pub command: String,
+    /// Destination hosts (bundle hostnames), sorted: the columns.
+    pub hosts: Vec<String>,
+    pub outcomes: Vec<Outcome>,
+    pub vms: Vec<VmPlan>,
+    pub summary: Summary,
+}
+
+/// A destination's fingerprints, reduced to what the plan compares.
+pub struct HostViews {
+    pub hostname: String,
+    /// configuration (canonical JSON text) -> (digest, raw view) of the newest measurement.
+    pub views: HashMap<String, (String, u64, GuestView)>,
+}
+
+impl HostViews {
+    /// Keeps the newest verified measurement per configuration and drops the rest of the bundle.
+    pub fn of(bundle: Bundle) -> HostViews {
+        let mut views: HashMap<String, (String, u64, GuestView)> = HashMap::new();
+        for entry in bundle.entries {
+            let text = configuration_of(&entry.key).to_string();
+            let newer = views
+                .get(&text)
+                .is_none_or(|(_, at, _)| entry.measured_at_unix > *at);
+            if newer {
+                let raw = entry.fingerprint.raw();
+                views.insert(
+                    text,
+                    (entry.fingerprint.digest, entry.measured_at_unix, raw),
+                );
+            }
+        }
+        HostViews {
+            hostname: bundle.hostname,
+            views,
+        }
+    }
+}
+
+/// Builds the plan of every inventory's VMs against every destination.
+pub fn build(
+    inventories: &[(PathBuf, Inventory)],
+    destinations: &[(PathBuf, HostViews)],
+    features: &FeatureMap,
+) -> Result<Plan, PlanError> {
+    if inventories.is_empty() {
+        return Err(PlanError::NoInventories);
+    }
+    if destinations.is_empty() {
+        return Err(PlanError::NoBundles);
+    }
+    let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
+    for (path, h) in destinations {
+        if let Some(first) = seen.insert(&h.hostname, path) {
+            return Err(PlanError::DuplicateHost {
+                path: path.clone(),
+                host: h.hostname.clone(),
+                first: first.to_path_buf(),
+            });
+        }
+    }
+    let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
+    for (path, inv) in inventories {
+        if let Some(first) = seen.insert(&inv.hostname, path) {
+            return Err(PlanError::DuplicateHost {
+                path: path.clone(),
+                host: inv.hostname.clone(),
+                first: first.to_path_buf(),
+            });
+        }
+    }
+    let mut order: Vec<usize> = (0..destinations.len()).collect();
+    order.sort_by(|&a, &b| destinations[a].1.hostname.cmp(&destinations[b].1.hostname));
+    let hosts: Vec<String> = order
+        .iter()
+        .map(|&i| destinations[i].1.hostname.clone())
+        .collect();
+
+    let mut interner = Interner::default();
+    let source = interner.fixed(Verdict::Source, "the VM's own host".to_string());
+    // Distinct stamps, parsed and digested once: table text -> (view, normalized digest).
+    let mut stamps: HashMap<&str, Result<(GuestView, String), String>> = HashMap::new();
+    // (stamp digest, destination digest) -> outcome.
+    let mut compared: HashMap<(String, String), u32> = HashMap::new();
+    let mut vms = Vec::new();
+    for (_, inv) in inventories {
+        for dom in &inv.domains {
+            let config_text = configuration(&dom.config).to_string();
+            let stamp = dom.stamp.as_ref().map(|s| {
+                stamps
+                    .entry(s.table.as_str())
+                    .or_insert_with(|| {
+                        GuestView::parse_text(&s.table)
+                            .map(|v| {
+                                let d = v.digest();
+                                (v, d)
+                            })
+                            .map_err(|e| format!("unreadable stamp: {e}"))
+                    })
+                    .clone()
+            });
+            let mut cells = Vec::with_capacity(hosts.len());
+            for &i in &order {
+                let dest = &destinations[i].1;
+                let cell = if dest.hostname == inv.hostname {
+                    source
+                } else {
+                    match &stamp {
+                        None => interner.fixed(
+                            Verdict::Unstamped,
+                            format!(
+                                "no stamp: run `cpuguard stamp {}` on {}",
+                                dom.name, inv.hostname
+                            ),
+                        ),
+                        Some(Err(e)) => interner.fixed(Verdict::Unstamped, e.clone()),
+                        Some(Ok((view, stamp_digest))) => match dest.views.get(&config_text) {
+                            None => interner.fixed(
+                                Verdict::NotMeasured,
+                                format!(
+                                    "run `cpuguard fingerprint measure` on {} with {}'s inventory",
+                                    dest.hostname, inv.hostname
+                                ),
+                            ),
+                            Some((digest, _, local)) => {
+                                let key = (stamp_digest.clone(), digest.clone());
+                                match compared.get(&key) {
+                                    Some(&o) => interner.cell(o),
+                                    None => {
+                                        let o = if stamp_digest == digest {
+                                            interner.fixed(
+                                                Verdict::Go,
+                                                "guest CPU identical".to_string(),
+                                            )
+                                        } else {
+                                            interner.compare(view, local, features)
+                                        };
+                                        compared.insert(key, o.outcome);
+                                        o
+                                    }
+                                }
+                            }
+                        },
+                    }
+                };
+                cells.push(cell);
+            }
+            vms.push(VmPlan {
+                name: dom.name.clone(),
+                source_host: inv.hostname.clone(),
+                label: dom.label.clone(),
+                stamp_digest: dom.stamp.as_ref().and_then(|s| s.digest.clone()),
+                cells,
+            });
+        }
+    }
+    let summary = summarize(&hosts, &vms, &interner.outcomes);
+    Ok(Plan {
+        schema_version: crate::report::SCHEMA_VERSION,
+        command: "plan".to_string(),
+        hosts,
+        outcomes: interner.outcomes,
+        vms,
+        summary,
+    })
+}
+
+#[derive(Default)]
+struct Interner {
+    outcomes: Vec<Outcome>,
+    fixed: HashMap<(Verdict, String), u32>,
+}
+
+impl Interner {
+    fn cell(&self, outcome: u32) -> Cell {
+        Cell {
+            verdict: self.outcomes[outcome as usize].verdict,
+            outcome,
+        }
+    }
+
+    fn push(&mut self, o: Outcome) -> Cell {
+        let verdict = o.verdict;
+        self.outcomes.push(o);
+        Cell {
+            verdict,
+            outcome: (self.outcomes.len() - 1) as u32,
+        }
+    }
+
+    /// An outcome without differences (go, not measured, unstamped, source), shared by reason.
+    fn fixed(&mut self, verdict: Verdict, reason: String) -> Cell {
+        if let Some(&o) = self.fixed.get(&(verdict, reason.clone())) {
+            return self.cell(o);
+        }
+        let cell = self.push(Outcome {
+            verdict,
+            lost: Vec::new(),
+            gained: Vec::new(),
+            changed: Vec::new(),
+            reason: reason.clone(),
+        });
+        self.fixed.insert((verdict, reason), cell.outcome);
+        cell
+    }
+
+    fn compare(&mut self, stamp: &GuestView, local: &GuestView, features: &FeatureMap) -> Cell {
+        let d = diff(stamp, local, features);
+        if d.is_equivalent() {
+            return self.fixed(Verdict::Go, "guest CPU identical".to_string());
+        }
+        let (lost, gained, changed) = (d.lost_names(), d.gained_names(), d.changed_lines());
+        self.push(Outcome {
+            verdict: Verdict::NoGo,
+            reason: d.summary(),
+            lost,
+            gained,
+            changed,
+        })
+    }
+}
+
+fn summarize(hosts: &[String], vms: &[VmPlan], outcomes: &[Outcome]) -> Summary {
+    let mut host_summaries: Vec<HostSummary> = hosts
+        .iter()
+        .map(|h| HostSummary {
+            host: h.clone(),
+            can_take: 0,
+            of: 0,
+            not_measured: 0,
+        })
+        .collect();
+    let mut go_anywhere = 0;
+    let mut go_nowhere = 0;
+    let mut blocked: BTreeMap<&str, Blocked> = BTreeMap::new();
+    for vm in vms {
+        let mut all = true;
+        let mut any = false;
+        for (cell, hs) in vm.cells.iter().zip(host_summaries.iter_mut()) {
+            match cell.verdict {
+                Verdict::Source => continue,
+                Verdict::Go => {
+                    hs.can_take += 1;
+                    any = true;
+                }
+                Verdict::NotMeasured => {
+                    hs.not_measured += 1;
+                    all = false;
+                }
+                _ => all = false,
+            }
+            hs.of += 1;
+        }
+        if all {
+            go_anywhere += 1;
+            continue;
+        }
+        if !any {
+            go_nowhere += 1;
+        }
+        let b = blocked.entry(&vm.source_host).or_insert_with(|| Blocked {
+            source_host: vm.source_host.clone(),
+            vms: Vec::new(),
+            blocking: BTreeMap::new(),
+            not_measured_on: Vec::new(),
+            unstamped: Vec::new(),
+            baseline_command: baseline_command(&vm.source_host, hosts),
+        });
+        b.vms.push(vm.name.clone());
+        let mut features: BTreeSet<&str> = BTreeSet::new();
+        let mut unmeasured: BTreeSet<&str> = BTreeSet::new();
+        for (cell, host) in vm.cells.iter().zip(hosts) {
+            let o = &outcomes[cell.outcome as usize];
+            match cell.verdict {
+                Verdict::NoGo => {
+                    features.extend(o.lost.iter().map(String::as_str));
+                    features.extend(o.gained.iter().map(String::as_str));
+                    if o.lost.is_empty() && o.gained.is_empty() {
+                        features.extend(
+                            o.changed
+                                .iter()
+                                .map(|c| c.split(" (").next().unwrap_or(c.as_str())),
+                        );
+                    }
+                }
+                Verdict::NotMeasured => {
+                    unmeasured.insert(host);
+                }
+                Verdict::Unstamped if b.unstamped.last() != Some(&vm.name) => {
+                    b.unstamped.push(vm.name.clone());
+                }
+                _ => {}
+            }
+        }
+        for f in features {
+            *b.blocking.entry(f.to_string()).or_insert(0) += 1;
+        }
+        for h in unmeasured {
+            if !b.not_measured_on.iter().any(|x| x == h) {
+                b.not_measured_on.push(h.to_string());
+            }
+        }
+    }
+    Summary {
+        vms: vms.len(),
+        go_anywhere,
+        go_nowhere,
+        hosts: host_summaries,
+        blocked: blocked.into_values().collect(),
+    }
+}
+
+/// `cpuguard baseline qemu+ssh://SRC/system qemu+ssh://DST1/system …`: computing it needs each
+/// host's domain capabilities through libvirt, which bundles do not carry.
+fn baseline_command(source: &str, hosts: &[String]) -> String {
+    let mut all: Vec<&str> = vec![source];
+    all.extend(hosts.iter().map(String::as_str).filter(|h| *h != source));
+    let uris: Vec<String> = all
+        .iter()
+        .map(|h| format!("qemu+ssh://{h}/system"))
+        .collect();
+    format!("cpuguard baseline {}", uris.join(" "))
+}
+
+impl Plan {
+    /// True when every VM can go to every destination.
+    pub fn all_go(&self) -> bool {
+        self.summary.go_anywhere == self.summary.vms
+    }
+
+    fn outcome(&self, cell: &Cell) -> &Outcome {
+        &self.outcomes[cell.outcome as usize]
+    }
+
+    /// Per VM each destination's verdict and reason, then the summary.
+    pub fn to_text(&self) -> String {
+        let mut out = String::with_capacity(40 * self.vms.len() * (self.hosts.len() + 1));
+        for vm in &self.vms {
+            out.push_str(&format!(
+                "{} (on {}, {})\n",
+                vm.name, vm.source_host, vm.label
+            ));
+            // Pieces pushed one by one: 400,000 cells would otherwise be as many allocations.
+            for (cell, host) in vm.cells.iter().zip(&self.hosts) {
+                if cell.verdict == Verdict::Source {
+                    continue;
+                }
+                out.push_str("  ");
+                out.push_str(host);
+                out.push_str(": ");
+                out.push_str(cell.verdict.word());
+                if cell.verdict != Verdict::Go {
+                    out.push_str(": ");
+                    out.push_str(&self.outcome(cell).reason);
+                }
+                out.push('\n');
+            }
+        }
+        let s = &self.summary;
+        out.push_str(&format!(
+            "\nsummary: {} of {} VMs can go to every destination, {} to none\n",
+            s.go_anywhere, s.vms, s.go_nowhere
+        ));
+        for h in s.hosts.iter().filter(|h| h.of > 0) {
+            out.push_str(&format!(
+                "  {} can take {} of {} VMs",
+                h.host, h.can_take, h.of
+            ));
+            if h.not_measured > 0 {
+                out.push_str(&format!(" ({} not measured)", h.not_measured));
+            }
+            out.push('\n');
+        }
+        for b in &s.blocked {
+            out.push_str(&format!(
+                "  blocked on {} ({} VMs): {}\n",
+                b.source_host,
+                b.vms.len(),
+                b.vms.join(", ")
+            ));
+            if !b.blocking.is_empty() {
+                let list: Vec<String> = b
+                    .blocking
+                    .iter()
+                    .map(|(f, n)| format!("{f} ({n})"))
+                    .collect();
+                out.push_str(&format!("    blocked by: {}\n", list.join(", ")));
+            }
+            if !b.not_measured_on.is_empty() {
+                out.push_str(&format!(
+                    "    not measured on: {} (run `cpuguard fingerprint measure` there with {}'s inventory)\n",
+                    b.not_measured_on.join(", "),
+                    b.source_host
+                ));
+            }
+            if !b.unstamped.is_empty() {
+                out.push_str(&format!(
+                    "    unstamped: {} (run `cpuguard stamp --all` on {})\n",
+                    b.unstamped.join(", "),
+                    b.source_host
+                ));
+            }
+            out.push_str(&format!(
+                "    the CPU that frees them after a restart: {}\n",
+                b.baseline_command
+            ));
+        }
+        out
+    }
+
+    /// One self-contained page: the VM × host grid coloured go/no-go with the reasons, then the
+    /// summary. No scripts, no external resources.
+    pub fn to_html(&self) -> String {
+        let mut out = String::with_capacity(256 * (self.vms.len() + 1) * (self.hosts.len() + 1));
+        out.push_str(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>cpuguard migration plan</title><style>\n\
+             body{font-family:sans-serif;margin:1em}\
+             table{border-collapse:collapse}\
+             th,td{border:1px solid #888;padding:2px 6px;font-size:13px;vertical-align:top}\
+             td.go{background:#7fd67f}td.no-go{background:#f08080}\
+             td.not-measured{background:#f0e080}td.unstamped{background:#d0a0f0}\
+             td.source{background:#ddd;color:#666}\
+             td small{display:block;max-width:22em}\
+             </style></head><body>\n<h1>cpuguard migration plan</h1>\n",
+        );
+        let s = &self.summary;
+        out.push_str(&format!(
+            "<p id=\"summary\">{} of {} VMs can go to every destination; {} to none.</p>\n",
+            s.go_anywhere, s.vms, s.go_nowhere
+        ));
+        out.push_str(
+            "<table id=\"grid\"><thead><tr><th>VM</th><th>source</th><th>configuration</th>",
+        );
+        for h in &self.hosts {
+            out.push_str(&format!("<th>{}</th>", esc(h)));
+        }
+        out.push_str("</tr></thead><tbody>\n");
+        for vm in &self.vms {
+            out.push_str(&format!(
+                "<tr><th>{}</th><td>{}</td><td>{}</td>",
+                esc(&vm.name),
+                esc(&vm.source_host),
+                esc(&vm.label)
+            ));
+            for (cell, host) in vm.cells.iter().zip(&self.hosts) {
+                let o = self.outcome(cell);
+                let class = match cell.verdict {
+                    Verdict::Go => "go",
+                    Verdict::NoGo => "no-go",
+                    Verdict::NotMeasured => "not-measured",
+                    Verdict::Unstamped => "unstamped",
+                    Verdict::Source => "source",
+                };
+                let detail = match cell.verdict {
+                    Verdict::Go | Verdict::Source => String::new(),
+                    _ => format!("<small>{}</small>", esc(&o.reason)),
+                };
+                out.push_str(&format!(
+                    "<td class=\"{class}\" title=\"{} to {}: {}\">{}{detail}</td>",
+                    esc(&vm.name),
+                    esc(host),
+                    esc(&o.reason),
+                    cell.verdict.word()
+                ));
+            }
+            out.push_str("</tr>\n");
+        }
+        out.push_str("</tbody></table>\n<h2>Destinations</h2><ul id=\"hosts\">\n");
+        for h in s.hosts.iter().filter(|h| h.of > 0) {
+            out.push_str(&format!(
+                "<li>{} can take {} of {} VMs{}</li>\n",
+                esc(&h.host),
+                h.can_take,
+                h.of,
+                if h.not_measured > 0 {
+                    format!(" ({} not measured)", h.not_measured)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        out.push_str("</ul>\n<h2>Blocked VMs</h2><ul id=\"blocked\">\n");
+        for b in &s.blocked {
+            let list: Vec<String> = b
+                .blocking
+                .iter()
+                .map(|(f, n)| format!("{f} ({n})"))
+                .collect();
+            out.push_str(&format!(
+                "<li>on {}: {}<br>blocked by: {}<br>the CPU that frees them after a restart: <code>{}</code></li>\n",
+                esc(&b.source_host),
+                esc(&b.vms.join(", ")),
+                esc(&list.join(", ")),
+                esc(&b.baseline_command)
+            ));
+        }
+        out.push_str("</ul>\n</body></html>\n");
+        out
+    }
+}
+
+/// HTML text and attribute escaping.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_escapes_names_and_baseline_lists_source_first() {
+        assert_eq!(esc("<a href='x'>&"), "&lt;a href=&#39;x&#39;&gt;&amp;");
+        assert_eq!(
+            baseline_command("hv-a", &["hv-b".into(), "hv-a".into()]),
+            "cpuguard baseline qemu+ssh://hv-a/system qemu+ssh://hv-b/system"
+        );
+    }
+
+    #[test]
+    fn inventory_domain_reads_config_and_stamp() {
+        let xml = "<domain type='qemu'><name>web1</name><uuid>06c0c0dc-1080-4d3f-bdac-967d624c94f9</uuid>\
+                   <vcpu>2</vcpu><os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>\
+                   <metadata><cg:stamp xmlns:cg='http://cpuguard.dev/xmlns/stamp/1' version='1' host='hv-a' time='t' digest='sha256:00'>\
+                   <cpu mode='custom'><model>Haswell-noTSX</model></cpu><table>\n00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n</table></cg:stamp></metadata>\
+                   <cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu></domain>";
+        let d = InventoryDomain::from_xml(xml, true).expect("domain");
+        assert_eq!(d.name, "web1");
+        assert_eq!(
+            d.label,
+            "Haswell-noTSX (custom), pc-i440fx-7.2/tcg, 2 vCPUs"
+        );
+        let s = d.stamp.expect("stamp");
+        assert_eq!(s.host.as_deref(), Some("hv-a"));
+        assert!(s.table.contains("756e6547"));
+        assert!(InventoryDomain::from_xml("<domain>", true).is_err());
+    }
+}
