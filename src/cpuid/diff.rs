@@ -22,6 +22,8 @@ use super::table::{CpuidEntry, CpuidTable, Register};
 
 const REGISTERS: [Register; 4] = [Register::Eax, Register::Ebx, Register::Ecx, Register::Edx];
 
+/// How many registers one folded `changed:` line names before "and N more".
+pub const MAX_FOLDED_NAMES: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
@@ -181,7 +183,14 @@ impl Diff {
             }
         }
         for (index, a, b, names) in raw_groups {
-            out[index] = Some(format!("{}: {a} -> {b}", names.join(", ")));
+            // A folded line stays readable and bounded, however many registers share the values
+            // (a hostile stamp can bring thousands).
+            let shown = names.len().min(MAX_FOLDED_NAMES);
+            let mut list = names[..shown].join(", ");
+            if names.len() > shown {
+                list.push_str(&format!(" and {} more", names.len() - shown));
+            }
+            out[index] = Some(format!("{list}: {a} -> {b}"));
         }
         out.into_iter().flatten().collect()
     }
