@@ -116,8 +116,10 @@ enum Command {
     },
     /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt).
     #[command(
-        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
-                            Exit codes: 0 all stamped, 1 some not stamped, 2 error."
+        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n          \
+                      cpuguard stamp --force web1\n\
+                      A stamp of the running QEMU process is kept unless --force.\n\
+                      Exit codes: 0 all stamped or kept, 1 some not stamped, 2 error."
     )]
     Stamp {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]

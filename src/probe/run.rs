@@ -124,7 +124,18 @@ pub fn probe(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<CpuidTable,
 
 /// Like [`probe`], with the emulator, argv and wall time of the run.
 pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRun, ProbeError> {
+    probe_run_with(config, opts, None)
+}
+
+/// Like [`probe_run`], executing `executable` (checked by the caller) in place of the resolved,
+/// checked `<emulator>`.
+pub fn probe_run_with(
+    config: &GuestCpuConfig,
+    opts: &ProbeOptions,
+    executable: Option<&Path>,
+) -> Result<ProbeRun, ProbeError> {
     let emulator = resolve_emulator(config, &opts.allowed_emulators)?;
+    let emulator = executable.map(Path::to_path_buf).unwrap_or(emulator);
     check_fallback_model(config, &emulator)?;
     let work = WorkDir::create(opts.work_dir.as_deref())?;
     let firmware = match opts.firmware {
@@ -176,6 +187,13 @@ fn check_fallback_model(config: &GuestCpuConfig, emulator: &Path) -> Result<(), 
 /// host facts and the cache key. The emulator is checked like for a probe.
 pub fn emulator_version(emulator: &str, allowed: &[PathBuf]) -> Result<String, ProbeError> {
     let emulator = check_emulator(emulator, allowed)?;
+    executable_version(&emulator)
+}
+
+/// The first line of `executable --version`, for a binary the caller has checked (a running
+/// domain's `/proc/PID/exe`).
+pub fn executable_version(emulator: &Path) -> Result<String, ProbeError> {
+    let emulator = emulator.to_path_buf();
     let work = WorkDir::create(None)?;
     let out_path = work.path.join("version.out");
     let out = File::create(&out_path).map_err(|e| ProbeError::WorkDir {

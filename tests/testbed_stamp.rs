@@ -1,0 +1,145 @@
+//! The stamp describes the running guest (issue 11) on the two-host bed: it names the QEMU
+//! process it measured, survives a package upgrade under the running guest (`cpuguard stamp`, as
+//! `%post` runs it, keeps it), is measured with the running process's own binary when forced,
+//! and a stamp that does not match the running guest is reported as such.
+//!
+//! Runs as root; see tests/support/bed.rs.
+
+#[path = "support/bed.rs"]
+mod bed;
+
+use std::path::Path;
+use std::time::Instant;
+
+use bed::{bed_sh, Bed, Host};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
+
+/// The value of attribute `name` of cpuguard's stamp element in a domain XML.
+fn stamp_attr(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(":stamp ")?;
+    let tag = &xml[start..start + xml[start..].find('>')?];
+    let key = format!(" {name}=");
+    let at = tag.find(&key)? + key.len();
+    let quote = tag[at..].chars().next()?;
+    let rest = &tag[at + 1..];
+    Some(rest[..rest.find(quote)?].to_string())
+}
+
+/// The whole stamp element of a domain XML, as `virsh dumpxml` shows it.
+fn stamp_element(xml: &str) -> Option<String> {
+    let start = xml[..xml.find(":stamp ")?].rfind('<')?;
+    let end_tag = "</cpuguard:stamp>";
+    let end = xml[start..].find(end_tag)? + start + end_tag.len();
+    Some(xml[start..end].to_string())
+}
+
+/// Waits until NAME's stamp on `host` was written by that host (`host` attribute).
+fn wait_stamp_by(bed: &Bed, host: Host, name: &str, stamper: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let xml = bed.virsh(host, &["dumpxml", name]).ok();
+        if stamp_attr(&xml, "host").as_deref() == Some(stamper) {
+            return xml;
+        }
+        assert!(
+            start.elapsed() < bed::stamp_wait(),
+            "{name} on {host:?} not stamped by {stamper}: {:?}",
+            stamp_attr(&xml, "host")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// Issue 11's upgrade case: a guest runs on B; B's emulator changes for new processes (what a
+/// QEMU package upgrade does); `cpuguard stamp NAME` keeps the stamp of the running process,
+/// `--force` re-measures it with the binary the process really runs (same digest), a stamp that
+/// does not match the running guest is named as such, and the guest migrates back to A.
+#[test]
+fn stamp_survives_an_emulator_upgrade_under_the_running_guest() {
+    let Some(mut bed) = Bed::up() else { return };
+    let name = "stamp-upgrade";
+    bed.install_hook(Path::new(BIN));
+    bed.define_guest(name, None);
+    let mark = bed.audit_mark();
+    bed.virsh(Host::A, &["start", name]).ok();
+    let on_a = bed.wait_stamped(Host::A, name, mark);
+    let digest = stamp_attr(&on_a, "digest").expect("digest");
+    for attr in ["pid", "pid-start", "boot-id", "emulator", "uuid"] {
+        assert!(stamp_attr(&on_a, attr).is_some(), "no {attr} in the stamp");
+    }
+    let run = bed.migrate(name, Host::A);
+    assert!(run.success, "migration to B: {}", run.stderr);
+    let on_b = wait_stamp_by(&bed, Host::B, name, "cpuguard-bed-b");
+    assert_eq!(
+        stamp_attr(&on_b, "digest").as_deref(),
+        Some(digest.as_str())
+    );
+    let pid = stamp_attr(&on_b, "pid").expect("pid");
+    assert_ne!(stamp_attr(&on_a, "pid").as_deref(), Some(pid.as_str()));
+
+    // The upgrade: new QEMU processes on B lack SSE3; the running guest still has it.
+    bed_sh(&["emulator-b", "set", "-pni"]).ok();
+    let kept = bed_sh(&["exec-b", BIN, "stamp", name]);
+    assert!(kept.success, "cpuguard stamp: {}", kept.stderr);
+    assert!(
+        kept.stdout.contains(&format!(
+            "kept {name} {digest}: the stamp describes the running QEMU process (pid {pid},"
+        )),
+        "{}",
+        kept.stdout
+    );
+    let xml = bed.virsh(Host::B, &["dumpxml", name]).ok();
+    assert_eq!(stamp_attr(&xml, "digest").as_deref(), Some(digest.as_str()));
+
+    // --force measures again, with the binary the running process runs: still the same CPU.
+    let forced = bed_sh(&["exec-b", BIN, "stamp", "--force", name]);
+    assert!(forced.success, "cpuguard stamp --force: {}", forced.stderr);
+    assert!(
+        forced.stdout.contains(&format!("stamped {name} {digest}"))
+            && forced
+                .stdout
+                .contains("the running guest matches the stamp it replaced"),
+        "{}",
+        forced.stdout
+    );
+
+    // A stamp of this process that does not say what the guest has is named as such by --force.
+    let element = stamp_element(&xml).expect("stamp element");
+    // `virsh metadata --set` takes the element without its namespace (libvirt adds it).
+    let ns = format!(
+        " xmlns:cpuguard=\"{}\"",
+        cpuguard::domain::metadata::STAMP_NS
+    );
+    let forged = element
+        .replace(&digest, "sha256:0000")
+        .replace(&ns, "")
+        .replace("cpuguard:stamp", "stamp");
+    let set = bed.virsh(
+        Host::B,
+        &[
+            "metadata",
+            name,
+            "--live",
+            "--uri",
+            cpuguard::domain::metadata::STAMP_NS,
+            "--key",
+            "cpuguard",
+            "--set",
+            &forged,
+        ],
+    );
+    assert!(set.success, "virsh metadata --set: {}", set.stderr);
+    let forced = bed_sh(&["exec-b", BIN, "stamp", "--force", name]);
+    assert!(
+        forced.stdout.contains(&format!(
+            "stamped {name} {digest} (cached); the running guest differs from the stamp: it said sha256:0000"
+        )),
+        "{}",
+        forced.stdout
+    );
+
+    let back = bed.migrate(name, Host::B);
+    assert!(back.success, "migration back to A refused: {}", back.stderr);
+    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
+}
