@@ -100,6 +100,10 @@ pub struct ProbeConfig {
 pub struct PolicyConfig {
     /// Incoming migration whose source left no stamp (default refuse).
     pub unstamped_source: Verdict,
+    /// Incoming migration whose stamp names no domain UUID or CPU configuration (written by a
+    /// cpuguard before stamps were bound, or with the binding stripped). Default refuse: an
+    /// unbound stamp could have been copied from any domain; "allow" while a fleet upgrades.
+    pub unbound_stamp: Verdict,
     /// Incoming migration when this host cannot measure its own fingerprint (default refuse).
     pub probe_failure: Verdict,
     /// Incoming migration where the guest would only gain features (default refuse: the guest could
@@ -141,6 +145,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             unstamped_source: Verdict::Refuse,
+            unbound_stamp: Verdict::Refuse,
             probe_failure: Verdict::Refuse,
             gained_features: Verdict::Refuse,
             allow_domain_opt_out: true,

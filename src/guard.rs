@@ -34,6 +34,11 @@ pub struct Incoming<'a> {
     pub this_host: &'a str,
     pub origin: Origin,
     pub stamp: Option<&'a Stamp>,
+    /// The incoming domain's UUID, compared with the stamp's.
+    pub uuid: Option<&'a str>,
+    /// [`crate::domain::guest::GuestCpuConfig::binding_digest`] of the incoming domain's CPU
+    /// configuration; None when it cannot be read (the measurement then fails and says why).
+    pub config_digest: Option<&'a str>,
     pub opt_out: &'a DomainPolicy,
     /// This host's fingerprint for the CPU the destination will start, or why it could not be had.
     pub local: Result<&'a Fingerprint, String>,
@@ -91,6 +96,52 @@ pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
         .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
 
+/// Whether the stamp belongs to this domain and to the CPU configuration it arrives with: a
+/// stamp copied from another domain, or measured for another `<cpu>`, says nothing about this
+/// guest. None when it does (or an unbound stamp is allowed by policy, noted in the verdict's
+/// reason by the caller's audit of `policy.unbound_stamp`).
+fn check_binding(inc: &Incoming<'_>, stamp: &Stamp, policy: &PolicyConfig) -> Option<Decision> {
+    let restamp = format!(
+        "run `cpuguard stamp --force {}` on the source host and migrate again",
+        inc.domain
+    );
+    let (Some(stamp_uuid), Some(stamp_config)) = (stamp.uuid.as_deref(), stamp.config.as_deref())
+    else {
+        if policy.unbound_stamp == Verdict::Allow {
+            return None;
+        }
+        let reason = "the source's cpuguard stamp is not bound to a domain (no uuid or config: \
+                      stamped by an older cpuguard)"
+            .to_string();
+        let message = format!(
+            "{}\n  {restamp} (with this cpuguard version), or set policy.unbound_stamp = \"allow\" in {}",
+            inc.headline(&reason),
+            inc.config_path
+        );
+        return Some(Decision::Refuse { reason, message });
+    };
+    if let Some(uuid) = inc.uuid {
+        if !stamp_uuid.eq_ignore_ascii_case(uuid) {
+            let reason = format!(
+                "the stamp belongs to another domain (stamp uuid {stamp_uuid}, this domain {uuid})"
+            );
+            let message = format!("{}\n  {restamp}", inc.headline(&reason));
+            return Some(Decision::Refuse { reason, message });
+        }
+    }
+    if let Some(config) = inc.config_digest {
+        if stamp_config != config {
+            let reason = format!(
+                "the stamp belongs to another CPU configuration (stamp {stamp_config}, this \
+                 domain's {config})"
+            );
+            let message = format!("{}\n  {restamp}", inc.headline(&reason));
+            return Some(Decision::Refuse { reason, message });
+        }
+    }
+    None
+}
+
 pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
     let refuse = |reason: String, message: String| Decision::Refuse { reason, message };
 
@@ -123,6 +174,10 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             }
         };
     };
+
+    if let Some(decision) = check_binding(inc, stamp, policy) {
+        return decision;
+    }
 
     let source_table = match stamped_table(stamp) {
         Ok(t) => t,
@@ -228,14 +283,79 @@ mod tests {
     }
 
     fn stamp(dump: &str) -> Stamp {
-        let el = crate::domain::metadata::stamp_element(
+        let el = crate::domain::metadata::stamp_element_bound(
             "a",
             "t",
             &fingerprint(dump).digest,
             "<cpu mode='custom'><model>Haswell-noTSX</model></cpu>",
             &write_dump(&table(dump)),
+            &binding(),
         );
         Stamp::read(&el)
+    }
+
+    const UUID: &str = "6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a";
+    const CONFIG: &str = "sha256:c0";
+
+    fn binding() -> crate::domain::metadata::StampBinding {
+        crate::domain::metadata::StampBinding {
+            uuid: Some(UUID.to_string()),
+            config: Some(CONFIG.to_string()),
+            process: None,
+        }
+    }
+
+    #[test]
+    fn stamp_of_another_domain_or_configuration_or_unbound_is_refused() {
+        let local = fingerprint(SRC);
+        let mut s = stamp(SRC);
+        s.uuid = Some("6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b".into());
+        let Decision::Refuse { message, .. } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
+            panic!("another domain's stamp must be refused");
+        };
+        assert!(
+            message.starts_with(
+                "cpuguard: refusing incoming migration of web1: the stamp belongs to another \
+                 domain (stamp uuid 6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b, this domain 6a1f3c2e"
+            ),
+            "{message}"
+        );
+        // The UUID as libvirt may spell it (upper case) is the same domain.
+        s.uuid = Some(UUID.to_uppercase());
+        assert!(matches!(
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default()),
+            Decision::Allow { .. }
+        ));
+
+        let mut s = stamp(SRC);
+        s.config = Some("sha256:other".into());
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(
+            matches!(&d, Decision::Refuse { reason, .. } if reason.starts_with("the stamp belongs to another CPU configuration")),
+            "{d:?}"
+        );
+
+        // A stamp from before binding: refused, telling how to re-stamp, unless the policy allows.
+        let mut s = stamp(SRC);
+        s.uuid = None;
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(
+            matches!(&d, Decision::Refuse { message, .. }
+                if message.contains("not bound to a domain")
+                && message.contains("run `cpuguard stamp --force web1` on the source host")
+                && message.contains("policy.unbound_stamp = \"allow\"")),
+            "{d:?}"
+        );
+        let policy = PolicyConfig {
+            unbound_stamp: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            judge_with(Some(&s), Ok(&local), &policy),
+            Decision::Allow { .. }
+        ));
     }
 
     fn judge_with(
@@ -248,6 +368,8 @@ mod tests {
             this_host: "hv-new",
             origin: Origin::Migrate,
             stamp,
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
             opt_out: &DomainPolicy::default(),
             local,
             config_path: "/etc/cpuguard/cpuguard.toml",
@@ -416,6 +538,8 @@ mod tests {
             this_host: "hv-new",
             origin: Origin::Restore,
             stamp: None,
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
             opt_out: &opt_out,
             local: Ok(&local),
             config_path: "/etc/cpuguard/cpuguard.toml",
@@ -465,12 +589,13 @@ mod tests {
 
     fn arm_stamp(table: &crate::arm::ArmIdTable) -> Stamp {
         let view = GuestView::from(table.clone());
-        let el = crate::domain::metadata::stamp_element(
+        let el = crate::domain::metadata::stamp_element_bound(
             "a",
             "t",
             &view.digest(),
             "<cpu mode='host-passthrough'/>",
             &view.to_text(),
+            &binding(),
         );
         Stamp::read(&el)
     }

@@ -206,9 +206,15 @@ fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamp
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
+    let guest = crate::domain::guest::GuestCpuConfig::from_domain_xml(&xml).map_err(|e| {
+        StampError::Xml {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
     let binding = StampBinding {
         uuid: doc.uuid.clone(),
-        config: None,
+        config: Some(guest.binding_digest()),
         process: Some(process.clone()),
     };
     let element = stamp_element_bound(

@@ -9,7 +9,7 @@ use cpuguard::fingerprint::Fingerprint;
 #[path = "support/operator.rs"]
 mod operator;
 use operator::{
-    cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
+    bind_stamps, cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
 };
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -17,12 +17,12 @@ const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>";
 
 fn domain(emulator: &str, metadata: &str) -> String {
-    format!(
+    bind_stamps(format!(
         "<domain type='qemu'><name>web1</name><uuid>06c0c0dc-1080-4d3f-bdac-967d624c94f9</uuid>\
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
+    ))
 }
 
 /// The source's stamp as libvirt shows it in the domain XML (namespaced by the API).

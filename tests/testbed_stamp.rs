@@ -143,3 +143,66 @@ fn stamp_survives_an_emulator_upgrade_under_the_running_guest() {
     assert!(back.success, "migration back to A refused: {}", back.stderr);
     assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
 }
+
+/// Issue 11, "bind it": a stamp copied from another running domain (anyone with `virsh metadata
+/// --live` can) is refused at the destination with its own message, the guest staying on A; the
+/// source's own re-stamp repairs it.
+#[test]
+fn stamp_copied_from_another_domain_is_refused() {
+    let Some(mut bed) = Bed::up() else { return };
+    let (donor, name) = ("stamp-donor", "stamp-copied");
+    bed.install_hook(Path::new(BIN));
+    bed.define_guest(donor, None);
+    bed.define_guest(name, None);
+    for guest in [donor, name] {
+        let mark = bed.audit_mark();
+        bed.virsh(Host::A, &["start", guest]).ok();
+        bed.wait_stamped(Host::A, guest, mark);
+    }
+    let donor_xml = bed.virsh(Host::A, &["dumpxml", donor]).ok();
+    let ns = format!(
+        " xmlns:cpuguard=\"{}\"",
+        cpuguard::domain::metadata::STAMP_NS
+    );
+    let copied = stamp_element(&donor_xml)
+        .expect("donor stamp")
+        .replace(&ns, "")
+        .replace("cpuguard:stamp", "stamp");
+    let set = bed.virsh(
+        Host::A,
+        &[
+            "metadata",
+            name,
+            "--live",
+            "--uri",
+            cpuguard::domain::metadata::STAMP_NS,
+            "--key",
+            "cpuguard",
+            "--set",
+            &copied,
+        ],
+    );
+    assert!(set.success, "virsh metadata --set: {}", set.stderr);
+    let run = bed.migrate(name, Host::A);
+    assert!(!run.success, "a copied stamp was accepted");
+    assert!(
+        run.stderr.contains(&format!(
+            "cpuguard: refusing incoming migration of {name}: the stamp belongs to another domain"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
+
+    // The copied stamp names another process: `cpuguard stamp` replaces it, and it migrates.
+    let restamp = bed_sh(&["exec-a", BIN, "stamp", name]);
+    assert!(
+        restamp
+            .stdout
+            .contains("replaced a stamp of another QEMU process"),
+        "{}",
+        restamp.stdout
+    );
+    let run = bed.migrate(name, Host::A);
+    assert!(run.success, "re-stamped guest refused: {}", run.stderr);
+}

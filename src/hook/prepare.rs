@@ -248,6 +248,10 @@ pub fn assess(
     } else {
         Some(measure::for_domain_xml(doc.text, config).map_err(|e| e.to_string()))
     };
+    // What the stamp must be bound to: this domain, and the CPU configuration it arrives with.
+    let config_digest = crate::domain::guest::GuestCpuConfig::from_domain_xml(doc.text)
+        .ok()
+        .map(|g| g.binding_digest());
     let this_host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -258,6 +262,8 @@ pub fn assess(
         this_host: &this_host,
         origin,
         stamp: stamp.as_ref(),
+        uuid: doc.uuid.as_deref(),
+        config_digest: config_digest.as_deref(),
         opt_out: &opt_out,
         local: match &measured {
             Some(Ok(m)) => Ok(&m.fingerprint),
