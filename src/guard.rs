@@ -214,10 +214,18 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
         } else {
             ""
         };
+        // An unbound stamp got here only through policy.unbound_stamp: say so (audited as a
+        // warning), since such a stamp may have been copied from another domain.
+        let unbound = stamp.uuid.is_none() || stamp.config.is_none();
+        let unbound_note = if unbound {
+            "; the stamp is bound to no domain, allowed by policy.unbound_stamp"
+        } else {
+            ""
+        };
         return Decision::Allow {
-            reason: format!("guest CPU identical to the source's{note}"),
+            reason: format!("guest CPU identical to the source's{note}{unbound_note}"),
             informational,
-            by_policy: false,
+            by_policy: unbound,
         };
     }
     let only_gained = d.only_gained();
@@ -244,13 +252,26 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             lines.len() - MAX_DIFF_LINES
         ));
     }
+    // Why this host's guest lacks what the configuration asks for: QEMU dropped it.
+    for line in &local.filtered {
+        message.push_str(&format!("\n  on {} QEMU dropped {line}", inc.this_host));
+    }
     if only_gained {
         message.push_str(
             "\n  (only gained features: a guest that starts using them could not move back; \
              policy.gained_features = \"allow\" lets this through)",
         );
     }
-    refuse(format!("{what}: {}", d.summary()), message)
+    let mut reason = format!("{what}: {}", d.summary());
+    if !local.filtered.is_empty() {
+        let names: Vec<&str> = local
+            .filtered
+            .iter()
+            .filter_map(|l| l.split(':').next())
+            .collect();
+        reason.push_str(&format!("; QEMU dropped {}", names.join(",")));
+    }
+    refuse(reason, message)
 }
 
 #[cfg(test)]
@@ -354,7 +375,7 @@ mod tests {
         };
         assert!(matches!(
             judge_with(Some(&s), Ok(&local), &policy),
-            Decision::Allow { .. }
+            Decision::Allow { by_policy: true, reason, .. } if reason.contains("allowed by policy.unbound_stamp")
         ));
     }
 
@@ -421,6 +442,27 @@ mod tests {
             "{message}"
         );
         assert!(reason.contains("lost vmx,tsc_adjust"), "{reason}");
+    }
+
+    #[test]
+    fn refusal_names_what_qemu_dropped_here() {
+        let s = stamp(SRC);
+        let mut local = fingerprint(&SRC.replace("fffa3223", "fffa3203"));
+        local.filtered = crate::probe::run::filtered_features(
+            "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\n",
+        );
+        let Decision::Refuse { reason, message } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
+            panic!("must refuse");
+        };
+        assert!(
+            message.contains(
+                "\n  on hv-new QEMU dropped vmx: the host lacks it (CPUID.01H:ECX [bit 5])"
+            ),
+            "{message}"
+        );
+        assert!(reason.ends_with("; QEMU dropped vmx"), "{reason}");
     }
 
     #[test]

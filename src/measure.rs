@@ -238,13 +238,15 @@ fn measure_now(
     accel: Accel,
     executable: Option<&Path>,
 ) -> Result<Fingerprint, ProbeError> {
-    let raw = probe_view_running(guest, opts, executable)?;
+    let (raw, filtered) = probe_view_running(guest, opts, executable)?;
     let config = serde_json::to_value(guest).unwrap_or(serde_json::Value::Null);
-    Ok(Fingerprint::new(
+    let mut fingerprint = Fingerprint::new(
         HostFacts::of_this_host(version, accel_name(accel)),
         config,
         raw,
-    ))
+    );
+    fingerprint.filtered = filtered;
+    Ok(fingerprint)
 }
 
 #[cfg(test)]
