@@ -323,6 +323,7 @@ mod tests {
             uuid: Some(UUID.to_string()),
             config: Some(CONFIG.to_string()),
             process: None,
+            signature: None,
         }
     }
 

@@ -27,4 +27,5 @@ pub mod plan;
 pub mod probe;
 pub mod process;
 pub mod report;
+pub mod signature;
 pub mod stamp;

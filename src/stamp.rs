@@ -33,6 +33,8 @@ pub enum StampError {
     Measure { name: String, reason: String },
     #[error("domain {name}: cannot identify its QEMU process: {reason}")]
     Process { name: String, reason: String },
+    #[error("domain {name}: not stamped: the fleet key cannot be used: {reason}")]
+    Key { name: String, reason: String },
 }
 
 /// What was stamped, or kept.
@@ -168,7 +170,22 @@ fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamp
         reason: e.to_string(),
     })?;
     let previous = doc.stamp.map(|s| Stamp::read(doc.slice(s)));
-    if let Some(prev) = previous.as_ref().filter(|p| p.describes(&process)) {
+    // A key that is there but unusable is an error rather than a silently unsigned stamp.
+    let key =
+        crate::signature::load_key(&config.stamp.key_file).map_err(|reason| StampError::Key {
+            name: name.to_string(),
+            reason,
+        })?;
+    // With a key, only a stamp signed with it is kept (an edited one names the right process
+    // but not what was measured).
+    let trusted = |p: &Stamp| {
+        key.as_ref()
+            .is_none_or(|k| crate::signature::verify(k, p) == crate::signature::Verification::Valid)
+    };
+    if let Some(prev) = previous
+        .as_ref()
+        .filter(|p| p.describes(&process) && trusted(p))
+    {
         if !force {
             if let Some(digest) = &prev.digest {
                 return Ok(Stamped {
@@ -212,19 +229,22 @@ fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamp
             reason: e.to_string(),
         }
     })?;
-    let binding = StampBinding {
+    let mut binding = StampBinding {
         uuid: doc.uuid.clone(),
         config: Some(guest.binding_digest()),
         process: Some(process.clone()),
+        signature: None,
     };
-    let element = stamp_element_bound(
-        &host,
-        &rfc3339_now(),
-        &m.fingerprint.digest,
-        cpu,
-        &m.fingerprint.raw().to_text(),
-        &binding,
-    );
+    let (time, table) = (rfc3339_now(), m.fingerprint.raw().to_text());
+    let render = |binding: &StampBinding| {
+        stamp_element_bound(&host, &time, &m.fingerprint.digest, cpu, &table, binding)
+    };
+    let mut element = render(&binding);
+    // With a fleet key, sign what the destination will read back.
+    if let Some(key) = &key {
+        binding.signature = Some(crate::signature::sign(key, &Stamp::read(&element)));
+        element = render(&binding);
+    }
     dom.set_metadata(
         sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
         Some(&element),

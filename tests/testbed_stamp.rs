@@ -206,3 +206,92 @@ fn stamp_copied_from_another_domain_is_refused() {
     let run = bed.migrate(name, Host::A);
     assert!(run.success, "re-stamped guest refused: {}", run.stderr);
 }
+
+/// Issue 11, "sign it": with the fleet key on both hosts and `stamp.require_signature` on B, a
+/// signed stamp migrates; one edited after signing (here: its host, as a forger would) is refused
+/// with its own message and audited (`action=signature`, a warning); `--force` repairs it.
+#[test]
+fn forged_stamp_is_refused_when_signatures_are_required() {
+    let Some(mut bed) = Bed::up() else { return };
+    let name = "stamp-signed";
+    bed.install_hook(Path::new(BIN));
+    let generate = bed_sh(&["exec-a", BIN, "key", "generate"]);
+    assert!(
+        generate.success,
+        "cpuguard key generate: {}",
+        generate.stderr
+    );
+    let etc = |h: &str| bed.state_dir().join(h).join("cpuguard-etc");
+    let key = std::fs::read(etc("a").join("fleet.key")).expect("key on A");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let on_b = etc("b").join("fleet.key");
+        std::fs::write(&on_b, &key).expect("key on B");
+        std::fs::set_permissions(&on_b, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    std::fs::write(
+        etc("b").join("cpuguard.toml"),
+        "[stamp]\nrequire_signature = true\n",
+    )
+    .expect("config on B");
+
+    bed.define_guest(name, None);
+    let mark = bed.audit_mark();
+    bed.virsh(Host::A, &["start", name]).ok();
+    let xml = bed.wait_stamped(Host::A, name, mark);
+    assert!(
+        stamp_attr(&xml, "signature").is_some_and(|s| s.starts_with("hmac-sha256:")),
+        "unsigned stamp"
+    );
+
+    let ns = format!(
+        " xmlns:cpuguard=\"{}\"",
+        cpuguard::domain::metadata::STAMP_NS
+    );
+    let forged = stamp_element(&xml)
+        .expect("stamp")
+        .replace("host=\"cpuguard-bed-a\"", "host=\"hv-forged\"")
+        .replace(&ns, "")
+        .replace("cpuguard:stamp", "stamp");
+    let set = bed.virsh(
+        Host::A,
+        &[
+            "metadata",
+            name,
+            "--live",
+            "--uri",
+            cpuguard::domain::metadata::STAMP_NS,
+            "--key",
+            "cpuguard",
+            "--set",
+            &forged,
+        ],
+    );
+    assert!(set.success, "virsh metadata --set: {}", set.stderr);
+    let mark = bed.audit_mark();
+    let run = bed.migrate(name, Host::A);
+    assert!(!run.success, "a forged stamp was accepted");
+    assert!(
+        run.stderr.contains(&format!(
+            "cpuguard: refusing incoming migration of {name}: the stamp's signature does not match this fleet's key"
+        )),
+        "{}",
+        run.stderr
+    );
+    let domain = format!("domain={name}");
+    assert!(
+        bed.wait_audit(
+            mark,
+            &["phase=prepare", "action=signature", &domain],
+            bed::AUDIT_WAIT
+        )
+        .is_some(),
+        "no action=signature audit line"
+    );
+    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
+
+    let restamp = bed_sh(&["exec-a", BIN, "stamp", "--force", name]);
+    assert!(restamp.success, "{}", restamp.stderr);
+    let run = bed.migrate(name, Host::A);
+    assert!(run.success, "re-signed stamp refused: {}", run.stderr);
+}

@@ -9,7 +9,7 @@
 //!   <cpuguard:stamp xmlns:cpuguard="http://cpuguard.dev/xmlns/stamp/1"
 //!                   version="1" host="hv-old-01" time="2026-11-22T05:00:00Z" digest="sha256:…"
 //!                   uuid="…" config="sha256:…" pid="4242" pid-start="987654" boot-id="…"
-//!                   emulator="DEV:INODE:SIZE:MTIME">
+//!                   emulator="DEV:INODE:SIZE:MTIME" signature="hmac-sha256:…">
 //!     <cpu mode='custom' match='exact' check='full'>…the source's live, expanded CPU…</cpu>
 //!     <table>…the source guest's raw CPUID table, kvm-unit-tests dump lines…</table>
 //!   </cpuguard:stamp>
@@ -72,6 +72,8 @@ pub struct Stamp {
     pub pid_start: Option<String>,
     pub boot_id: Option<String>,
     pub emulator: Option<String>,
+    /// `hmac-sha256:…` over [`crate::signature::canonical_content`] with the fleet key.
+    pub signature: Option<String>,
 }
 
 /// What a new stamp element says beyond the fingerprint (all optional: a stamp without them is
@@ -81,6 +83,8 @@ pub struct StampBinding {
     pub uuid: Option<String>,
     pub config: Option<String>,
     pub process: Option<crate::process::QemuProcess>,
+    /// `hmac-sha256:…` (see `src/signature.rs`), when the host has a fleet key.
+    pub signature: Option<String>,
 }
 
 /// Builds the stamp element handed to `virDomainSetMetadata` (libvirt adds the namespace).
@@ -125,6 +129,7 @@ pub fn stamp_element_bound(
         add("boot-id", Some(p.boot_id.clone()));
         add("emulator", Some(p.exe.clone()));
     }
+    add("signature", binding.signature.clone());
     format!(
         "<stamp version='{STAMP_VERSION}' host='{}' time='{}' digest='{}'{extra}>\n{}\n<table>\n{}</table>\n</stamp>",
         escape_attr(host),
@@ -180,6 +185,7 @@ impl Stamp {
                         stamp.pid_start = attribute(e, "pid-start");
                         stamp.boot_id = attribute(e, "boot-id");
                         stamp.emulator = attribute(e, "emulator");
+                        stamp.signature = attribute(e, "signature");
                     } else if depth == 1 && e.local_name().as_ref() == b"table" {
                         in_table = !empty;
                         if empty {
@@ -311,6 +317,7 @@ mod tests {
             uuid: Some("6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a".into()),
             config: Some("sha256:cc".into()),
             process: Some(process.clone()),
+            signature: None,
         };
         let el = stamp_element_bound("a", "t", "sha256:ab", "<cpu/>", "", &binding);
         let stamp = Stamp::read(&el);
