@@ -318,8 +318,8 @@ pub fn stamp_after_start(name: &str, config: &Config) -> Result<Stamped, StampEr
             connect(&config.stamp.uri).and_then(|conn| stamp_domain(&conn, name, config, true));
         match result {
             Ok(s) => return Ok(s),
-            // A measurement failure will not heal by waiting.
-            Err(e @ StampError::Measure { .. }) => return Err(e),
+            // A measurement failure or an unusable key will not heal by waiting.
+            Err(e @ (StampError::Measure { .. } | StampError::Key { .. })) => return Err(e),
             Err(e) => last = Some(e),
         }
     }
