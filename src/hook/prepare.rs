@@ -296,10 +296,7 @@ pub fn assess(
     let opted_out = opt_out.guard_off && config.policy.allow_domain_opt_out;
     if let (Some(s), false) = (stamp.as_ref(), opted_out) {
         if let Err(reason) = check_signature(s, config) {
-            let verb = match origin {
-                Origin::Migrate => "incoming migration",
-                Origin::Restore => "restore",
-            };
+            let (verb, domain) = (origin.describe(), crate::audit::escape(domain));
             let message = format!(
                 "cpuguard: refusing {verb} of {domain}: {reason}\n  run `cpuguard stamp --force \
                  {domain}` on the source host (with the fleet key in place) and migrate again"
