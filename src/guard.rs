@@ -129,7 +129,12 @@ fn check_binding(inc: &Incoming<'_>, stamp: &Stamp, policy: &PolicyConfig) -> Op
             return Some(Decision::Refuse { reason, message });
         }
     }
-    if let Some(config) = inc.config_digest {
+    // A guest inferred to be incoming (no record, a stamp in its XML) may be a definition that
+    // carries a stamp started cold (`virsh dumpxml` of a running guest, then `virsh define`): its
+    // XML is not expanded like live XML (`machine='pc'`, not `pc-i440fx-7.2`), so its digest
+    // differs although the CPU is the same. The UUID and the table comparison still guard it.
+    let compare_config = inc.origin != Origin::Inferred;
+    if let (Some(config), true) = (inc.config_digest, compare_config) {
         if stamp_config != config {
             let reason = format!(
                 "the stamp belongs to another CPU configuration (stamp {stamp_config}, this \
@@ -358,6 +363,22 @@ mod tests {
             matches!(&d, Decision::Refuse { reason, .. } if reason.starts_with("the stamp belongs to another CPU configuration")),
             "{d:?}"
         );
+        // Inferred incoming (a cold start of a definition carrying a stamp): not compared.
+        let inc = Incoming {
+            domain: "web1",
+            this_host: "hv-new",
+            origin: Origin::Inferred,
+            stamp: Some(&s),
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
+            opt_out: &DomainPolicy::default(),
+            local: Ok(&local),
+            config_path: "/etc/cpuguard/cpuguard.toml",
+        };
+        assert!(matches!(
+            judge(&inc, &PolicyConfig::default(), &features()),
+            Decision::Allow { .. }
+        ));
 
         // A stamp from before binding: refused, telling how to re-stamp, unless the policy allows.
         let mut s = stamp(SRC);

@@ -296,41 +296,28 @@ fn forged_stamp_is_refused_when_signatures_are_required() {
     assert!(run.success, "re-signed stamp refused: {}", run.stderr);
 }
 
-/// Issue 11: a `started` phase that cannot stamp removes any earlier stamp, so a stamp that came
-/// with the definition (here one pasted into the persistent metadata, which libvirt copies into
-/// every start) never travels. The failure used is a real one: a fleet key readable by others,
-/// which cpuguard refuses to sign with.
+/// Issue 11: a `started` phase that cannot stamp removes any earlier stamp. Here the guest
+/// arrives on B with A's stamp (which describes A's QEMU process) and B cannot stamp (its fleet
+/// key is readable by others, which cpuguard refuses to sign with): A's stamp must not stay and
+/// travel on, so B removes it and the guest is refused as unstamped on its way back.
 #[test]
 fn started_phase_that_cannot_stamp_removes_an_earlier_stamp() {
     let Some(mut bed) = Bed::up() else { return };
     let name = "stamp-removed";
     bed.install_hook(Path::new(BIN));
     bed.define_guest(name, None);
-    let pasted = "<stamp version='1' host='elsewhere' time='2026-01-01T00:00:00Z' \
-                  digest='sha256:00'><table>\n</table></stamp>";
-    let set = bed.virsh(
-        Host::A,
-        &[
-            "metadata",
-            name,
-            "--config",
-            "--uri",
-            cpuguard::domain::metadata::STAMP_NS,
-            "--key",
-            "cpuguard",
-            "--set",
-            pasted,
-        ],
-    );
-    assert!(set.success, "virsh metadata --config: {}", set.stderr);
+    let mark = bed.audit_mark();
+    bed.virsh(Host::A, &["start", name]).ok();
+    bed.wait_stamped(Host::A, name, mark);
     {
         use std::os::unix::fs::PermissionsExt;
-        let key = bed.state_dir().join("a/cpuguard-etc/fleet.key");
+        let key = bed.state_dir().join("b/cpuguard-etc/fleet.key");
         std::fs::write(&key, format!("{}\n", "ab".repeat(32))).expect("key");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
     let mark = bed.audit_mark();
-    bed.virsh(Host::A, &["start", name]).ok();
+    let run = bed.migrate(name, Host::A);
+    assert!(run.success, "migration to B: {}", run.stderr);
     let domain = format!("domain={name}");
     let line = bed.wait_audit(
         mark,
@@ -347,16 +334,17 @@ fn started_phase_that_cannot_stamp_removes_an_earlier_stamp() {
         "no failed stamp with the earlier stamp removed: {line:?}\n{}",
         bed.audit_lines_since(mark).join("\n")
     );
-    let xml = bed.virsh(Host::A, &["dumpxml", name]).ok();
+    let xml = bed.virsh(Host::B, &["dumpxml", name]).ok();
     assert!(
         !xml.contains(cpuguard::domain::metadata::STAMP_NS),
-        "the pasted stamp survived the failed stamp"
+        "A's stamp survived B's failed stamp"
     );
-    let run = bed.migrate(name, Host::A);
+    let back = bed.migrate(name, Host::B);
     assert!(
-        run.stderr
-            .contains("cpuguard: refusing incoming migration of stamp-removed: the source left no cpuguard stamp"),
+        back.stderr.contains(
+            "cpuguard: refusing incoming migration of stamp-removed: the source left no cpuguard stamp"
+        ),
         "{}",
-        run.stderr
+        back.stderr
     );
 }
