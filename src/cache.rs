@@ -601,7 +601,24 @@ impl Cache {
     where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let mut identity = EmulatorIdentity::of(path, "")?;
+        self.running_emulator_identity(path, path, version)
+    }
+
+    /// Like [`Cache::emulator_identity`] for the binary at `stat_path` (a running domain's
+    /// `/proc/PID/exe`) recorded under the path `path` (its `<emulator>`): while the file at
+    /// `path` is that binary the key is the one a new process would get, and once a package
+    /// replaced it the key differs by the file's identity, as it must.
+    pub fn running_emulator_identity<E>(
+        &self,
+        path: &Path,
+        stat_path: &Path,
+        version: impl FnOnce() -> Result<String, E>,
+    ) -> Result<EmulatorIdentity, CacheError>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut identity = EmulatorIdentity::of(stat_path, "")?;
+        identity.path = path.display().to_string();
         let stat_json = serde_json::to_string(&identity).map_err(CacheError::Serialize)?;
         let mut hasher = Sha256::new();
         hasher.update(format!("cpuguard emulator v{CACHE_FORMAT}\n").as_bytes());

@@ -72,6 +72,10 @@ pub struct StampConfig {
     /// Path of the libvirt-linked helper; empty: next to the `cpuguard` binary, then
     /// /usr/libexec/cpuguard/cpuguard-libvirt.
     pub helper: PathBuf,
+    /// The fleet's stamp-signing key (`cpuguard key generate`); stamps are signed when it exists.
+    pub key_file: PathBuf,
+    /// Refuse incoming guests whose stamp is not signed with the fleet key.
+    pub require_signature: bool,
 }
 
 impl Default for StampConfig {
@@ -82,6 +86,8 @@ impl Default for StampConfig {
             retries: 40,
             retry_interval_ms: 250,
             helper: PathBuf::new(),
+            key_file: PathBuf::from(crate::signature::DEFAULT_KEY_FILE),
+            require_signature: false,
         }
     }
 }
@@ -100,6 +106,10 @@ pub struct ProbeConfig {
 pub struct PolicyConfig {
     /// Incoming migration whose source left no stamp (default refuse).
     pub unstamped_source: Verdict,
+    /// Incoming migration whose stamp names no domain UUID or CPU configuration (written by a
+    /// cpuguard before stamps were bound, or with the binding stripped). Default refuse: an
+    /// unbound stamp could have been copied from any domain; "allow" while a fleet upgrades.
+    pub unbound_stamp: Verdict,
     /// Incoming migration when this host cannot measure its own fingerprint (default refuse).
     pub probe_failure: Verdict,
     /// Incoming migration where the guest would only gain features (default refuse: the guest could
@@ -141,6 +151,7 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         PolicyConfig {
             unstamped_source: Verdict::Refuse,
+            unbound_stamp: Verdict::Refuse,
             probe_failure: Verdict::Refuse,
             gained_features: Verdict::Refuse,
             allow_domain_opt_out: true,
@@ -218,6 +229,9 @@ impl Config {
         }
         if self.probe.timeout_secs == 0 {
             return Err(invalid("probe.timeout_secs", "must be at least 1"));
+        }
+        if !self.stamp.key_file.is_absolute() {
+            return Err(invalid("stamp.key_file", "must be an absolute path"));
         }
         if !self.stamp.helper.as_os_str().is_empty() && !self.stamp.helper.is_absolute() {
             return Err(invalid("stamp.helper", "must be an absolute path"));

@@ -87,6 +87,11 @@ pub struct Fingerprint {
     pub tables: Tables,
     /// `sha256:<hex>` of [`Tables::canonical_text`].
     pub digest: String,
+    /// Features QEMU dropped from the requested CPU on this host, from its warnings
+    /// (`avx2: the host lacks it (CPUID.07H:EBX [bit 5])`): the table already lacks them, this
+    /// says why. Not part of the digest; absent in older files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filtered: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +137,7 @@ impl Fingerprint {
             config,
             tables,
             digest,
+            filtered: Vec::new(),
         }
     }
 

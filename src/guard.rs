@@ -34,6 +34,11 @@ pub struct Incoming<'a> {
     pub this_host: &'a str,
     pub origin: Origin,
     pub stamp: Option<&'a Stamp>,
+    /// The incoming domain's UUID, compared with the stamp's.
+    pub uuid: Option<&'a str>,
+    /// [`crate::domain::guest::GuestCpuConfig::binding_digest`] of the incoming domain's CPU
+    /// configuration; None when it cannot be read (the measurement then fails and says why).
+    pub config_digest: Option<&'a str>,
     pub opt_out: &'a DomainPolicy,
     /// This host's fingerprint for the CPU the destination will start, or why it could not be had.
     pub local: Result<&'a Fingerprint, String>,
@@ -91,6 +96,57 @@ pub fn stamped_table(stamp: &Stamp) -> Result<GuestView, String> {
         .map_err(|e| format!("the source's cpuguard stamp has an unreadable table: {e}"))
 }
 
+/// Whether the stamp belongs to this domain and to the CPU configuration it arrives with: a
+/// stamp copied from another domain, or measured for another `<cpu>`, says nothing about this
+/// guest. None when it does (or an unbound stamp is allowed by policy, noted in the verdict's
+/// reason by the caller's audit of `policy.unbound_stamp`).
+fn check_binding(inc: &Incoming<'_>, stamp: &Stamp, policy: &PolicyConfig) -> Option<Decision> {
+    let restamp = format!(
+        "run `cpuguard stamp --force {}` on the source host and migrate again",
+        inc.domain
+    );
+    let (Some(stamp_uuid), Some(stamp_config)) = (stamp.uuid.as_deref(), stamp.config.as_deref())
+    else {
+        if policy.unbound_stamp == Verdict::Allow {
+            return None;
+        }
+        let reason = "the source's cpuguard stamp is not bound to a domain (no uuid or config: \
+                      stamped by an older cpuguard)"
+            .to_string();
+        let message = format!(
+            "{}\n  {restamp} (with this cpuguard version), or set policy.unbound_stamp = \"allow\" in {}",
+            inc.headline(&reason),
+            inc.config_path
+        );
+        return Some(Decision::Refuse { reason, message });
+    };
+    if let Some(uuid) = inc.uuid {
+        if !stamp_uuid.eq_ignore_ascii_case(uuid) {
+            let reason = format!(
+                "the stamp belongs to another domain (stamp uuid {stamp_uuid}, this domain {uuid})"
+            );
+            let message = format!("{}\n  {restamp}", inc.headline(&reason));
+            return Some(Decision::Refuse { reason, message });
+        }
+    }
+    // A guest inferred to be incoming (no record, a stamp in its XML) may be a definition that
+    // carries a stamp started cold (`virsh dumpxml` of a running guest, then `virsh define`): its
+    // XML is not expanded like live XML (`machine='pc'`, not `pc-i440fx-7.2`), so its digest
+    // differs although the CPU is the same. The UUID and the table comparison still guard it.
+    let compare_config = inc.origin != Origin::Inferred;
+    if let (Some(config), true) = (inc.config_digest, compare_config) {
+        if stamp_config != config {
+            let reason = format!(
+                "the stamp belongs to another CPU configuration (stamp {stamp_config}, this \
+                 domain's {config})"
+            );
+            let message = format!("{}\n  {restamp}", inc.headline(&reason));
+            return Some(Decision::Refuse { reason, message });
+        }
+    }
+    None
+}
+
 pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
     let refuse = |reason: String, message: String| Decision::Refuse { reason, message };
 
@@ -123,6 +179,10 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             }
         };
     };
+
+    if let Some(decision) = check_binding(inc, stamp, policy) {
+        return decision;
+    }
 
     let source_table = match stamped_table(stamp) {
         Ok(t) => t,
@@ -159,10 +219,18 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
         } else {
             ""
         };
+        // An unbound stamp got here only through policy.unbound_stamp: say so (audited as a
+        // warning), since such a stamp may have been copied from another domain.
+        let unbound = stamp.uuid.is_none() || stamp.config.is_none();
+        let unbound_note = if unbound {
+            "; the stamp is bound to no domain, allowed by policy.unbound_stamp"
+        } else {
+            ""
+        };
         return Decision::Allow {
-            reason: format!("guest CPU identical to the source's{note}"),
+            reason: format!("guest CPU identical to the source's{note}{unbound_note}"),
             informational,
-            by_policy: false,
+            by_policy: unbound,
         };
     }
     let only_gained = d.only_gained();
@@ -189,13 +257,26 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
             lines.len() - MAX_DIFF_LINES
         ));
     }
+    // Why this host's guest lacks what the configuration asks for: QEMU dropped it.
+    for line in &local.filtered {
+        message.push_str(&format!("\n  on {} QEMU dropped {line}", inc.this_host));
+    }
     if only_gained {
         message.push_str(
             "\n  (only gained features: a guest that starts using them could not move back; \
              policy.gained_features = \"allow\" lets this through)",
         );
     }
-    refuse(format!("{what}: {}", d.summary()), message)
+    let mut reason = format!("{what}: {}", d.summary());
+    if !local.filtered.is_empty() {
+        let names: Vec<&str> = local
+            .filtered
+            .iter()
+            .filter_map(|l| l.split(':').next())
+            .collect();
+        reason.push_str(&format!("; QEMU dropped {}", names.join(",")));
+    }
+    refuse(reason, message)
 }
 
 #[cfg(test)]
@@ -228,14 +309,96 @@ mod tests {
     }
 
     fn stamp(dump: &str) -> Stamp {
-        let el = crate::domain::metadata::stamp_element(
+        let el = crate::domain::metadata::stamp_element_bound(
             "a",
             "t",
             &fingerprint(dump).digest,
             "<cpu mode='custom'><model>Haswell-noTSX</model></cpu>",
             &write_dump(&table(dump)),
+            &binding(),
         );
         Stamp::read(&el)
+    }
+
+    const UUID: &str = "6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a";
+    const CONFIG: &str = "sha256:c0";
+
+    fn binding() -> crate::domain::metadata::StampBinding {
+        crate::domain::metadata::StampBinding {
+            uuid: Some(UUID.to_string()),
+            config: Some(CONFIG.to_string()),
+            process: None,
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn stamp_of_another_domain_or_configuration_or_unbound_is_refused() {
+        let local = fingerprint(SRC);
+        let mut s = stamp(SRC);
+        s.uuid = Some("6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b".into());
+        let Decision::Refuse { message, .. } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
+            panic!("another domain's stamp must be refused");
+        };
+        assert!(
+            message.starts_with(
+                "cpuguard: refusing incoming migration of web1: the stamp belongs to another \
+                 domain (stamp uuid 6b2e4d3f-1c8e-4f69-8d22-b0b0b0b0b00b, this domain 6a1f3c2e"
+            ),
+            "{message}"
+        );
+        // The UUID as libvirt may spell it (upper case) is the same domain.
+        s.uuid = Some(UUID.to_uppercase());
+        assert!(matches!(
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default()),
+            Decision::Allow { .. }
+        ));
+
+        let mut s = stamp(SRC);
+        s.config = Some("sha256:other".into());
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(
+            matches!(&d, Decision::Refuse { reason, .. } if reason.starts_with("the stamp belongs to another CPU configuration")),
+            "{d:?}"
+        );
+        // Inferred incoming (a cold start of a definition carrying a stamp): not compared.
+        let inc = Incoming {
+            domain: "web1",
+            this_host: "hv-new",
+            origin: Origin::Inferred,
+            stamp: Some(&s),
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
+            opt_out: &DomainPolicy::default(),
+            local: Ok(&local),
+            config_path: "/etc/cpuguard/cpuguard.toml",
+        };
+        assert!(matches!(
+            judge(&inc, &PolicyConfig::default(), &features()),
+            Decision::Allow { .. }
+        ));
+
+        // A stamp from before binding: refused, telling how to re-stamp, unless the policy allows.
+        let mut s = stamp(SRC);
+        s.uuid = None;
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(
+            matches!(&d, Decision::Refuse { message, .. }
+                if message.contains("not bound to a domain")
+                && message.contains("run `cpuguard stamp --force web1` on the source host")
+                && message.contains("policy.unbound_stamp = \"allow\"")),
+            "{d:?}"
+        );
+        let policy = PolicyConfig {
+            unbound_stamp: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        assert!(matches!(
+            judge_with(Some(&s), Ok(&local), &policy),
+            Decision::Allow { by_policy: true, reason, .. } if reason.contains("allowed by policy.unbound_stamp")
+        ));
     }
 
     fn judge_with(
@@ -248,6 +411,8 @@ mod tests {
             this_host: "hv-new",
             origin: Origin::Migrate,
             stamp,
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
             opt_out: &DomainPolicy::default(),
             local,
             config_path: "/etc/cpuguard/cpuguard.toml",
@@ -299,6 +464,27 @@ mod tests {
             "{message}"
         );
         assert!(reason.contains("lost vmx,tsc_adjust"), "{reason}");
+    }
+
+    #[test]
+    fn refusal_names_what_qemu_dropped_here() {
+        let s = stamp(SRC);
+        let mut local = fingerprint(&SRC.replace("fffa3223", "fffa3203"));
+        local.filtered = crate::probe::run::filtered_features(
+            "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\n",
+        );
+        let Decision::Refuse { reason, message } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
+            panic!("must refuse");
+        };
+        assert!(
+            message.contains(
+                "\n  on hv-new QEMU dropped vmx: the host lacks it (CPUID.01H:ECX [bit 5])"
+            ),
+            "{message}"
+        );
+        assert!(reason.ends_with("; QEMU dropped vmx"), "{reason}");
     }
 
     #[test]
@@ -416,6 +602,8 @@ mod tests {
             this_host: "hv-new",
             origin: Origin::Restore,
             stamp: None,
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
             opt_out: &opt_out,
             local: Ok(&local),
             config_path: "/etc/cpuguard/cpuguard.toml",
@@ -465,12 +653,13 @@ mod tests {
 
     fn arm_stamp(table: &crate::arm::ArmIdTable) -> Stamp {
         let view = GuestView::from(table.clone());
-        let el = crate::domain::metadata::stamp_element(
+        let el = crate::domain::metadata::stamp_element_bound(
             "a",
             "t",
             &view.digest(),
             "<cpu mode='host-passthrough'/>",
             &view.to_text(),
+            &binding(),
         );
         Stamp::read(&el)
     }

@@ -25,5 +25,7 @@ pub mod matrix;
 pub mod measure;
 pub mod plan;
 pub mod probe;
+pub mod process;
 pub mod report;
+pub mod signature;
 pub mod stamp;

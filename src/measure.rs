@@ -17,9 +17,11 @@ use crate::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
 use crate::config::Config;
 use crate::domain::guest::{Accel, GuestCpuConfig, GuestError};
 use crate::fingerprint::{Fingerprint, HostFacts};
-use crate::probe::probe_view;
+use crate::probe::probe_view_running;
 use crate::probe::qemu_args::accel_name;
-use crate::probe::run::{emulator_version, resolve_emulator, ProbeError, ProbeOptions};
+use crate::probe::run::{
+    emulator_version, executable_version, resolve_emulator, ProbeError, ProbeOptions,
+};
 
 /// Where libvirt keeps what it learnt probing each emulator (one XML file per binary).
 pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
@@ -107,10 +109,58 @@ pub fn for_domain_xml(xml: &str, config: &Config) -> Result<Measurement, Measure
     for_guest(&guest, config, None)
 }
 
+/// This host's fingerprint for a *running* domain: probed with the binary its QEMU process runs
+/// (`executable`, that process's `/proc/PID/exe`), which after a package upgrade is no longer
+/// the file at the `<emulator>` path. The `<emulator>` is still resolved and checked against the
+/// allow-list (the process was started by libvirt from it), and the running binary must be a
+/// root-owned regular file nobody else can write, like any emulator the probe runs.
+pub fn for_running_domain(
+    xml: &str,
+    config: &Config,
+    executable: &Path,
+) -> Result<Measurement, MeasureError> {
+    let guest = GuestCpuConfig::from_domain_xml(xml)?;
+    check_running_binary(executable)?;
+    for_guest_with(&guest, config, None, Some(executable))
+}
+
+fn check_running_binary(path: &Path) -> Result<(), ProbeError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |reason: String| {
+        ProbeError::Emulator(crate::probe::emulator::EmulatorError::Inaccessible {
+            path: path.display().to_string(),
+            reason,
+        })
+    };
+    let meta = fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.uid() != 0 {
+        return Err(bad(format!("owned by uid {}, not root", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(bad(format!(
+            "writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 pub fn for_guest(
     guest: &GuestCpuConfig,
     config: &Config,
     accel_override: Option<Accel>,
+) -> Result<Measurement, MeasureError> {
+    for_guest_with(guest, config, accel_override, None)
+}
+
+fn for_guest_with(
+    guest: &GuestCpuConfig,
+    config: &Config,
+    accel_override: Option<Accel>,
+    executable: Option<&Path>,
 ) -> Result<Measurement, MeasureError> {
     let allowed = allowed_emulators(config);
     let emulator = resolve_emulator(guest, &allowed)?;
@@ -121,13 +171,16 @@ pub fn for_guest(
         accel_override,
         ..ProbeOptions::default()
     };
-    let version = || emulator_version(&emulator.to_string_lossy(), &allowed);
+    let version = || match executable {
+        Some(exe) => executable_version(exe),
+        None => emulator_version(&emulator.to_string_lossy(), &allowed),
+    };
     let cache = match Cache::from_config(config) {
         Ok(c) => c,
         Err(e) => {
             // An unusable cache must not decide a migration: measure without it, and say so.
             let version = version()?;
-            let fingerprint = measure_now(guest, &opts, &version, accel)?;
+            let fingerprint = measure_now(guest, &opts, &version, accel, executable)?;
             return Ok(Measurement {
                 fingerprint,
                 source: Source::Measured,
@@ -141,11 +194,13 @@ pub fn for_guest(
     };
     // `--version` costs tens of milliseconds (QEMU loads its libraries), more than the warm-path
     // budget: the cache remembers it per binary, keyed by the file's identity.
-    let identity = cache.emulator_identity(&emulator, version)?;
+    let identity =
+        cache.running_emulator_identity(&emulator, executable.unwrap_or(&emulator), version)?;
     let version = identity.version.clone();
     let key = CacheKey::new(guest, accel, identity);
-    let obtained =
-        cache.get_or_measure_or_bypass(&key, || measure_now(guest, &opts, &version, accel))?;
+    let obtained = cache.get_or_measure_or_bypass(&key, || {
+        measure_now(guest, &opts, &version, accel, executable)
+    })?;
     // What opening the cache repaired (a directory others could write) is audited too.
     let mut warnings = cache.open_warnings().to_vec();
     warnings.extend(obtained.warnings);
@@ -173,7 +228,7 @@ pub fn probe_now(
         accel_override,
         ..ProbeOptions::default()
     };
-    Ok(measure_now(guest, &opts, &version, accel)?)
+    Ok(measure_now(guest, &opts, &version, accel, None)?)
 }
 
 fn measure_now(
@@ -181,14 +236,17 @@ fn measure_now(
     opts: &ProbeOptions,
     version: &str,
     accel: Accel,
+    executable: Option<&Path>,
 ) -> Result<Fingerprint, ProbeError> {
-    let raw = probe_view(guest, opts)?;
+    let (raw, filtered) = probe_view_running(guest, opts, executable)?;
     let config = serde_json::to_value(guest).unwrap_or(serde_json::Value::Null);
-    Ok(Fingerprint::new(
+    let mut fingerprint = Fingerprint::new(
         HostFacts::of_this_host(version, accel_name(accel)),
         config,
         raw,
-    ))
+    );
+    fingerprint.filtered = filtered;
+    Ok(fingerprint)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use virt::sys;
 use crate::audit::{Record, Severity};
 use crate::config::Config;
 use crate::domain::document::DomainDocument;
-use crate::domain::metadata::{stamp_element, STAMP_KEY, STAMP_NS};
+use crate::domain::metadata::{stamp_element_bound, Stamp, StampBinding, STAMP_KEY, STAMP_NS};
 use crate::measure;
 
 #[derive(Debug, Error)]
@@ -31,14 +31,64 @@ pub enum StampError {
     Xml { name: String, reason: String },
     #[error("domain {name}: cannot measure the guest CPU: {reason}")]
     Measure { name: String, reason: String },
+    #[error("domain {name}: cannot identify its QEMU process: {reason}")]
+    Process { name: String, reason: String },
+    #[error("domain {name}: not stamped: the fleet key cannot be used: {reason}")]
+    Key { name: String, reason: String },
 }
 
-/// What was stamped.
+/// What was stamped, or kept.
 #[derive(Debug, Clone)]
 pub struct Stamped {
     pub name: String,
     pub digest: String,
     pub cached: bool,
+    /// True when the stamp already described the running QEMU process and was left alone.
+    pub kept: bool,
+    /// The QEMU process the stamp describes.
+    pub process: crate::process::QemuProcess,
+    /// The stamp found before a re-stamp: its digest and whether it described this process.
+    pub previous: Option<Previous>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Previous {
+    pub digest: Option<String>,
+    pub same_process: bool,
+}
+
+impl Stamped {
+    /// One line for the operator: what was done and why.
+    pub fn describe(&self) -> String {
+        let p = &self.process;
+        if self.kept {
+            return format!(
+                "kept {} {}: the stamp describes the running QEMU process (pid {}, started at tick \
+                 {} of this boot); `--force` re-measures",
+                self.name, self.digest, p.pid, p.start_time
+            );
+        }
+        let how = if self.cached { "cached" } else { "measured" };
+        let mut line = format!("stamped {} {} ({how})", self.name, self.digest);
+        match &self.previous {
+            Some(prev) if prev.same_process => {
+                if prev.digest.as_deref() != Some(self.digest.as_str()) {
+                    line.push_str(&format!(
+                        "; the running guest differs from the stamp: it said {}",
+                        prev.digest.as_deref().unwrap_or("no digest")
+                    ));
+                } else {
+                    line.push_str("; the running guest matches the stamp it replaced");
+                }
+            }
+            Some(prev) => line.push_str(&format!(
+                "; replaced a stamp of another QEMU process ({})",
+                prev.digest.as_deref().unwrap_or("no digest")
+            )),
+            None => {}
+        }
+        line
+    }
 }
 
 pub fn connect(uri: &str) -> Result<Connect, StampError> {
@@ -64,42 +114,137 @@ pub fn rfc3339_now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// Measures and stamps one running domain.
-pub fn stamp_domain(conn: &Connect, name: &str, config: &Config) -> Result<Stamped, StampError> {
+/// Measures and stamps one running domain. Without `force`, a stamp that already describes the
+/// domain's running QEMU process is kept: that process's guest CPU cannot have changed, while a
+/// new measurement would describe whatever the host's emulator, microcode and kernel give a
+/// *new* process now (a package upgrade under running guests).
+pub fn stamp_domain(
+    conn: &Connect,
+    name: &str,
+    config: &Config,
+    force: bool,
+) -> Result<Stamped, StampError> {
     let dom = conn
         .lookup_domain_by_name(name)
         .map_err(|e| libvirt_err(name, e))?;
-    stamp(&dom, name, config)
+    stamp(&dom, name, config, force)
 }
 
-fn stamp(dom: &Domain, name: &str, config: &Config) -> Result<Stamped, StampError> {
+/// The QEMU process running `dom`: QEMU's own monitor names its vCPU threads
+/// (`query-cpus-fast`), and a thread's `Tgid` is its process. This asks libvirt rather than
+/// reading libvirt's private pid files; libvirt marks the domain "tainted: custom-monitor" in
+/// its log the first time (a note, nothing changes for the guest).
+pub fn qemu_process(dom: &Domain, name: &str) -> Result<crate::process::QemuProcess, StampError> {
+    let err = |reason: String| StampError::Process {
+        name: name.to_string(),
+        reason,
+    };
+    let reply = dom
+        .qemu_monitor_command(r#"{"execute":"query-cpus-fast"}"#, 0)
+        .map_err(|e| err(format!("query-cpus-fast: {}", one_line(&e.to_string()))))?;
+    let value: serde_json::Value = serde_json::from_str(&reply)
+        .map_err(|e| err(format!("query-cpus-fast: unreadable reply: {e}")))?;
+    let tid = value
+        .get("return")
+        .and_then(|r| r.as_array())
+        .and_then(|cpus| cpus.first())
+        .and_then(|cpu| cpu.get("thread-id"))
+        .and_then(|t| t.as_u64())
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or_else(|| err("query-cpus-fast: no vCPU thread-id in the reply".to_string()))?;
+    let pid = crate::process::thread_group_of(tid).map_err(err)?;
+    crate::process::QemuProcess::of(pid).map_err(err)
+}
+
+fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamped, StampError> {
     if !dom.is_active().map_err(|e| libvirt_err(name, e))? {
         return Err(StampError::NotRunning {
             name: name.to_string(),
         });
     }
+    let process = qemu_process(dom, name)?;
     // The live XML: its <cpu> is what QEMU really runs (host-model already expanded).
     let xml = dom.xml_desc(0).map_err(|e| libvirt_err(name, e))?;
     let doc = DomainDocument::parse(&xml).map_err(|e| StampError::Xml {
         name: name.to_string(),
         reason: e.to_string(),
     })?;
+    let previous = doc.stamp.map(|s| Stamp::read(doc.slice(s)));
+    // A key that is there but unusable is an error rather than a silently unsigned stamp.
+    let key =
+        crate::signature::load_key(&config.stamp.key_file).map_err(|reason| StampError::Key {
+            name: name.to_string(),
+            reason,
+        })?;
+    // With a key, only a stamp signed with it is kept (an edited one names the right process
+    // but not what was measured).
+    let trusted = |p: &Stamp| {
+        key.as_ref()
+            .is_none_or(|k| crate::signature::verify(k, p) == crate::signature::Verification::Valid)
+    };
+    if let Some(prev) = previous
+        .as_ref()
+        .filter(|p| p.describes(&process) && trusted(p))
+    {
+        if !force {
+            if let Some(digest) = &prev.digest {
+                return Ok(Stamped {
+                    name: name.to_string(),
+                    digest: digest.clone(),
+                    cached: true,
+                    kept: true,
+                    process,
+                    previous: None,
+                });
+            }
+        }
+    }
     let cpu = doc.cpu.map(|s| doc.slice(s)).unwrap_or("");
-    let m = measure::for_domain_xml(&xml, config).map_err(|e| StampError::Measure {
-        name: name.to_string(),
-        reason: e.to_string(),
+    // The running process's own binary: after a package upgrade the file at <emulator> is
+    // another QEMU, which would measure another CPU than this guest has.
+    let m = measure::for_running_domain(&xml, config, &process.exe_path()).map_err(|e| {
+        StampError::Measure {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }
     })?;
+    // A guest restarted while it was measured is another process: its stamp would lie.
+    let after = qemu_process(dom, name)?;
+    if after != process {
+        return Err(StampError::Process {
+            name: name.to_string(),
+            reason: format!(
+                "the QEMU process changed while it was measured (pid {} -> {})",
+                process.pid, after.pid
+            ),
+        });
+    }
     let host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_default();
-    let element = stamp_element(
-        &host,
-        &rfc3339_now(),
-        &m.fingerprint.digest,
-        cpu,
-        &m.fingerprint.raw().to_text(),
-    );
+    let guest = crate::domain::guest::GuestCpuConfig::from_domain_xml(&xml).map_err(|e| {
+        StampError::Xml {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut binding = StampBinding {
+        uuid: doc.uuid.clone(),
+        config: Some(guest.binding_digest()),
+        process: Some(process.clone()),
+        signature: None,
+    };
+    let (time, table) = (rfc3339_now(), m.fingerprint.raw().to_text());
+    let render = |binding: &StampBinding| {
+        stamp_element_bound(&host, &time, &m.fingerprint.digest, cpu, &table, binding)
+    };
+    let mut element = render(&binding);
+    // With a fleet key, sign what the destination will read back.
+    if let Some(key) = &key {
+        binding.signature = Some(crate::signature::sign(key, &Stamp::read(&element)));
+        element = render(&binding);
+    }
     dom.set_metadata(
         sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
         Some(&element),
@@ -108,17 +253,41 @@ fn stamp(dom: &Domain, name: &str, config: &Config) -> Result<Stamped, StampErro
         sys::VIR_DOMAIN_AFFECT_LIVE,
     )
     .map_err(|e| libvirt_err(name, e))?;
+    let previous = previous.map(|p| Previous {
+        same_process: p.describes(&process),
+        digest: p.digest,
+    });
     Ok(Stamped {
         name: name.to_string(),
         digest: m.fingerprint.digest,
         cached: matches!(m.source, crate::cache::Source::Hit),
+        kept: false,
+        process,
+        previous,
     })
+}
+
+/// Removes the stamp from a domain's live metadata (a `started` phase that could not stamp:
+/// an earlier stamp, e.g. one copied into the persistent definition, must not travel).
+pub fn remove_stamp(name: &str, config: &Config) -> Result<(), StampError> {
+    let conn = connect(&config.stamp.uri)?;
+    let dom = conn
+        .lookup_domain_by_name(name)
+        .map_err(|e| libvirt_err(name, e))?;
+    dom.set_metadata(
+        sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        None,
+        None,
+        Some(STAMP_NS),
+        sys::VIR_DOMAIN_AFFECT_LIVE,
+    )
+    .map_err(|e| libvirt_err(name, e))
 }
 
 /// Stamps every running domain; one (name, result) per domain.
 pub type StampResults = Vec<(String, Result<Stamped, StampError>)>;
 
-pub fn stamp_all(conn: &Connect, config: &Config) -> Result<StampResults, StampError> {
+pub fn stamp_all(conn: &Connect, config: &Config, force: bool) -> Result<StampResults, StampError> {
     let domains = conn
         .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         .map_err(|e| StampError::Connect {
@@ -129,7 +298,7 @@ pub fn stamp_all(conn: &Connect, config: &Config) -> Result<StampResults, StampE
         .iter()
         .map(|dom| {
             let name = dom.name().unwrap_or_default();
-            let result = stamp(dom, &name, config);
+            let result = stamp(dom, &name, config, force);
             (name, result)
         })
         .collect())
@@ -144,11 +313,13 @@ pub fn stamp_after_start(name: &str, config: &Config) -> Result<Stamped, StampEr
         if attempt > 0 {
             sleep(interval);
         }
-        let result = connect(&config.stamp.uri).and_then(|conn| stamp_domain(&conn, name, config));
+        // After a start there is a new process: always measure it.
+        let result =
+            connect(&config.stamp.uri).and_then(|conn| stamp_domain(&conn, name, config, true));
         match result {
             Ok(s) => return Ok(s),
-            // A measurement failure will not heal by waiting.
-            Err(e @ StampError::Measure { .. }) => return Err(e),
+            // A measurement failure or an unusable key will not heal by waiting.
+            Err(e @ (StampError::Measure { .. } | StampError::Key { .. })) => return Err(e),
             Err(e) => last = Some(e),
         }
     }
@@ -157,15 +328,53 @@ pub fn stamp_after_start(name: &str, config: &Config) -> Result<Stamped, StampEr
     }))
 }
 
+/// One audit line for a stamp attempt after a start, which on failure removed (or tried to
+/// remove) any earlier stamp.
+pub fn audit_after_start(
+    name: &str,
+    result: &Result<Stamped, StampError>,
+    removal: Option<&Result<(), StampError>>,
+) {
+    match (result, removal) {
+        (Err(e), Some(removal)) => Record::new(Severity::Error, "stamp", "failed")
+            .field("domain", name)
+            .field("trigger", "started")
+            .field("reason", &e.to_string())
+            .field(
+                "earlier_stamp",
+                &match removal {
+                    Ok(()) => "removed".to_string(),
+                    Err(r) => format!("not removed: {r}"),
+                },
+            )
+            .emit(),
+        _ => audit(name, result, "started"),
+    }
+}
+
 /// One audit line for a stamp attempt.
 pub fn audit(name: &str, result: &Result<Stamped, StampError>, trigger: &str) {
     match result {
-        Ok(s) => Record::new(Severity::Info, "stamp", "stamped")
+        Ok(s) if s.kept => Record::new(Severity::Info, "stamp", "kept")
             .field("domain", name)
             .field("digest", &s.digest)
-            .field("fingerprint", if s.cached { "cached" } else { "measured" })
+            .field("pid", &s.process.pid.to_string())
             .field("trigger", trigger)
             .emit(),
+        Ok(s) => {
+            let mut rec = Record::new(Severity::Info, "stamp", "stamped")
+                .field("domain", name)
+                .field("digest", &s.digest)
+                .field("fingerprint", if s.cached { "cached" } else { "measured" })
+                .field("pid", &s.process.pid.to_string())
+                .field("trigger", trigger);
+            if let Some(prev) = &s.previous {
+                if prev.same_process && prev.digest.as_deref() != Some(s.digest.as_str()) {
+                    rec = rec.field("previous_digest", prev.digest.as_deref().unwrap_or("none"));
+                }
+            }
+            rec.emit()
+        }
         Err(e) => Record::new(Severity::Error, "stamp", "failed")
             .field("domain", name)
             .field("trigger", trigger)

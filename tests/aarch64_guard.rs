@@ -12,7 +12,7 @@ use cpuguard::guest_view::{Arch, Tables};
 #[path = "support/operator.rs"]
 mod operator;
 use operator::{
-    cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
+    bind_stamps, cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
 };
 
 const QEMU: &str = "/usr/bin/qemu-system-aarch64";
@@ -20,12 +20,12 @@ const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>";
 
 fn domain(emulator: &str, cpu: &str, metadata: &str) -> String {
-    format!(
+    bind_stamps(format!(
         "<domain type='qemu'><name>arm1</name><uuid>7d1c0c0d-1080-4d3f-bdac-967d624c94f9</uuid>\
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>{cpu}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
+    ))
 }
 
 /// Probes the domain (through the cache) and returns the fingerprint.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use cpuguard::fingerprint::Fingerprint;
-use operator::{host_config, namespaced_stamp, scratch_dir, BIN};
+use operator::{bind_stamps, host_config, namespaced_stamp, scratch_dir, BIN};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const NAME: &str = "web1";
@@ -32,12 +32,12 @@ const MIGRATE_CASES: usize = 800;
 const PREPARE_XML_CASES: usize = 250;
 
 fn domain(metadata: &str) -> String {
-    format!(
+    bind_stamps(format!(
         "<domain type='qemu'><name>{NAME}</name><uuid>06c0c0dc-1080-4d3f-bdac-967d624c94f9</uuid>\
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
          <devices><emulator>{QEMU}</emulator></devices></domain>"
-    )
+    ))
 }
 
 /// xorshift64*: deterministic, dependency-free, good enough to pick mutations.

@@ -139,6 +139,8 @@ fn every_cross_vendor_move_is_refused_by_the_guard_naming_both_vendors() {
     for (source_vendor, source) in &guests {
         let stamp = Stamp {
             table: Some(cpuguard::guest_view::GuestView::from(source.clone()).to_text()),
+            uuid: Some("u1".into()),
+            config: Some("sha256:c1".into()),
             ..Stamp::default()
         };
         for (dest_vendor, dest) in &guests {
@@ -149,6 +151,8 @@ fn every_cross_vendor_move_is_refused_by_the_guard_naming_both_vendors() {
                 this_host: "hv-new",
                 origin: Origin::Migrate,
                 stamp: Some(&stamp),
+                uuid: Some("u1"),
+                config_digest: Some("sha256:c1"),
                 opt_out: &opt_out,
                 local: Ok(&local),
                 config_path: "/etc/cpuguard/cpuguard.toml",

@@ -9,7 +9,7 @@ use cpuguard::fingerprint::Fingerprint;
 #[path = "support/operator.rs"]
 mod operator;
 use operator::{
-    cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
+    bind_stamps, cpu_option_wrapper, cpuguard, host_config as config, namespaced_stamp, scratch_dir,
 };
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -17,12 +17,12 @@ const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>";
 
 fn domain(emulator: &str, metadata: &str) -> String {
-    format!(
+    bind_stamps(format!(
         "<domain type='qemu'><name>web1</name><uuid>06c0c0dc-1080-4d3f-bdac-967d624c94f9</uuid>\
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
+    ))
 }
 
 /// The source's stamp as libvirt shows it in the domain XML (namespaced by the API).
@@ -134,5 +134,78 @@ fn check_gives_the_hooks_verdict_without_migrating() {
     assert!(
         v["error"].as_str().is_some_and(|e| e.contains("bad.xml")),
         "{v}"
+    );
+}
+
+/// Issue 11, part 5: QEMU drops a requested feature the host (here TCG) lacks and only warns.
+/// `probe` lists it under `filtered`, and `check` of a guest whose source had it names it in the
+/// refusal (the source's stamp is that of a host with VMX: its measured table with the bit set).
+#[test]
+fn probe_and_check_name_the_features_qemu_dropped() {
+    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: the probe runs only root-owned emulators");
+        return;
+    }
+    const VMX_CPU: &str =
+        "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model>\
+                           <feature policy='require' name='vmx'/></cpu>";
+    // Built without a stamp, then stamped and bound for this configuration.
+    let with_cpu = |metadata: &str| {
+        bind_stamps(domain(QEMU, "").replace(CPU, VMX_CPU).replace(
+            "<metadata></metadata>",
+            &format!("<metadata>{metadata}</metadata>"),
+        ))
+    };
+    let dir = scratch_dir();
+    let cfg = config(dir.path(), "tcg", QEMU);
+    let plain = dir.path().join("vmx.xml");
+    std::fs::write(&plain, with_cpu("")).expect("write");
+    let (code, out, err) = cpuguard(
+        &cfg,
+        &["probe", "--xml", plain.to_str().expect("utf-8")],
+        None,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let fingerprint = Fingerprint::from_json(&out, "probe").expect("fingerprint");
+    // TCG also lacks some of Haswell's own features (pcid, x2apic, …): each is listed.
+    assert!(
+        fingerprint
+            .filtered
+            .contains(&"vmx: TCG lacks it (CPUID.01H:ECX [bit 5])".to_string()),
+        "{out}"
+    );
+    assert!(out.contains("\"filtered\""), "{out}");
+
+    // The source's guest had VMX (leaf 1 ECX bit 5).
+    let table: String = fingerprint
+        .raw()
+        .to_text()
+        .lines()
+        .map(|line| {
+            let Some(rest) = line.strip_prefix("00000001 00000000: ") else {
+                return format!("{line}\n");
+            };
+            let mut regs: Vec<u32> = rest
+                .split_whitespace()
+                .map(|r| u32::from_str_radix(r, 16).expect("hex"))
+                .collect();
+            regs[2] |= 1 << 5;
+            format!(
+                "00000001 00000000: {:08x} {:08x} {:08x} {:08x}\n",
+                regs[0], regs[1], regs[2], regs[3]
+            )
+        })
+        .collect();
+    assert_ne!(table, fingerprint.raw().to_text(), "leaf 1 not found");
+    let stamp = namespaced_stamp("hv-kvm", "sha256:00", VMX_CPU, &table);
+    let xml = dir.path().join("vmx-stamped.xml");
+    std::fs::write(&xml, with_cpu(&stamp)).expect("write");
+    let (code, out, err) = cpuguard(&cfg, &["check", xml.to_str().expect("utf-8")], None);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("lost: vmx (CPUID.0x1:ECX[5])"), "{out}");
+    assert!(
+        out.contains("QEMU dropped vmx: TCG lacks it (CPUID.01H:ECX [bit 5])"),
+        "{out}"
     );
 }

@@ -299,7 +299,18 @@ pub fn probe_run(
     config: &ArmProbeConfig,
     opts: &ArmProbeOptions,
 ) -> Result<ArmProbeRun, ArmProbeError> {
+    probe_run_with(config, opts, None)
+}
+
+/// Like [`probe_run`], executing `executable` (checked by the caller: a running domain's own
+/// binary) in place of the checked `<emulator>`.
+pub fn probe_run_with(
+    config: &ArmProbeConfig,
+    opts: &ArmProbeOptions,
+    executable: Option<&Path>,
+) -> Result<ArmProbeRun, ArmProbeError> {
     let emulator = check_emulator(&config.emulator, &opts.allowed_emulators)?;
+    let emulator = executable.map(Path::to_path_buf).unwrap_or(emulator);
     let work = WorkDir::create(opts.work_dir.as_deref())?;
     // PSCI SYSTEM_OFF makes QEMU exit 0; anything else is QEMU refusing the configuration.
     let run = run_firmware(

@@ -23,7 +23,8 @@ enum Command {
     /// Measure this host's fingerprint for running domains and record it in their live metadata.
     #[command(
         after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
-                            Exit codes: 0 all stamped, 1 some not stamped, 2 error."
+                            A stamp of the running QEMU process is kept unless --force.\n\
+                            Exit codes: 0 all stamped or kept, 1 some not stamped, 2 error."
     )]
     Stamp {
         /// Domain names.
@@ -31,6 +32,9 @@ enum Command {
         /// Every running domain.
         #[arg(long, conflicts_with = "names")]
         all: bool,
+        /// Re-measure even when the stamp already describes the running QEMU process.
+        #[arg(long)]
+        force: bool,
         /// Called by the `started` hook: wait for libvirt to finish the start job.
         #[arg(long, hide = true)]
         after_start: bool,
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
         Command::Stamp {
             names,
             all,
+            force,
             after_start,
             uri,
         } => {
@@ -150,7 +155,10 @@ fn main() -> ExitCode {
                 let mut worst = 0;
                 for name in &names {
                     let result = stamp::stamp_after_start(name, &config);
-                    stamp::audit(name, &result, "started");
+                    // No stamp rather than a stale or copied one: the destination then refuses
+                    // (policy.unstamped_source) instead of trusting it.
+                    let removal = result.is_err().then(|| stamp::remove_stamp(name, &config));
+                    stamp::audit_after_start(name, &result, removal.as_ref());
                     if result.is_err() {
                         worst = 1;
                     }
@@ -169,7 +177,7 @@ fn main() -> ExitCode {
                 }
             };
             let results = if all {
-                match stamp::stamp_all(&conn, &config) {
+                match stamp::stamp_all(&conn, &config, force) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("cpuguard: {e}");
@@ -179,18 +187,13 @@ fn main() -> ExitCode {
             } else {
                 names
                     .iter()
-                    .map(|n| (n.clone(), stamp::stamp_domain(&conn, n, &config)))
+                    .map(|n| (n.clone(), stamp::stamp_domain(&conn, n, &config, force)))
                     .collect()
             };
             let mut failed = false;
             for (name, r) in &results {
                 match r {
-                    Ok(s) => println!(
-                        "stamped {} {} ({})",
-                        s.name,
-                        s.digest,
-                        if s.cached { "cached" } else { "measured" }
-                    ),
+                    Ok(s) => println!("{}", s.describe()),
                     Err(e) => {
                         failed = true;
                         eprintln!("cpuguard: not stamped: {e}");

@@ -116,8 +116,10 @@ enum Command {
     },
     /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt).
     #[command(
-        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n\
-                            Exit codes: 0 all stamped, 1 some not stamped, 2 error."
+        after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n          \
+                      cpuguard stamp --force web1\n\
+                      A stamp of the running QEMU process is kept unless --force.\n\
+                      Exit codes: 0 all stamped or kept, 1 some not stamped, 2 error."
     )]
     Stamp {
         #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
@@ -204,6 +206,11 @@ enum Command {
         #[command(subcommand)]
         action: FingerprintAction,
     },
+    /// The fleet's stamp-signing key (HMAC-SHA256): with it, stamps are signed and checked.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
     /// Which host can receive a VM from which, per CPU configuration, from every host's
     /// `cpuguard fingerprint export`.
     #[command(
@@ -244,6 +251,23 @@ enum CacheAction {
     },
     /// Remove every entry.
     Clear,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyAction {
+    /// Write a new random key (root, 0600). Copy the same file to every host of the fleet.
+    #[command(
+        after_help = "Example: cpuguard key generate && scp -p /etc/cpuguard/fleet.key hv-new-01:/etc/cpuguard/\n\
+                      Exit codes: 0 written, 2 error (a key exists already without --force)."
+    )]
+    Generate {
+        /// Where to write it (default: stamp.key_file, /etc/cpuguard/fleet.key).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Replace an existing key (stamps signed with the old one stop verifying).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -346,6 +370,9 @@ pub fn main(args: Vec<OsString>) -> i32 {
                 },
         } => measure_inventories(&inventories, jobs, emulator, host),
         Command::Install { hooks_dir, target } => install(&hooks_dir, target),
+        Command::Key {
+            action: KeyAction::Generate { file, force },
+        } => generate_key(file, force),
         Command::Fingerprint {
             action: FingerprintAction::Export { host },
         } => export_fingerprints(host),
@@ -664,6 +691,16 @@ fn uninstall(hooks_dir: &Path, target: Option<PathBuf>) -> Result<i32, String> {
         println!("restart libvirtd so that it forgets the hook");
     }
     Ok(EXIT_OK)
+}
+
+fn generate_key(file: Option<PathBuf>, force: bool) -> Result<i32, String> {
+    let path = match file {
+        Some(f) => f,
+        None => load_config()?.stamp.key_file,
+    };
+    crate::signature::generate(&path, force)?;
+    println!("wrote a new fleet key to {} (mode 0600)", path.display());
+    Ok(0)
 }
 
 fn export_fingerprints(host: Option<String>) -> Result<i32, String> {

@@ -191,6 +191,27 @@ pub struct GuestCpuConfig {
 }
 
 impl GuestCpuConfig {
+    /// `sha256:…` of the configuration a stamp is bound to: this canonical configuration (lists
+    /// sorted by the parser, serde's field order) without what differs between a source's live
+    /// XML and the destination's prepare XML for the same guest CPU: the emulator's path (each
+    /// host has its own) and `<model fallback>` (a started guest's model is not substituted any
+    /// more; libvirt writes `forbid` into live XML, cpuguard's migrate phase pins it too).
+    pub fn binding_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut bound = self.clone();
+        bound.emulator = None;
+        if let Some(cpu) = bound.cpu.as_mut() {
+            cpu.fallback = None;
+        }
+        // Serializing plain data (strings, numbers, enums) cannot fail; an empty text would
+        // only make every binding check fail, never pass.
+        let json = serde_json::to_string(&bound).unwrap_or_default();
+        let mut hasher = Sha256::new();
+        hasher.update(b"cpuguard stamp binding v1\n");
+        hasher.update(json.as_bytes());
+        format!("sha256:{}", hex::encode(hasher.finalize()))
+    }
+
     /// Extracts the CPU configuration from a libvirt domain XML document.
     pub fn from_domain_xml(xml: &str) -> Result<Self, GuestError> {
         let root = parse_tree(xml)?;

@@ -7,7 +7,9 @@
 //! ```xml
 //! <metadata>
 //!   <cpuguard:stamp xmlns:cpuguard="http://cpuguard.dev/xmlns/stamp/1"
-//!                   version="1" host="hv-old-01" time="2026-11-22T05:00:00Z" digest="sha256:…">
+//!                   version="1" host="hv-old-01" time="2026-11-22T05:00:00Z" digest="sha256:…"
+//!                   uuid="…" config="sha256:…" pid="4242" pid-start="987654" boot-id="…"
+//!                   emulator="DEV:INODE:SIZE:MTIME" signature="hmac-sha256:…">
 //!     <cpu mode='custom' match='exact' check='full'>…the source's live, expanded CPU…</cpu>
 //!     <table>…the source guest's raw CPUID table, kvm-unit-tests dump lines…</table>
 //!   </cpuguard:stamp>
@@ -61,6 +63,28 @@ pub struct Stamp {
     pub cpu: Option<Span>,
     /// The `<table>` child's text: the source guest's raw CPUID table as dump lines.
     pub table: Option<String>,
+    /// The domain UUID the stamp was measured for (absent in stamps before issue 11).
+    pub uuid: Option<String>,
+    /// Digest of the canonical CPU configuration measured (absent before issue 11).
+    pub config: Option<String>,
+    /// The QEMU process measured: pid, its start time, the boot id, its binary's identity.
+    pub pid: Option<String>,
+    pub pid_start: Option<String>,
+    pub boot_id: Option<String>,
+    pub emulator: Option<String>,
+    /// `hmac-sha256:…` over [`crate::signature::canonical_content`] with the fleet key.
+    pub signature: Option<String>,
+}
+
+/// What a new stamp element says beyond the fingerprint (all optional: a stamp without them is
+/// what cpuguard before issue 11 wrote).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StampBinding {
+    pub uuid: Option<String>,
+    pub config: Option<String>,
+    pub process: Option<crate::process::QemuProcess>,
+    /// `hmac-sha256:…` (see `src/signature.rs`), when the host has a fleet key.
+    pub signature: Option<String>,
 }
 
 /// Builds the stamp element handed to `virDomainSetMetadata` (libvirt adds the namespace).
@@ -71,8 +95,43 @@ pub fn stamp_element(
     cpu_xml: &str,
     table_dump: &str,
 ) -> String {
+    stamp_element_bound(
+        host,
+        time,
+        digest,
+        cpu_xml,
+        table_dump,
+        &StampBinding::default(),
+    )
+}
+
+/// [`stamp_element`] with the domain and process it was measured for. The version stays 1: the
+/// new attributes are optional, so a destination running an older cpuguard still reads it.
+pub fn stamp_element_bound(
+    host: &str,
+    time: &str,
+    digest: &str,
+    cpu_xml: &str,
+    table_dump: &str,
+    binding: &StampBinding,
+) -> String {
+    let mut extra = String::new();
+    let mut add = |name: &str, value: Option<String>| {
+        if let Some(v) = value {
+            extra.push_str(&format!(" {name}='{}'", escape_attr(&v)));
+        }
+    };
+    add("uuid", binding.uuid.clone());
+    add("config", binding.config.clone());
+    if let Some(p) = &binding.process {
+        add("pid", Some(p.pid.to_string()));
+        add("pid-start", Some(p.start_time.to_string()));
+        add("boot-id", Some(p.boot_id.clone()));
+        add("emulator", Some(p.exe.clone()));
+    }
+    add("signature", binding.signature.clone());
     format!(
-        "<stamp version='{STAMP_VERSION}' host='{}' time='{}' digest='{}'>\n{}\n<table>\n{}</table>\n</stamp>",
+        "<stamp version='{STAMP_VERSION}' host='{}' time='{}' digest='{}'{extra}>\n{}\n<table>\n{}</table>\n</stamp>",
         escape_attr(host),
         escape_attr(time),
         escape_attr(digest),
@@ -86,6 +145,15 @@ fn escape_attr(s: &str) -> String {
 }
 
 impl Stamp {
+    /// True when this stamp was measured for exactly `process` (same pid, start time, boot and
+    /// binary): that process's guest CPU has not changed since, so the stamp stays valid.
+    pub fn describes(&self, process: &crate::process::QemuProcess) -> bool {
+        self.pid.as_deref() == Some(process.pid.to_string().as_str())
+            && self.pid_start.as_deref() == Some(process.start_time.to_string().as_str())
+            && self.boot_id.as_deref() == Some(process.boot_id.as_str())
+            && self.emulator.as_deref() == Some(process.exe.as_str())
+    }
+
     /// Reads the stamp element's attributes and locates its `<cpu>` child. `text` is exactly the
     /// stamp element as located by [`crate::domain::document::DomainDocument`].
     pub fn read(text: &str) -> Stamp {
@@ -111,6 +179,13 @@ impl Stamp {
                         stamp.host = attribute(e, "host");
                         stamp.time = attribute(e, "time");
                         stamp.digest = attribute(e, "digest");
+                        stamp.uuid = attribute(e, "uuid");
+                        stamp.config = attribute(e, "config");
+                        stamp.pid = attribute(e, "pid");
+                        stamp.pid_start = attribute(e, "pid-start");
+                        stamp.boot_id = attribute(e, "boot-id");
+                        stamp.emulator = attribute(e, "emulator");
+                        stamp.signature = attribute(e, "signature");
                     } else if depth == 1 && e.local_name().as_ref() == b"table" {
                         in_table = !empty;
                         if empty {
@@ -228,6 +303,51 @@ mod tests {
             stamp.table.as_deref().map(str::trim),
             Some("00000000 00000000: 0000000d 756e6547 6c65746e 49656e69")
         );
+    }
+
+    #[test]
+    fn bound_stamp_round_trips_and_describes_its_process() {
+        let process = crate::process::QemuProcess {
+            pid: 4242,
+            start_time: 987654,
+            boot_id: "b0b0".into(),
+            exe: "2049:17:100:5".into(),
+        };
+        let binding = StampBinding {
+            uuid: Some("6a1f3c2e-0b7d-4e58-9c11-a0a0a0a0a00a".into()),
+            config: Some("sha256:cc".into()),
+            process: Some(process.clone()),
+            signature: None,
+        };
+        let el = stamp_element_bound("a", "t", "sha256:ab", "<cpu/>", "", &binding);
+        let stamp = Stamp::read(&el);
+        assert_eq!(stamp.uuid, binding.uuid);
+        assert_eq!(stamp.config.as_deref(), Some("sha256:cc"));
+        assert!(stamp.describes(&process));
+        for other in [
+            crate::process::QemuProcess {
+                pid: 4243,
+                ..process.clone()
+            },
+            crate::process::QemuProcess {
+                start_time: 1,
+                ..process.clone()
+            },
+            crate::process::QemuProcess {
+                boot_id: "other".into(),
+                ..process.clone()
+            },
+            crate::process::QemuProcess {
+                exe: "2049:18:100:5".into(),
+                ..process.clone()
+            },
+        ] {
+            assert!(!stamp.describes(&other), "{other:?}");
+        }
+        // A stamp from before issue 11 describes no process.
+        let old = Stamp::read(&stamp_element("a", "t", "sha256:ab", "<cpu/>", ""));
+        assert!(!old.describes(&process));
+        assert_eq!(old.uuid, None);
     }
 
     #[test]

@@ -146,7 +146,19 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
         decision,
         stamp,
         measured,
+        signature_problem,
     } = assessment;
+    if let Some(reason) = &signature_problem {
+        Record::new(Severity::Warning, "prepare", "signature")
+            .field("domain", &call.domain)
+            .opt_field("uuid", doc.uuid.as_deref())
+            .opt_field(
+                "source_host",
+                stamp.as_ref().and_then(|s| s.host.as_deref()),
+            )
+            .field("reason", reason)
+            .emit();
+    }
 
     if let Some(Ok(m)) = &measured {
         for warning in &m.warnings {
@@ -224,6 +236,45 @@ pub struct Assessment {
     pub decision: Decision,
     pub stamp: Option<Stamp>,
     pub measured: Option<Result<Measurement, String>>,
+    /// Why the stamp's signature was not accepted, when it was not (audited as a warning).
+    pub signature_problem: Option<String>,
+}
+
+/// Checks the stamp's signature against this host's fleet key: Err(reason) when the stamp must
+/// be refused. A wrong signature is always refused (forged, edited, or another fleet's key); an
+/// unsigned stamp only under `stamp.require_signature`.
+fn check_signature(stamp: &Stamp, config: &Config) -> Result<(), String> {
+    use crate::signature::{load_key, verify, Verification};
+    let required = config.stamp.require_signature;
+    let key = match load_key(&config.stamp.key_file) {
+        Ok(key) => key,
+        Err(e) if required || stamp.signature.is_some() => {
+            return Err(format!("cannot check the stamp's signature: {e}"))
+        }
+        Err(_) => return Ok(()),
+    };
+    let Some(key) = key else {
+        return if required {
+            Err(format!(
+                "stamp.require_signature is set but there is no fleet key at {}",
+                config.stamp.key_file.display()
+            ))
+        } else {
+            Ok(())
+        };
+    };
+    match verify(&key, stamp) {
+        Verification::Valid => Ok(()),
+        Verification::Invalid => Err(
+            "the stamp's signature does not match this fleet's key (forged, edited, or signed \
+             with another key)"
+                .to_string(),
+        ),
+        Verification::Unsigned if required => {
+            Err("the stamp is not signed (stamp.require_signature = true)".to_string())
+        }
+        Verification::Unsigned => Ok(()),
+    }
 }
 
 /// Judges an incoming domain document on this host: its stamp, this host's fingerprint for the
@@ -243,11 +294,33 @@ pub fn assess(
         .unwrap_or_default();
     // Measure only when the verdict depends on it: an opted-out or unstamped guest needs no probe.
     let opted_out = opt_out.guard_off && config.policy.allow_domain_opt_out;
+    if let (Some(s), false) = (stamp.as_ref(), opted_out) {
+        if let Err(reason) = check_signature(s, config) {
+            let (verb, domain) = (origin.describe(), crate::audit::escape(domain));
+            let message = format!(
+                "cpuguard: refusing {verb} of {domain}: {reason}\n  run `cpuguard stamp --force \
+                 {domain}` on the source host (with the fleet key in place) and migrate again"
+            );
+            return Ok(Assessment {
+                decision: Decision::Refuse {
+                    reason: reason.clone(),
+                    message,
+                },
+                stamp,
+                measured: None,
+                signature_problem: Some(reason),
+            });
+        }
+    }
     let measured = if opted_out || stamp.is_none() {
         None
     } else {
         Some(measure::for_domain_xml(doc.text, config).map_err(|e| e.to_string()))
     };
+    // What the stamp must be bound to: this domain, and the CPU configuration it arrives with.
+    let config_digest = crate::domain::guest::GuestCpuConfig::from_domain_xml(doc.text)
+        .ok()
+        .map(|g| g.binding_digest());
     let this_host = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -258,6 +331,8 @@ pub fn assess(
         this_host: &this_host,
         origin,
         stamp: stamp.as_ref(),
+        uuid: doc.uuid.as_deref(),
+        config_digest: config_digest.as_deref(),
         opt_out: &opt_out,
         local: match &measured {
             Some(Ok(m)) => Ok(&m.fingerprint),
@@ -271,5 +346,6 @@ pub fn assess(
         decision,
         stamp,
         measured,
+        signature_problem: None,
     })
 }

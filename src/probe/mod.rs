@@ -29,8 +29,20 @@ use crate::guest_view::GuestView;
 /// Measures what a guest with `config` sees of its CPU: CPUID (x86) or the ID registers
 /// (aarch64), under the same emulator checks, accelerator override and wall-time bound.
 pub fn probe_view(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<GuestView, ProbeError> {
+    probe_view_running(config, opts, None).map(|(view, _)| view)
+}
+
+/// [`probe_view`] with the features QEMU filtered (x86), executing `executable` instead of the domain's `<emulator>` (which is still
+/// resolved and checked): a running domain's own binary, `/proc/PID/exe`, already checked by the
+/// caller, which still runs after a package upgrade replaced the file at the `<emulator>` path.
+pub fn probe_view_running(
+    config: &GuestCpuConfig,
+    opts: &ProbeOptions,
+    executable: Option<&std::path::Path>,
+) -> Result<(GuestView, Vec<String>), ProbeError> {
     if config.arch != "aarch64" {
-        return probe(config, opts).map(GuestView::X86);
+        return run::probe_run_with(config, opts, executable)
+            .map(|r| (GuestView::X86(r.table), r.filtered));
     }
     let arm_error = |e| ProbeError::Aarch64(Box::new(e));
     // The emulator is resolved (and checked) as for x86, so a domain naming none gets the
@@ -47,7 +59,7 @@ pub fn probe_view(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<GuestV
         allowed_emulators: opts.allowed_emulators.clone(),
         work_dir: opts.work_dir.clone(),
     };
-    crate::arm::probe(&arm, &arm_opts)
-        .map(GuestView::Aarch64)
+    crate::arm::probe::probe_run_with(&arm, &arm_opts, executable)
+        .map(|r| (GuestView::Aarch64(r.table), Vec::new()))
         .map_err(arm_error)
 }

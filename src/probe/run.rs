@@ -115,6 +115,9 @@ pub struct ProbeRun {
     pub emulator: PathBuf,
     pub argv: Vec<String>,
     pub wall_time: Duration,
+    /// Features QEMU filtered out of the requested CPU because the host (or TCG) lacks them,
+    /// from its warnings: what the guest does not get although its configuration asks for it.
+    pub filtered: Vec<String>,
 }
 
 /// Measures the CPUID table a guest with `config` sees on this host.
@@ -124,7 +127,18 @@ pub fn probe(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<CpuidTable,
 
 /// Like [`probe`], with the emulator, argv and wall time of the run.
 pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRun, ProbeError> {
+    probe_run_with(config, opts, None)
+}
+
+/// Like [`probe_run`], executing `executable` (checked by the caller) in place of the resolved,
+/// checked `<emulator>`.
+pub fn probe_run_with(
+    config: &GuestCpuConfig,
+    opts: &ProbeOptions,
+    executable: Option<&Path>,
+) -> Result<ProbeRun, ProbeError> {
     let emulator = resolve_emulator(config, &opts.allowed_emulators)?;
+    let emulator = executable.map(Path::to_path_buf).unwrap_or(emulator);
     check_fallback_model(config, &emulator)?;
     let work = WorkDir::create(opts.work_dir.as_deref())?;
     let firmware = match opts.firmware {
@@ -155,6 +169,7 @@ pub fn probe_run(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<ProbeRu
         emulator,
         argv,
         wall_time,
+        filtered: filtered_features(&run.stderr),
     })
 }
 
@@ -176,6 +191,13 @@ fn check_fallback_model(config: &GuestCpuConfig, emulator: &Path) -> Result<(), 
 /// host facts and the cache key. The emulator is checked like for a probe.
 pub fn emulator_version(emulator: &str, allowed: &[PathBuf]) -> Result<String, ProbeError> {
     let emulator = check_emulator(emulator, allowed)?;
+    executable_version(&emulator)
+}
+
+/// The first line of `executable --version`, for a binary the caller has checked (a running
+/// domain's `/proc/PID/exe`).
+pub fn executable_version(emulator: &Path) -> Result<String, ProbeError> {
+    let emulator = emulator.to_path_buf();
     let work = WorkDir::create(None)?;
     let out_path = work.path.join("version.out");
     let out = File::create(&out_path).map_err(|e| ProbeError::WorkDir {
@@ -229,6 +251,8 @@ pub fn resolve_emulator(
 /// What [`run_firmware`] saw.
 pub(crate) struct FirmwareRun {
     pub argv: Vec<String>,
+    /// The emulator's stderr (its warnings), at most 64 KiB.
+    pub stderr: String,
     /// The file the firmware wrote its report to (debugcon or UART).
     pub output: Vec<u8>,
     pub wall_time: Duration,
@@ -304,8 +328,13 @@ pub(crate) fn run_firmware<E: From<ProbeError>>(
         .into());
     }
     let output = std::fs::read(&output_path).map_err(|e| work_error(&output_path, e))?;
+    let mut stderr = String::new();
+    if let Ok(file) = File::open(&stderr_path) {
+        let _ = file.take(64 * 1024).read_to_string(&mut stderr);
+    }
     Ok(FirmwareRun {
         argv,
+        stderr,
         output,
         wall_time,
     })
@@ -367,6 +396,34 @@ pub(crate) fn describe(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("was killed by signal {signal}"),
         (None, None) => "ended without a status".to_string(),
     }
+}
+
+/// The features QEMU's warnings say it dropped, one line each: `avx2: the host lacks it
+/// (CPUID.07H:EBX [bit 5])`. QEMU (without `enforce`, as libvirt starts it) warns
+/// `host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]` (KVM) or `TCG doesn't
+/// support …` and starts the guest without the feature.
+pub fn filtered_features(stderr: &str) -> Vec<String> {
+    const MARK: &str = " doesn't support requested feature: ";
+    let mut out: Vec<String> = stderr
+        .lines()
+        .filter_map(|line| {
+            let at = line.find(MARK)?;
+            let who = line[..at].rsplit(": ").next()?.trim();
+            let what = line[at + MARK.len()..].trim();
+            // CPUID.07H:EBX.avx2 [bit 5]: the name follows the register (it may hold dots).
+            let (location, rest) = what.split_once(':')?;
+            let (register, named) = rest.split_once('.')?;
+            let (name, bit) = named.split_once(' ').unwrap_or((named, ""));
+            let lacker = if who == "host" { "the host" } else { who };
+            Some(format!(
+                "{name}: {lacker} lacks it ({location}:{register}{}{bit})",
+                if bit.is_empty() { "" } else { " " }
+            ))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The last few non-empty lines of the emulator's stderr, joined into one line.
@@ -491,6 +548,22 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(describe(status), "exited with status 3");
+    }
+
+    #[test]
+    fn filtered_features_are_read_from_qemu_warnings() {
+        let stderr = "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
+                      qemu-system-x86_64: warning: TCG doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]\n\
+                      qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
+                      qemu-system-x86_64: some other warning\n";
+        assert_eq!(
+            filtered_features(stderr),
+            vec![
+                "avx2: the host lacks it (CPUID.07H:EBX [bit 5])".to_string(),
+                "sse4.2: TCG lacks it (CPUID.01H:ECX [bit 20])".to_string(),
+            ]
+        );
+        assert!(filtered_features("").is_empty());
     }
 
     #[test]

@@ -79,6 +79,27 @@ pub fn cpuguard(
     )
 }
 
+/// The domain XML with every cpuguard stamp in it bound to this domain (its UUID and CPU
+/// configuration digest), as a source's `cpuguard-libvirt` writes them since issue 11. An XML
+/// that cannot be read is returned unchanged (the hook then says why).
+pub fn bind_stamps(xml: String) -> String {
+    let Ok(guest) = cpuguard::domain::guest::GuestCpuConfig::from_domain_xml(&xml) else {
+        return xml;
+    };
+    let uuid = xml
+        .split_once("<uuid>")
+        .and_then(|(_, rest)| rest.split_once("</uuid>"))
+        .map(|(u, _)| u.to_string())
+        .unwrap_or_default();
+    xml.replace(
+        "<cpuguard:stamp ",
+        &format!(
+            "<cpuguard:stamp uuid='{uuid}' config='{}' ",
+            guest.binding_digest()
+        ),
+    )
+}
+
 /// A stamp element as libvirt shows it in the domain XML (namespaced by the metadata API).
 pub fn namespaced_stamp(host: &str, digest: &str, cpu: &str, table: &str) -> String {
     stamp_element(host, "2026-11-22T05:00:00Z", digest, cpu, table)
