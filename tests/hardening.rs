@@ -13,7 +13,9 @@ use cpuguard::fingerprint::Fingerprint;
 
 #[path = "support/operator.rs"]
 mod operator;
-use operator::{cpu_option_wrapper, cpuguard, host_config, namespaced_stamp, scratch_dir, BIN};
+use operator::{
+    bind_stamps, cpu_option_wrapper, cpuguard, host_config, namespaced_stamp, scratch_dir, BIN,
+};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const UUID: &str = "06c0c0dc-1080-4d3f-bdac-967d624c94f9";
@@ -22,13 +24,14 @@ const CPU: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>Haswell-noTSX</model></cpu>";
 const NOBODY: u32 = 65534;
 
+/// A domain XML whose stamps (if any) are bound to it, as a current source writes them.
 fn domain(name: &str, uuid: &str, emulator: &str, metadata: &str) -> String {
-    format!(
+    bind_stamps(format!(
         "<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>\
          <metadata>{metadata}</metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type></os>{CPU}\
          <devices><emulator>{emulator}</emulator></devices></domain>"
-    )
+    ))
 }
 
 fn root_only() -> bool {
