@@ -21,6 +21,10 @@ pub const PROBE_MSR_SELFTEST_X86: &[u8] =
 /// fingerprints measured before the RAM result still compare equal.
 pub const PROBE_TEXT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-text-x86.bin"));
 
+/// The probe's CPUIDs and RDMSRs with nothing kept, then the probe's exit: the floor a probe
+/// cannot go below on a host, whatever its output path (benches/probe.rs measures beside it).
+pub const PROBE_FLOOR_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-floor-x86.bin"));
+
 /// A test guest that prints "heartbeat NNNNNN" lines to COM1 a few times a second, forever.
 pub const HEARTBEAT_X86: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/heartbeat.bin"));
 
