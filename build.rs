@@ -8,21 +8,25 @@
 //! Generating them here with an assembler crate means no assembler or toolchain is needed on the
 //! hypervisor, and the bytes are reproducible from this file alone.
 //!
-//! Probe output format (one line each, lowercase hex, on port 0xe9, parsed by src/probe/output.rs):
+//! Probe result (src/probe/layout.rs has the addresses, parsed by src/probe/output.rs): binary
+//! records in guest RAM — no I/O exit per value, which under KVM cost ~15 µs per byte — and a
+//! summary written last, then PROBE_EXIT_VALUE to isa-debug-exit: QEMU exits with status
+//! (value << 1) | 1.
+//!
+//! A test image keeps the previous wire format, text on port 0xe9 (one line each, lowercase hex),
+//! so a test can show both formats yield the same table:
 //!   `CPUGUARD-PROBE 1`                                     header, format version
 //!   `C <leaf> <subleaf> <eax> <ebx> <ecx> <edx>`          one CPUID answer (8 hex digits each)
 //!   `M <index> <value>`                                    MSR read (8 + 16 hex digits)
 //!   `X <index>`                                            MSR read raised #GP (absent)
 //!   `F`                                                    unexpected CPU exception (fatal)
 //!   `END <count>`                                          count = number of C/M/X lines
-//!
-//! then it writes PROBE_EXIT_VALUE to isa-debug-exit (port 0xf4): QEMU exits with status
-//! (value << 1) | 1.
 
 use std::path::Path;
 
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
+use sha2::{Digest, Sha256};
 
 const IMAGE_SIZE: usize = 0x10000;
 /// Real-mode segment the image is mapped at (physical 0xF0000).
@@ -33,10 +37,15 @@ const RESET_VECTOR: usize = 0xFFF0;
 const GP_HANDLER: u16 = 0xE000;
 const FATAL_HANDLER: u16 = 0xE100;
 
-/// Value written to isa-debug-exit when the probe completed: QEMU exits with (0x20 << 1) | 1 = 65.
-const PROBE_EXIT_VALUE: u8 = 0x20;
-/// Value written when an unexpected exception hit: exit status (0x30 << 1) | 1 = 97.
-const FATAL_EXIT_VALUE: u8 = 0x30;
+// The probe's ports, exit values and result layout, shared with the crate.
+#[allow(dead_code)]
+#[path = "src/probe/layout.rs"]
+mod layout;
+use layout::{
+    DEBUGCON_PORT, DEBUG_EXIT_PORT, FATAL_EXIT_VALUE, KIND_CPUID, KIND_MSR, KIND_MSR_ABSENT,
+    PROBE_EXIT_VALUE, RECORDS_ADDR, RECORDS_END, RECORD_SIZE, RESULT_ADDR, RESULT_COUNT_OFFSET,
+    RESULT_MAGIC, RESULT_STATUS_OFFSET, STATUS_COMPLETE, STATUS_FAULT, STATUS_OVERFLOW,
+};
 
 const STACK_TOP: u16 = 0x7C00;
 /// Line buffer in low RAM, flushed with one `rep outsb` per line (one I/O exit per line under KVM).
@@ -59,6 +68,10 @@ const V_L1_ECX: u64 = 0x52C;
 const V_L7_EDX: u64 = 0x530;
 const V_BASIC_MAX: u64 = 0x534;
 const V_RANGE_BASE: u64 = 0x538;
+/// Set when the record area filled up (RAM sink).
+const V_OVERFLOW: u64 = 0x53C;
+/// The record being written (RAM sink): kind and up to six values, copied to ES:DI.
+const V_REC: u64 = 0x540;
 
 /// Every loop over sub-leaves or leaves is bounded so a hostile or buggy CPUID cannot hang the probe.
 const MAX_SUBLEAF: u32 = 63;
@@ -68,15 +81,40 @@ const COM1: u16 = 0x3F8;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/probe/layout.rs");
     let out_dir = match std::env::var("OUT_DIR") {
         Ok(dir) => dir,
         Err(e) => panic!("build.rs: OUT_DIR is not set: {e}"),
     };
-    write_image(&out_dir, "probe-x86.bin", probe_image(MsrReads::Enumerated));
+    let probe = write_image(
+        &out_dir,
+        "probe-x86.bin",
+        probe_image(MsrReads::Enumerated, Sink::Ram),
+    );
+    // The cache key names the probe image by its sha256; hashing 64 KiB at run time cost ~3.3
+    // million instructions, a quarter of the warm incoming check (callgrind), so it is done here.
+    let digest: String = Sha256::digest(&probe)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let digest_path = Path::new(&out_dir).join("probe-x86.sha256");
+    if let Err(e) = std::fs::write(&digest_path, digest) {
+        panic!("build.rs: writing {} failed: {e}", digest_path.display());
+    }
     write_image(
         &out_dir,
         "probe-msr-selftest-x86.bin",
-        probe_image(MsrReads::Selftest),
+        probe_image(MsrReads::Selftest, Sink::Ram),
+    );
+    write_image(
+        &out_dir,
+        "probe-text-x86.bin",
+        probe_image(MsrReads::Enumerated, Sink::Debugcon),
+    );
+    write_image(
+        &out_dir,
+        "probe-floor-x86.bin",
+        probe_image(MsrReads::Enumerated, Sink::Nowhere),
     );
     write_image(&out_dir, "heartbeat.bin", heartbeat_image());
     write_image(&out_dir, "exit.bin", exit_image());
@@ -89,22 +127,23 @@ fn main() {
 fn exit_image() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
     prologue(&mut a)?;
-    a.mov(dx, 0xF4u32)?;
+    a.mov(dx, u32::from(DEBUG_EXIT_PORT))?;
     a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
     a.out(dx, al)?;
     a.hlt()?;
     Ok(layout(a.assemble(0)?, &[]))
 }
 
-fn write_image(out_dir: &str, name: &str, image: Result<Vec<u8>, IcedError>) {
+fn write_image(out_dir: &str, name: &str, image: Result<Vec<u8>, IcedError>) -> Vec<u8> {
     let image = match image {
         Ok(image) => image,
         Err(e) => panic!("build.rs: assembling {name} failed: {e}"),
     };
     let path = Path::new(out_dir).join(name);
-    if let Err(e) = std::fs::write(&path, image) {
+    if let Err(e) = std::fs::write(&path, &image) {
         panic!("build.rs: writing {} failed: {e}", path.display());
     }
+    image
 }
 
 /// Lays out a 64 KiB image: main code at offset 0, handlers at their fixed offsets, and at the reset
@@ -249,6 +288,38 @@ struct ProbeLabels {
     range: CodeLabel,
     range_if_valid: CodeLabel,
     msr: CodeLabel,
+    record: CodeLabel,
+}
+
+/// Where the probe puts what it measured.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// Binary records in guest RAM (src/probe/layout.rs): the probe.
+    Ram,
+    /// Text lines on port 0xe9, one `rep outsb` each: the previous wire format, kept as a test
+    /// image.
+    Debugcon,
+    /// Nowhere: the same CPUIDs and RDMSRs, nothing kept. The floor the probe's cost is measured
+    /// against (benches/probe.rs): what the table's own exits cost.
+    Nowhere,
+}
+
+/// RAM sink: fills V_REC with `kind` and the dwords at `vars`, then writes the record.
+fn put_record(
+    a: &mut CodeAssembler,
+    l: &ProbeLabels,
+    kind: u32,
+    vars: &[u64],
+) -> Result<(), IcedError> {
+    a.mov(dword_ptr(V_REC), kind)?;
+    for (i, var) in (1u64..).zip(vars) {
+        a.mov(eax, dword_ptr(*var))?;
+        a.mov(dword_ptr(V_REC + 4 * i), eax)?;
+    }
+    for i in vars.len() as u64 + 1..8 {
+        a.mov(dword_ptr(V_REC + 4 * i), 0u32)?;
+    }
+    a.call(l.record)
 }
 
 /// Appends the fixed text to the line buffer at ES:DI.
@@ -282,7 +353,7 @@ enum MsrReads {
 /// 0x480 (VMX basic) does not exist without VMX; 0x4D000000 is not an MSR at all.
 const SELFTEST_MSRS: [u32; 4] = [0x1B, 0xC000_0080, 0x480, 0x4D00_0000];
 
-fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
+fn probe_image(msr_reads: MsrReads, sink: Sink) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
     let mut l = ProbeLabels {
         hex32: a.create_label(),
@@ -293,6 +364,7 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
         range: a.create_label(),
         range_if_valid: a.create_label(),
         msr: a.create_label(),
+        record: a.create_label(),
     };
 
     // ---- entry ----
@@ -308,13 +380,24 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     a.dec(cx)?;
     a.jnz(ivt_loop)?;
     a.mov(word_ptr(13 * 4), u32::from(GP_HANDLER))?;
-    for var in [V_LINES, V_GP, V_L1_ECX, V_L7_EDX, V_BASIC_MAX] {
+    for var in [V_LINES, V_GP, V_L1_ECX, V_L7_EDX, V_BASIC_MAX, V_OVERFLOW] {
         a.mov(dword_ptr(var), 0u32)?;
     }
-    a.mov(di, u32::from(LINE_BUF))?;
-    put_str(&mut a, "CPUGUARD-PROBE 1")?;
-    a.call(l.flush)?;
-    a.mov(dword_ptr(V_LINES), 0u32)?;
+    match sink {
+        Sink::Debugcon => {
+            a.mov(di, u32::from(LINE_BUF))?;
+            put_str(&mut a, "CPUGUARD-PROBE 1")?;
+            a.call(l.flush)?;
+            a.mov(dword_ptr(V_LINES), 0u32)?;
+        }
+        Sink::Nowhere => {}
+        Sink::Ram => {
+            // Records go to ES:DI; DS stays 0 for the variables.
+            a.mov(ax, RECORDS_ADDR >> 4)?;
+            a.mov(es, ax)?;
+            a.xor(di, di)?;
+        }
+    }
 
     // Basic, hypervisor and extended ranges; a second hypervisor range at 0x40000100 exists when
     // QEMU exposes Hyper-V leaves at 0x40000000 and moves KVM's there; 0xC0000000 is Centaur/Zhaoxin.
@@ -380,12 +463,38 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     }
     a.set_label(&mut no_vmx)?;
 
-    // End marker with the line count, then exit.
-    put_str(&mut a, "END")?;
-    put_var(&mut a, &l, V_LINES)?;
-    a.call(l.flush)?;
+    match sink {
+        Sink::Debugcon => {
+            // End marker with the line count, then exit.
+            put_str(&mut a, "END")?;
+            put_var(&mut a, &l, V_LINES)?;
+            a.call(l.flush)?;
+        }
+        Sink::Ram => {
+            // Status and count, then the magic last: it marks a finished result.
+            let mut full = a.create_label();
+            let mut status_set = a.create_label();
+            a.cmp(dword_ptr(V_OVERFLOW), 0u32)?;
+            a.jne(full)?;
+            a.mov(
+                dword_ptr(u64::from(RESULT_ADDR + RESULT_STATUS_OFFSET)),
+                STATUS_COMPLETE,
+            )?;
+            a.jmp(status_set)?;
+            a.set_label(&mut full)?;
+            a.mov(
+                dword_ptr(u64::from(RESULT_ADDR + RESULT_STATUS_OFFSET)),
+                STATUS_OVERFLOW,
+            )?;
+            a.set_label(&mut status_set)?;
+            a.mov(eax, dword_ptr(V_LINES))?;
+            a.mov(dword_ptr(u64::from(RESULT_ADDR + RESULT_COUNT_OFFSET)), eax)?;
+            put_magic(&mut a)?;
+        }
+        Sink::Nowhere => {}
+    }
     a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
-    a.out(0xF4u32, al)?;
+    a.out(u32::from(DEBUG_EXIT_PORT), al)?;
     let mut halt = a.create_label();
     a.set_label(&mut halt)?;
     a.hlt()?;
@@ -422,7 +531,7 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     a.mov(cx, di)?;
     a.sub(cx, i32::from(LINE_BUF))?;
     a.mov(si, u32::from(LINE_BUF))?;
-    a.mov(dx, 0xE9u32)?;
+    a.mov(dx, u32::from(DEBUGCON_PORT))?;
     a.rep().outsb()?;
     a.mov(di, u32::from(LINE_BUF))?;
     a.inc(dword_ptr(V_LINES))?;
@@ -442,11 +551,42 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     // ---- query_emit: query, then one "C" line ----
     a.set_label(&mut l.query_emit)?;
     a.call(l.query)?;
-    put_str(&mut a, "C")?;
-    for var in [V_LEAF, V_SUB, V_EAX, V_EBX, V_ECX, V_EDX] {
-        put_var(&mut a, &l, var)?;
+    let answer = [V_LEAF, V_SUB, V_EAX, V_EBX, V_ECX, V_EDX];
+    match sink {
+        Sink::Debugcon => {
+            put_str(&mut a, "C")?;
+            for var in answer {
+                put_var(&mut a, &l, var)?;
+            }
+            a.call(l.flush)?;
+        }
+        Sink::Ram => put_record(&mut a, &l, KIND_CPUID, &answer)?,
+        Sink::Nowhere => {}
     }
-    a.call(l.flush)?;
+    a.ret()?;
+
+    // ---- record: V_REC (kind + 7 dwords) to ES:DI, count it, advance; full area: flag it ----
+    a.set_label(&mut l.record)?;
+    let mut room = a.create_label();
+    let mut advanced = a.create_label();
+    a.mov(ax, es)?;
+    a.cmp(ax, RECORDS_END >> 4)?;
+    a.jb(room)?;
+    a.mov(dword_ptr(V_OVERFLOW), 1u32)?;
+    a.ret()?;
+    a.set_label(&mut room)?;
+    for i in 0..u64::from(RECORD_SIZE / 4) {
+        a.mov(eax, dword_ptr(V_REC + 4 * i))?;
+        a.mov(dword_ptr(di + 4 * i as i32).es(), eax)?;
+    }
+    a.inc(dword_ptr(V_LINES))?;
+    // 64 KiB is a whole number of records: when DI wraps, move ES on by 64 KiB.
+    a.add(di, RECORD_SIZE as i32)?;
+    a.jnz(advanced)?;
+    a.mov(ax, es)?;
+    a.add(ax, 0x1000)?;
+    a.mov(es, ax)?;
+    a.set_label(&mut advanced)?;
     a.ret()?;
 
     // ---- do_leaf: every sub-leaf of V_LEAF ----
@@ -522,17 +662,29 @@ fn probe_image(msr_reads: MsrReads) -> Result<Vec<u8>, IcedError> {
     a.jne(absent)?;
     a.mov(dword_ptr(V_EAX), eax)?;
     a.mov(dword_ptr(V_EDX), edx)?;
-    put_str(&mut a, "M")?;
-    put_var(&mut a, &l, V_MSR)?;
-    put_var(&mut a, &l, V_EDX)?;
-    a.mov(eax, dword_ptr(V_EAX))?;
-    a.call(l.hex32)?;
-    a.call(l.flush)?;
+    match sink {
+        Sink::Debugcon => {
+            put_str(&mut a, "M")?;
+            put_var(&mut a, &l, V_MSR)?;
+            put_var(&mut a, &l, V_EDX)?;
+            a.mov(eax, dword_ptr(V_EAX))?;
+            a.call(l.hex32)?;
+            a.call(l.flush)?;
+        }
+        Sink::Ram => put_record(&mut a, &l, KIND_MSR, &[V_MSR, V_EAX, V_EDX])?,
+        Sink::Nowhere => {}
+    }
     a.ret()?;
     a.set_label(&mut absent)?;
-    put_str(&mut a, "X")?;
-    put_var(&mut a, &l, V_MSR)?;
-    a.call(l.flush)?;
+    match sink {
+        Sink::Debugcon => {
+            put_str(&mut a, "X")?;
+            put_var(&mut a, &l, V_MSR)?;
+            a.call(l.flush)?;
+        }
+        Sink::Ram => put_record(&mut a, &l, KIND_MSR_ABSENT, &[V_MSR])?,
+        Sink::Nowhere => {}
+    }
     a.ret()?;
 
     let main = a.assemble(0)?;
@@ -616,6 +768,19 @@ fn emit_subleaf_rule(
     Ok(())
 }
 
+/// Writes [`RESULT_MAGIC`] at RESULT_ADDR (DS = 0): the result is complete from here on.
+fn put_magic(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    for (offset, chunk) in (0u64..).step_by(4).zip(RESULT_MAGIC.chunks(4)) {
+        let mut word = [0u8; 4];
+        word.copy_from_slice(chunk);
+        a.mov(
+            dword_ptr(u64::from(RESULT_ADDR) + offset),
+            u32::from_le_bytes(word),
+        )?;
+    }
+    Ok(())
+}
+
 /// #GP in real mode pushes FLAGS, CS, IP (no error code); the only instruction expected to fault is
 /// the 2-byte RDMSR, so resume after it and flag the MSR as absent.
 fn gp_handler() -> Result<Vec<u8>, IcedError> {
@@ -633,13 +798,22 @@ fn gp_handler() -> Result<Vec<u8>, IcedError> {
 /// instead of running off into zeroed memory until the wall-time bound.
 fn fatal_handler() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(16)?;
-    a.mov(dx, 0xE9u32)?;
+    a.xor(ax, ax)?;
+    a.mov(ds, ax)?;
+    a.mov(eax, dword_ptr(V_LINES))?;
+    a.mov(dword_ptr(u64::from(RESULT_ADDR + RESULT_COUNT_OFFSET)), eax)?;
+    a.mov(
+        dword_ptr(u64::from(RESULT_ADDR + RESULT_STATUS_OFFSET)),
+        STATUS_FAULT,
+    )?;
+    put_magic(&mut a)?;
+    a.mov(dx, u32::from(DEBUGCON_PORT))?;
     for byte in b"\nF\n" {
         a.mov(al, u32::from(*byte))?;
         a.out(dx, al)?;
     }
     a.mov(al, u32::from(FATAL_EXIT_VALUE))?;
-    a.out(0xF4u32, al)?;
+    a.out(u32::from(DEBUG_EXIT_PORT), al)?;
     let mut halt = a.create_label();
     a.set_label(&mut halt)?;
     a.cli()?;

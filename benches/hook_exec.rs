@@ -3,7 +3,9 @@
 //! would cost if it loaded libvirt). Scenarios run round-robin in one process so machine noise
 //! hits them alike.
 //!
-//! Run: `cargo bench --bench hook_exec` (optionally `-- ROUNDS`, default 300).
+//! Run: `cargo bench --bench hook_exec` (optionally `-- ROUNDS`, default 300). With
+//! `CPUGUARD_BENCH_KEEP=1` the work directory (configurations, stamped XML, warm cache) is kept so
+//! a scenario can be re-run under `valgrind --tool=callgrind`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,7 +19,30 @@ struct Scenario {
     stdin: Option<PathBuf>,
     /// The 1 MiB case is slower by nature; run it every `every`-th round to keep the bench short.
     every: usize,
+    /// Environment for this scenario's runs (its own configuration file).
+    env: Vec<(String, PathBuf)>,
+    /// Arguments of an untimed run before each timed one (the migrate phase that leaves the
+    /// incoming record a prepare consumes).
+    before: Option<Vec<String>>,
+    /// The exit status a correct run ends with (`cpuguard diff` says "different" with 1).
+    expect_code: i32,
     samples: Vec<Duration>,
+}
+
+impl Scenario {
+    fn new(name: &'static str, program: &Path, args: &[&str], stdin: Option<&Path>) -> Self {
+        Scenario {
+            name,
+            program: program.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            stdin: stdin.map(Path::to_path_buf),
+            every: 1,
+            env: Vec::new(),
+            before: None,
+            expect_code: 0,
+            samples: Vec::new(),
+        }
+    }
 }
 
 fn rustc(src: &str, out: &Path, extra: &[&str]) -> bool {
@@ -54,20 +79,33 @@ fn domain_xml(size: usize) -> String {
 }
 
 fn run_once(s: &Scenario) -> Duration {
+    if let Some(before) = &s.before {
+        let mut setup = Scenario::new(s.name, &s.program, &[], s.stdin.as_deref());
+        setup.env = s.env.clone();
+        exec(&setup, before);
+    }
+    exec(s, &s.args)
+}
+
+fn exec(s: &Scenario, args: &[String]) -> Duration {
     let stdin = match &s.stdin {
         Some(p) => fs::File::open(p).map(Stdio::from).unwrap_or(Stdio::null()),
         None => Stdio::null(),
     };
-    let start = Instant::now();
-    let status = Command::new(&s.program)
-        .args(&s.args)
+    let mut command = Command::new(&s.program);
+    command
+        .args(args)
         .stdin(stdin)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
+        .stderr(Stdio::null());
+    for (key, value) in &s.env {
+        command.env(key, value);
+    }
+    let start = Instant::now();
+    let status = command.status();
     let elapsed = start.elapsed();
     match status {
-        Ok(st) if st.success() => elapsed,
+        Ok(st) if st.code() == Some(s.expect_code) => elapsed,
         other => panic!("{}: run failed: {other:?}", s.name),
     }
 }
@@ -83,15 +121,16 @@ fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
 
 /// The prepare phase of an incoming guest with a stamp and a warm fingerprint cache: the whole
 /// check cpuguard adds to a migration (parse, cache hit, compare, audit). Each timed prepare
-/// follows an untimed migrate phase that leaves the incoming record.
-fn incoming_check(cpuguard: &Path, work: &Path, rounds: usize) {
+/// follows an untimed migrate phase that leaves the incoming record; it runs interleaved with the
+/// trivial binary like every other scenario.
+fn incoming_check(cpuguard: &Path, work: &Path) -> Option<Scenario> {
     use cpuguard::config::Config;
     use cpuguard::domain::metadata::stamp_element;
 
     let emulator = "/usr/bin/qemu-system-x86_64";
     if !Path::new(emulator).exists() {
         println!("(incoming check skipped: no {emulator})");
-        return;
+        return None;
     }
     let xml = include_str!("../tests/fixtures/domains/tcg-haswell-features.xml");
     let mut config = Config {
@@ -134,36 +173,22 @@ fn incoming_check(cpuguard: &Path, work: &Path, rounds: usize) {
         ),
     )
     .expect("config");
-    let run = |phase: &str| {
-        let start = Instant::now();
-        let status = Command::new(cpuguard)
-            .args(["hook", "qemu", "bench-stamped", phase, "begin", "-"])
-            .env("CPUGUARD_CONFIG", &toml)
-            .stdin(
-                fs::File::open(&xml_path)
-                    .map(Stdio::from)
-                    .unwrap_or(Stdio::null()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let took = start.elapsed();
-        assert!(
-            matches!(status, Ok(s) if s.success()),
-            "{phase} failed: {status:?}"
-        );
-        took
+    let hook = |phase: &str| -> Vec<String> {
+        ["hook", "qemu", "bench-stamped", phase, "begin", "-"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     };
-    let mut samples = Vec::new();
-    for _ in 0..rounds {
-        run("migrate");
-        samples.push(run("prepare"));
-    }
-    let (median, mean, p95) = stats(&mut samples);
-    println!(
-        "{:<42} {:>7} {:>9.3} {:>9.3} {:>9.3}",
-        "hook prepare, incoming, stamped, warm cache", rounds, median, mean, p95
+    let mut scenario = Scenario::new(
+        "hook prepare, incoming, stamped, warm cache",
+        cpuguard,
+        &[],
+        Some(&xml_path),
     );
+    scenario.args = hook("prepare");
+    scenario.before = Some(hook("migrate"));
+    scenario.env = vec![("CPUGUARD_CONFIG".to_string(), toml)];
+    Some(scenario)
 }
 
 fn main() {
@@ -220,57 +245,65 @@ fn main() {
             .map(|s| s.to_string())
             .collect()
     };
-    let mut scenarios = vec![
-        Scenario {
-            name: "trivial Rust binary",
-            program: trivial.clone(),
-            args: vec![],
-            stdin: Some(xml_4k.clone()),
-            every: 1,
-            samples: vec![],
-        },
-        Scenario {
-            name: "hook no-op phase (stopped), 4 KiB XML",
-            program: cpuguard.clone(),
-            args: hook("stopped"),
-            stdin: Some(xml_4k.clone()),
-            every: 1,
-            samples: vec![],
-        },
-        Scenario {
-            name: "hook prepare, normal start, 4 KiB XML",
-            program: cpuguard.clone(),
-            args: hook("prepare"),
-            stdin: Some(xml_4k.clone()),
-            every: 1,
-            samples: vec![],
-        },
-        Scenario {
-            name: "hook migrate phase, 4 KiB XML",
-            program: cpuguard.clone(),
-            args: hook("migrate"),
-            stdin: Some(xml_4k.clone()),
-            every: 1,
-            samples: vec![],
-        },
-        Scenario {
-            name: "hook migrate phase, 1 MiB XML",
-            program: cpuguard.clone(),
-            args: hook("migrate"),
-            stdin: Some(xml_1m.clone()),
-            every: 5,
-            samples: vec![],
-        },
+    let stdin_4k = Some(xml_4k.as_path());
+    let small_dumps = [
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/cpuid/seed001-case3-src.txt"
+        ),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/cpuid/seed001-case3-dst.txt"
+        ),
     ];
+    let mut scenarios = vec![
+        Scenario::new("trivial Rust binary", &trivial, &[], stdin_4k),
+        Scenario::new("cpuguard --version", &cpuguard, &["--version"], None),
+        Scenario::new(
+            "hook no-op phase (stopped), 4 KiB XML",
+            &cpuguard,
+            &[],
+            stdin_4k,
+        ),
+        Scenario::new(
+            "hook prepare, normal start, 4 KiB XML",
+            &cpuguard,
+            &[],
+            stdin_4k,
+        ),
+        Scenario::new("hook migrate phase, 4 KiB XML", &cpuguard, &[], stdin_4k),
+        Scenario::new(
+            "hook migrate phase, 1 MiB XML",
+            &cpuguard,
+            &[],
+            Some(&xml_1m),
+        ),
+        // Two 30-line kvm-unit-tests dumps (seed 001 case 3) that differ: names looked up in
+        // libvirt's feature map, exit 1 for "different".
+        Scenario::new("cpuguard diff, two 30-line dumps", &cpuguard, &[], None),
+    ];
+    scenarios[2].args = hook("stopped");
+    scenarios[3].args = hook("prepare");
+    scenarios[4].args = hook("migrate");
+    scenarios[5].args = hook("migrate");
+    scenarios[5].every = 5;
+    scenarios[6].args = ["diff", small_dumps[0], small_dumps[1]]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    scenarios[6].expect_code = 1;
+    if let Some(incoming) = incoming_check(&cpuguard, &work) {
+        scenarios.push(incoming);
+    }
     if have_libvirt {
-        scenarios.push(Scenario {
-            name: "trivial Rust binary linking libvirt",
-            program: with_libvirt,
-            args: vec![],
-            stdin: None,
-            every: 3,
-            samples: vec![],
-        });
+        let mut linked = Scenario::new(
+            "trivial Rust binary linking libvirt",
+            &with_libvirt,
+            &[],
+            None,
+        );
+        linked.every = 3;
+        scenarios.push(linked);
     }
 
     // Warm the page cache before measuring.
@@ -311,7 +344,11 @@ fn main() {
     if !have_libvirt {
         println!("(libvirt-linked baseline skipped: rustc -l virt failed; install libvirt-dev)");
     }
-    incoming_check(&cpuguard, &work, rounds.min(100));
+    if std::env::var_os("CPUGUARD_BENCH_KEEP").is_some() {
+        // For profiling one scenario by hand, e.g. under valgrind --tool=callgrind.
+        println!("kept {} and {}", work.display(), run_dir.display());
+        return;
+    }
     let _ = fs::remove_dir_all(&work);
     let _ = fs::remove_dir_all(&run_dir);
 }

@@ -1,12 +1,14 @@
 //! What a fingerprint costs: the probe's wall time beside a bare QEMU start-to-quit of the same
-//! configuration (same emulator, same -machine/-cpu/-smp, a firmware that exits at once), run
-//! round-robin in one process, and what a cache hit costs, in-process and as `cpuguard probe
-//! --cached`.
+//! configuration (same emulator, same -machine/-cpu/-smp, a firmware that exits at once) and
+//! beside the floor (the same command line booting a firmware that executes only the CPUIDs and
+//! RDMSRs the table needs and exits: what the table's own exits cost on this host), run
+//! round-robin in one process, under TCG and under KVM where it is usable; and what a cache hit
+//! costs, in-process and as `cpuguard probe --cached`.
 //!
 //! The aarch64 ID-register probe is measured the same way against a bare `qemu-system-aarch64`
 //! start-to-quit whose firmware reads no register (the same generated program, empty list).
 //!
-//! Run: `cargo bench --bench probe` (optionally `-- ROUNDS`, default 15). Uses TCG.
+//! Run: `cargo bench --bench probe` (optionally `-- ROUNDS`, default 15).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,9 +17,11 @@ use std::time::{Duration, Instant};
 use cpuguard::config::Config;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::measure;
-use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS};
-use cpuguard::probe::qemu_args::probe_args;
+use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS, PROBE_FLOOR_X86};
 use cpuguard::probe::run::{probe_run, ProbeOptions};
+
+#[path = "../tests/support/kvm.rs"]
+mod kvm;
 
 const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 
@@ -41,10 +45,29 @@ fn timed_run(emulator: &str, argv: &[String], expected: Option<i32>) -> Duration
     took
 }
 
-fn bare_run(config: &GuestCpuConfig, work: &Path) -> Duration {
-    let firmware = work.join("exit.bin");
-    let out = work.join("bare.out");
-    let argv = probe_args(config, Accel::Tcg, &firmware, &out).expect("argv");
+/// The probe's own command line (`argv` of a probe run: same -machine/-cpu/-smp, devices and
+/// file-backed RAM) booting `image` instead, with its files in `work`.
+fn bare_run(argv: &[String], image: &Path, work: &Path) -> Duration {
+    let mut argv = argv.to_vec();
+    let mut bios = false;
+    for arg in argv.iter_mut() {
+        if bios {
+            *arg = image.display().to_string();
+        } else if arg.starts_with("file,id=") {
+            *arg = format!(
+                "file,id=cpuguard-probe,path={}",
+                work.join("bare.out").display()
+            );
+        } else if arg.starts_with("memory-backend-file,") {
+            let head = arg
+                .split(",mem-path=")
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            *arg = format!("{head},mem-path={}", work.join("bare-ram").display());
+        }
+        bios = arg == "-bios";
+    }
     timed_run(EMULATOR, &argv, Some(PROBE_EXIT_STATUS))
 }
 
@@ -55,7 +78,10 @@ fn main() {
         .unwrap_or(15);
     let dir = tempfile::tempdir().expect("tempdir");
     let work = dir.path();
-    std::fs::write(work.join("exit.bin"), EXIT_X86).expect("exit firmware");
+    let exit_image = work.join("exit.bin");
+    let floor_image = work.join("floor.bin");
+    std::fs::write(&exit_image, EXIT_X86).expect("exit firmware");
+    std::fs::write(&floor_image, PROBE_FLOOR_X86).expect("floor firmware");
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/domains");
     let names = [
         "tcg-haswell-features.xml",
@@ -73,37 +99,86 @@ fn main() {
             )
         })
         .collect();
-    let opts = ProbeOptions {
-        timeout: Duration::from_secs(60),
-        allowed_emulators: vec![PathBuf::from(EMULATOR)],
-        accel_override: Some(Accel::Tcg),
-        ..ProbeOptions::default()
-    };
 
-    let mut bare: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
-    let mut probe: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
-    for (i, (_, c)) in configs.iter().enumerate() {
-        bare_run(c, work);
-        probe_run(c, &opts).expect("warm-up probe");
-        let _ = i;
+    let mut accels = vec![Accel::Tcg];
+    match kvm::unusable_reason() {
+        None => accels.push(Accel::Kvm),
+        Some(reason) => println!("(KVM skipped: {reason})"),
     }
-    for _ in 0..rounds {
-        for (i, (_, c)) in configs.iter().enumerate() {
-            bare[i].push(bare_run(c, work));
-            let start = Instant::now();
-            probe_run(c, &opts).expect("probe");
-            probe[i].push(start.elapsed());
+    for accel in accels {
+        let accel_name = if accel == Accel::Kvm { "KVM" } else { "TCG" };
+        let opts = ProbeOptions {
+            timeout: Duration::from_secs(60),
+            allowed_emulators: vec![PathBuf::from(EMULATOR)],
+            accel_override: Some(accel),
+            ..ProbeOptions::default()
+        };
+        // A configuration this host's QEMU refuses under this accelerator (a model the host CPU
+        // cannot run under KVM) is named and left out.
+        let runnable: Vec<(&String, &GuestCpuConfig, Vec<String>)> = configs
+            .iter()
+            .filter_map(|(name, c)| match probe_run(c, &opts) {
+                Ok(run) => Some((name, c, run.argv)),
+                Err(e) => {
+                    println!("({name} under {accel_name} left out: {e})");
+                    None
+                }
+            })
+            .collect();
+        let n = runnable.len();
+        let (mut bare, mut floor, mut probe) = (
+            vec![Vec::new(); n],
+            vec![Vec::new(); n],
+            vec![Vec::new(); n],
+        );
+        // The previous wire format (text on port 0xe9, an exit per byte under KVM), for the
+        // before/after figure.
+        let mut text = vec![Vec::new(); n];
+        let text_opts = ProbeOptions {
+            firmware: cpuguard::probe::Firmware::Text,
+            ..opts.clone()
+        };
+        for round in 0..rounds {
+            for (i, (_, c, argv)) in runnable.iter().enumerate() {
+                // The runs take turns at going first, so whatever the previous run leaves
+                // behind (caches, the scheduler) does not always favour the same one.
+                for which in (0..4).map(|k| (k + round) % 4) {
+                    match which {
+                        0 => bare[i].push(bare_run(argv, &exit_image, work)),
+                        1 => floor[i].push(bare_run(argv, &floor_image, work)),
+                        2 => {
+                            let start = Instant::now();
+                            probe_run(c, &text_opts).expect("text-format probe");
+                            text[i].push(start.elapsed());
+                        }
+                        _ => {
+                            let start = Instant::now();
+                            probe_run(c, &opts).expect("probe");
+                            probe[i].push(start.elapsed());
+                        }
+                    }
+                }
+            }
         }
-    }
-    println!("probe wall time vs bare QEMU start-to-quit, TCG, {rounds} rounds each (median ms)");
-    println!(
-        "{:<34} {:>10} {:>10} {:>8}",
-        "configuration", "bare QEMU", "probe", "ratio"
-    );
-    for (i, (name, _)) in configs.iter().enumerate() {
-        let b = median_ms(&mut bare[i]);
-        let p = median_ms(&mut probe[i]);
-        println!("{name:<34} {b:>10.1} {p:>10.1} {:>8.2}", p / b);
+        println!(
+            "probe wall time vs bare QEMU start-to-quit and vs the floor (and the previous text wire format), {accel_name}, {rounds} rounds each (median ms)"
+        );
+        println!(
+            "{:<34} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12}",
+            "configuration", "bare QEMU", "floor", "probe", "p/bare", "p/floor", "text format"
+        );
+        for (i, (name, _, _)) in runnable.iter().enumerate() {
+            let b = median_ms(&mut bare[i]);
+            let f = median_ms(&mut floor[i]);
+            let p = median_ms(&mut probe[i]);
+            let t = median_ms(&mut text[i]);
+            println!(
+                "{name:<34} {b:>10.1} {f:>10.1} {p:>10.1} {:>8.2} {:>8.2} {t:>12.1}",
+                p / b,
+                p / f
+            );
+        }
+        println!();
     }
 
     aarch64(work, rounds);

@@ -6,7 +6,7 @@ use crate::config::{PolicyConfig, Verdict};
 use crate::cpuid::FeatureMap;
 use crate::domain::metadata::{DomainPolicy, Stamp};
 use crate::fingerprint::Fingerprint;
-use crate::guest_view::{diff, GuestView};
+use crate::guest_view::{diff, GuestView, ViewDiff};
 use crate::incoming::Origin;
 
 /// What the prepare phase does with an incoming guest.
@@ -148,6 +148,33 @@ fn check_binding(inc: &Incoming<'_>, stamp: &Stamp, policy: &PolicyConfig) -> Op
 }
 
 pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
+    judge_with(inc, policy, |a, b| Ok(diff(a, b, features)))
+}
+
+/// [`judge`], loading libvirt's feature names only when the two views differ: loading the map
+/// costs about as much instruction-wise as the rest of a warm incoming check (callgrind), and an
+/// equivalent guest names nothing. Every difference shows without names too (unnamed bits are
+/// reported as register fields), so equivalence is decided the same way. A map that cannot be
+/// loaded when it is needed refuses, naming why.
+pub fn judge_loading_names(
+    inc: &Incoming<'_>,
+    policy: &PolicyConfig,
+    load: impl FnOnce() -> Result<FeatureMap, String>,
+) -> Decision {
+    judge_with(inc, policy, |a, b| {
+        let unnamed = diff(a, b, &FeatureMap::default());
+        if unnamed.is_equivalent() {
+            return Ok(unnamed);
+        }
+        Ok(diff(a, b, &load()?))
+    })
+}
+
+fn judge_with(
+    inc: &Incoming<'_>,
+    policy: &PolicyConfig,
+    compare: impl FnOnce(&GuestView, &GuestView) -> Result<ViewDiff, String>,
+) -> Decision {
     let refuse = |reason: String, message: String| Decision::Refuse { reason, message };
 
     if inc.opt_out.guard_off && policy.allow_domain_opt_out {
@@ -211,7 +238,10 @@ pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -
         }
     };
 
-    let d = diff(&source_table, &local.raw(), features);
+    let d = match compare(&source_table, &local.raw()) {
+        Ok(d) => d,
+        Err(reason) => return refuse(reason.clone(), inc.headline(&reason)),
+    };
     let informational = d.informational();
     if d.is_equivalent() {
         let note = if Some(source_table.digest().as_str()) != stamp.digest.as_deref() {
@@ -435,6 +465,54 @@ mod tests {
             ),
             "{d:?}"
         );
+    }
+
+    /// The hook's lazy variant: an equivalent guest never loads the names, a different one
+    /// loads them once and names its differences as `judge` does, and a map that cannot be
+    /// loaded when needed refuses with the reason.
+    #[test]
+    fn feature_names_are_loaded_only_for_a_difference() {
+        let s = stamp(SRC);
+        let opt_out = DomainPolicy::default();
+        let inc = |local| Incoming {
+            domain: "web1",
+            this_host: "hv-new",
+            origin: Origin::Migrate,
+            stamp: Some(&s),
+            opt_out: &opt_out,
+            local: Ok(local),
+            config_path: "/etc/cpuguard/cpuguard.toml",
+        };
+        let policy = PolicyConfig::default();
+        let same = fingerprint(SRC);
+        let loads = std::cell::Cell::new(0);
+        let load = || {
+            loads.set(loads.get() + 1);
+            Ok(features())
+        };
+        let d = judge_loading_names(&inc(&same), &policy, load);
+        assert!(matches!(d, Decision::Allow { .. }), "{d:?}");
+        assert_eq!(loads.get(), 0, "an equivalent guest loaded the feature map");
+
+        let lost = fingerprint(&SRC.replace("fffa3223", "fffa3203"));
+        let lazy = judge_loading_names(&inc(&lost), &policy, load);
+        assert_eq!(loads.get(), 1);
+        assert_eq!(lazy, judge(&inc(&lost), &policy, &features()));
+        let Decision::Refuse { message, .. } = lazy else {
+            panic!("must refuse")
+        };
+        assert!(
+            message.contains("lost: vmx (CPUID.0x1:ECX[5])"),
+            "{message}"
+        );
+
+        let broken = judge_loading_names(&inc(&lost), &policy, || {
+            Err("cannot name CPU features: no map".to_string())
+        });
+        let Decision::Refuse { reason, .. } = broken else {
+            panic!("must refuse")
+        };
+        assert_eq!(reason, "cannot name CPU features: no map");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! third one would be added here and in the probe.
 
 use std::fmt;
+use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -173,15 +174,19 @@ impl Tables {
             Tables::X86 { normalized, .. } => {
                 let mut table = normalized.clone();
                 table.canonicalize();
-                let mut out = format!("cpuguard normalized cpuid v{version}\n");
+                // Written in place (one allocation, not one per line): the hook computes this
+                // on its warm path. Writing to a String cannot fail.
+                let mut out = String::with_capacity(64 + 46 * table.entries.len());
+                let _ = writeln!(out, "cpuguard normalized cpuid v{version}");
                 for e in &table.entries {
-                    out.push_str(&format!(
-                        "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}\n",
+                    let _ = writeln!(
+                        out,
+                        "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}",
                         e.leaf, e.subleaf, e.eax, e.ebx, e.ecx, e.edx
-                    ));
+                    );
                 }
                 for m in &table.msrs {
-                    out.push_str(&format!("msr {:08x}: {:016x}\n", m.index, m.value));
+                    let _ = writeln!(out, "msr {:08x}: {:016x}", m.index, m.value);
                 }
                 out
             }
@@ -386,6 +391,34 @@ mod tests {
     use super::*;
     use crate::arm::ArmIdReg;
     use crate::cpuid::CpuidEntry;
+
+    /// The digest text is what stamps and cache entries are compared by: pinned byte for byte
+    /// (the expected digest is sha256 of the expected text, computed outside Rust).
+    #[test]
+    fn x86_digest_text_is_pinned() {
+        let table = crate::cpuid::parse_dump(
+            "00000001 00000000: 000306c1 00000800 fffa3223 078bfbff\n\
+             00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n\
+             msr 0000010a: 000000000000002b\n",
+        )
+        .expect("dump");
+        let tables = Tables::X86 {
+            raw: table.clone(),
+            normalized: table,
+            masks: Vec::new(),
+        };
+        assert_eq!(
+            tables.canonical_text(),
+            "cpuguard normalized cpuid v2\n\
+             00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n\
+             00000001 00000000: 000306c1 00000800 fffa3223 078bfbff\n\
+             msr 0000010a: 000000000000002b\n"
+        );
+        assert_eq!(
+            tables.digest(),
+            "sha256:c1072eabf2868184ef2abf3be6e1373130d24ab1474ee03b2a9d12b0dd71a59d"
+        );
+    }
 
     fn arm_table(isar0: u64, mpidr: u64) -> ArmIdTable {
         let mut regs: Vec<ArmIdReg> = crate::arm::firmware::PROBED_REGISTERS

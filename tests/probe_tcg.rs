@@ -10,6 +10,9 @@ use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::probe::{self, Firmware, ProbeError, ProbeOptions};
 
+#[path = "support/kvm.rs"]
+mod kvm;
+
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 fn options() -> ProbeOptions {
@@ -246,6 +249,63 @@ fn the_libvirt_prepare_sample_runs_under_tcg() {
     assert!(!bit(&t, 7, 0, 'b', 5), "disabled avx2 visible");
     // It requires hypervisor (1:ECX[31]).
     assert!(bit(&t, 1, 0, 'c', 31));
+}
+
+/// The probe's result moved from text lines on port 0xe9 to records in guest RAM. Fingerprints
+/// and stamps measured with the old wire format must still compare equal: for each
+/// configuration, the previous format's image (same CPUID walk, text output) and the probe give
+/// the same table, the same stored text (what a stamp carries) and the same digest. Under TCG,
+/// and under KVM where it is usable.
+#[test]
+fn the_ram_result_equals_the_previous_text_format() {
+    use cpuguard::cpuid::dump::write_dump;
+    use cpuguard::guest_view::GuestView;
+    let mut accels = vec![(Accel::Tcg, "tcg")];
+    if kvm::usable_or_skip("the KVM half of the_ram_result_equals_the_previous_text_format") {
+        accels.push((Accel::Kvm, "kvm"));
+    }
+    for (accel, accel_name) in accels {
+        let configs = match accel {
+            Accel::Tcg => vec![
+                model("qemu64", ""),
+                model("Haswell-noTSX", ""),
+                model("EPYC", ""),
+                model(
+                    "Skylake-Client",
+                    "<feature policy='disable' name='tsc-deadline'/>",
+                ),
+            ],
+            // Models this host's KVM can run whatever the host CPU (qemu64 and the host's own).
+            Accel::Kvm => vec![model("qemu64", ""), model("kvm64", "")],
+        };
+        for config in configs {
+            let measure = |firmware| {
+                let opts = ProbeOptions {
+                    firmware,
+                    accel_override: Some(accel),
+                    ..options()
+                };
+                probe::probe_run(&config, &opts).unwrap().table
+            };
+            let (ram, text) = (measure(Firmware::Probe), measure(Firmware::Text));
+            let cpu = config.cpu.as_ref().and_then(|c| c.model.clone());
+            assert!(ram.entries.len() > 10, "{cpu:?} {accel_name}: {ram:?}");
+            assert_eq!(
+                write_dump(&ram),
+                write_dump(&text),
+                "{cpu:?} under {accel_name}: stored text differs between wire formats"
+            );
+            assert_eq!(ram, text);
+            assert_eq!(
+                GuestView::X86(ram.clone()).digest(),
+                GuestView::X86(text).digest()
+            );
+            println!(
+                "{cpu:?} under {accel_name}: {} leaves, same table",
+                ram.entries.len()
+            );
+        }
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@ use crate::cpuid::FeatureMap;
 use crate::domain::document::{self, DomainDocument};
 use crate::domain::metadata::STAMP_NS;
 use crate::domain::metadata::{DomainPolicy, Stamp};
-use crate::guard::{judge, Decision, Incoming};
+use crate::guard::{judge_loading_names, Decision, Incoming};
 use crate::hook::{drain, read_limited, HookCall, Outcome};
 use crate::incoming::{self, Claim, Origin};
 use crate::measure::{self, Measurement};
@@ -285,8 +285,6 @@ pub fn assess(
     origin: Origin,
     config: &Config,
 ) -> Result<Assessment, String> {
-    let features =
-        FeatureMap::load_default().map_err(|e| format!("cannot name CPU features: {e}"))?;
     let stamp = doc.stamp.map(|s| Stamp::read(doc.slice(s)));
     let opt_out = doc
         .policy
@@ -341,7 +339,9 @@ pub fn assess(
         },
         config_path: &config_path,
     };
-    let decision = judge(&inc, &config.policy, &features);
+    let decision = judge_loading_names(&inc, &config.policy, || {
+        FeatureMap::load_default().map_err(|e| format!("cannot name CPU features: {e}"))
+    });
     Ok(Assessment {
         decision,
         stamp,

@@ -2,7 +2,10 @@
 //! sees, booted under the domain's own emulator, machine and CPU configuration.
 //!
 //! - `firmware`: the images build.rs generates (probe and a heartbeat test guest).
-//! - `output`: parsing the probe's debugcon output into a `CpuidTable`.
+//! - `layout`: where the probe leaves its result in guest RAM, its ports and exit values (shared
+//!   with build.rs).
+//! - `output`: parsing the probe's result (RAM records, or the text of the previous format) into
+//!   a `CpuidTable`.
 //! - `qemu_args`: the QEMU command line from a `GuestCpuConfig` (as libvirt would build it).
 //! - `emulator`: deciding whether an emulator path from untrusted XML may be run.
 //! - `models`: the CPU models an emulator has (for libvirt's `fallback='allow'` rule).
@@ -15,6 +18,7 @@
 pub mod confine;
 pub mod emulator;
 pub mod firmware;
+pub mod layout;
 pub mod models;
 pub mod output;
 pub mod qemu_args;

@@ -1,10 +1,17 @@
-//! Parses what the probe firmware prints on port 0xe9 (format documented in build.rs) into a
-//! [`CpuidTable`].
+//! Parses the probe firmware's result into a [`CpuidTable`]: [`parse_result`] reads the binary
+//! records the probe leaves in guest RAM (layout in `super::layout`), [`parse`] the text lines of
+//! the previous wire format (port 0xe9, documented in build.rs), kept for the test image that
+//! shows both give the same table.
 //!
-//! The output crosses a process boundary and may be cut short (timeout, crash, full disk), so
-//! every line is checked and the `END` marker's line count must match: a partial table is never
-//! returned, because a partial table would compare as "different" for the wrong reason.
+//! The result crosses a process boundary and may be cut short (timeout, crash, full disk), so
+//! every record is checked and the count must match: a partial table is never returned, because a
+//! partial table would compare as "different" for the wrong reason.
 
+use super::layout::{
+    KIND_CPUID, KIND_MSR, KIND_MSR_ABSENT, RECORDS_ADDR, RECORDS_END, RECORD_SIZE,
+    RESULT_COUNT_OFFSET, RESULT_MAGIC, RESULT_SIZE, RESULT_STATUS_OFFSET, STATUS_COMPLETE,
+    STATUS_FAULT, STATUS_OVERFLOW,
+};
 use crate::cpuid::{CpuidEntry, CpuidTable, MsrEntry};
 
 /// First line of every probe output; the number is the format version.
@@ -40,6 +47,123 @@ pub enum OutputError {
     CountMismatch { expected: u32, found: usize },
     #[error("probe output line {line}: text after the END marker: {text:?}")]
     TrailingText { line: usize, text: String },
+    #[error("probe result: the firmware left no result in guest RAM (it did not finish)")]
+    NoResult,
+    #[error("probe result: the guest hit an unexpected CPU exception after {records} records")]
+    Fault { records: u32 },
+    #[error("probe result: more records than the firmware's area holds; the table is incomplete")]
+    Overflow,
+    #[error("probe result: unknown status {0}")]
+    BadStatus(u32),
+    #[error("probe result: {count} records claimed but {available} bytes of them were read")]
+    ShortRecords { count: u32, available: usize },
+    #[error("probe result record {index}: unknown kind {kind:#x}")]
+    BadRecord { index: usize, kind: u32 },
+    #[error(
+        "probe result record {index}: CPUID leaf {leaf:#x} sub-leaf {subleaf:#x} appears twice"
+    )]
+    DuplicateRecordLeaf {
+        index: usize,
+        leaf: u32,
+        subleaf: u32,
+    },
+    #[error("probe result record {index}: MSR {msr:#x} appears twice")]
+    DuplicateRecordMsr { index: usize, msr: u32 },
+}
+
+/// The most records the firmware's area holds: a count above it is not the firmware's.
+pub const MAX_RECORDS: u32 = (RECORDS_END - RECORDS_ADDR) / RECORD_SIZE;
+
+/// Guest-physical offset and length of the summary, then of the records for `count` (what the
+/// runner reads from the RAM file).
+pub fn result_span() -> (u64, usize) {
+    (u64::from(super::layout::RESULT_ADDR), RESULT_SIZE as usize)
+}
+
+/// The record area to read for a summary's count (bounded by the area itself).
+pub fn records_span(count: u32) -> (u64, usize) {
+    let count = count.min(MAX_RECORDS);
+    (
+        u64::from(RECORDS_ADDR),
+        count as usize * RECORD_SIZE as usize,
+    )
+}
+
+/// The record count a summary announces, if it is a finished result's.
+pub fn summary_count(summary: &[u8]) -> Option<u32> {
+    if summary.len() < RESULT_SIZE as usize || &summary[..RESULT_MAGIC.len()] != RESULT_MAGIC {
+        return None;
+    }
+    Some(le32(summary, RESULT_COUNT_OFFSET as usize))
+}
+
+fn le32(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+/// Parses the RAM result: the summary at `RESULT_ADDR` and the bytes read from `RECORDS_ADDR`.
+/// The table comes back canonicalized, exactly as [`parse`] gives it for the same answers.
+pub fn parse_result(summary: &[u8], records: &[u8]) -> Result<ProbeOutput, OutputError> {
+    let count = summary_count(summary).ok_or(OutputError::NoResult)?;
+    match le32(summary, RESULT_STATUS_OFFSET as usize) {
+        STATUS_COMPLETE => {}
+        STATUS_FAULT => return Err(OutputError::Fault { records: count }),
+        STATUS_OVERFLOW => return Err(OutputError::Overflow),
+        other => return Err(OutputError::BadStatus(other)),
+    }
+    let size = RECORD_SIZE as usize;
+    let needed = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(size))
+        .filter(|&n| count <= MAX_RECORDS && n <= records.len())
+        .ok_or(OutputError::ShortRecords {
+            count,
+            available: records.len(),
+        })?;
+    let mut out = ProbeOutput::default();
+    let mut seen_leaves = std::collections::HashSet::new();
+    let mut seen_msrs = std::collections::HashSet::new();
+    for (index, record) in records[..needed].chunks_exact(size).enumerate() {
+        let field = |i: usize| le32(record, 4 * i);
+        match field(0) {
+            KIND_CPUID => {
+                let (leaf, subleaf) = (field(1), field(2));
+                if !seen_leaves.insert((leaf, subleaf)) {
+                    return Err(OutputError::DuplicateRecordLeaf {
+                        index,
+                        leaf,
+                        subleaf,
+                    });
+                }
+                out.table.entries.push(CpuidEntry {
+                    leaf,
+                    subleaf,
+                    eax: field(3),
+                    ebx: field(4),
+                    ecx: field(5),
+                    edx: field(6),
+                });
+            }
+            KIND_MSR | KIND_MSR_ABSENT => {
+                let msr = field(1);
+                if !seen_msrs.insert(msr) {
+                    return Err(OutputError::DuplicateRecordMsr { index, msr });
+                }
+                if field(0) == KIND_MSR {
+                    let value = (u64::from(field(3)) << 32) | u64::from(field(2));
+                    out.table.msrs.push(MsrEntry { index: msr, value });
+                } else {
+                    out.absent_msrs.push(msr);
+                }
+            }
+            kind => return Err(OutputError::BadRecord { index, kind }),
+        }
+    }
+    out.table.canonicalize();
+    out.absent_msrs.sort_unstable();
+    Ok(out)
 }
 
 /// What the probe reported besides the table: MSRs whose read raised #GP although CPUID
@@ -198,6 +322,90 @@ mod tests {
             "",
         ]
         .join("\n")
+    }
+
+    fn summary(status: u32, count: u32) -> Vec<u8> {
+        let mut s = RESULT_MAGIC.to_vec();
+        s.extend(status.to_le_bytes());
+        s.extend(count.to_le_bytes());
+        s
+    }
+
+    fn record(words: &[u32]) -> Vec<u8> {
+        let mut r: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        r.resize(RECORD_SIZE as usize, 0);
+        r
+    }
+
+    /// The records of `sample()`, in the same order.
+    fn sample_records() -> Vec<u8> {
+        [
+            record(&[KIND_CPUID, 0, 0, 0xd, 0x756e6547, 0x6c65746e, 0x49656e69]),
+            record(&[KIND_CPUID, 7, 0, 0, 0x019803a9, 8, 0x20000000]),
+            record(&[KIND_CPUID, 1, 0, 0x50654, 0x40800, 0xf6d83203, 0x178bfbfd]),
+            record(&[KIND_MSR, 0x10a, 0x2b, 0]),
+            record(&[KIND_MSR_ABSENT, 0x345]),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn ram_records_give_the_text_formats_table() {
+        let ram = parse_result(&summary(STATUS_COMPLETE, 5), &sample_records()).unwrap();
+        assert_eq!(ram, parse(sample().as_bytes()).unwrap());
+        // A high MSR half lands in the high bits.
+        let high = record(&[KIND_MSR, 0x10a, 0x2b, 0x1]);
+        let out = parse_result(&summary(STATUS_COMPLETE, 1), &high).unwrap();
+        assert_eq!(out.table.msr(0x10a), Some(0x1_0000_002b));
+    }
+
+    #[test]
+    fn unfinished_faulted_short_or_garbled_results_are_errors() {
+        let records = sample_records();
+        assert_eq!(parse_result(&[0; 24], &records), Err(OutputError::NoResult));
+        assert_eq!(
+            parse_result(&summary(STATUS_FAULT, 2), &records),
+            Err(OutputError::Fault { records: 2 })
+        );
+        assert_eq!(
+            parse_result(&summary(STATUS_OVERFLOW, 5), &records),
+            Err(OutputError::Overflow)
+        );
+        assert_eq!(
+            parse_result(&summary(7, 5), &records),
+            Err(OutputError::BadStatus(7))
+        );
+        assert!(matches!(
+            parse_result(&summary(STATUS_COMPLETE, 6), &records),
+            Err(OutputError::ShortRecords { count: 6, .. })
+        ));
+        assert!(matches!(
+            parse_result(&summary(STATUS_COMPLETE, u32::MAX), &records),
+            Err(OutputError::ShortRecords { .. })
+        ));
+        let mut bad = records.clone();
+        bad[RECORD_SIZE as usize] = b'Q';
+        assert_eq!(
+            parse_result(&summary(STATUS_COMPLETE, 5), &bad),
+            Err(OutputError::BadRecord {
+                index: 1,
+                kind: u32::from(b'Q')
+            })
+        );
+        let dup = [record(&[KIND_CPUID, 1]), record(&[KIND_CPUID, 1])].concat();
+        assert!(matches!(
+            parse_result(&summary(STATUS_COMPLETE, 2), &dup),
+            Err(OutputError::DuplicateRecordLeaf { index: 1, .. })
+        ));
+        // Fewer records than were read is fine: only `count` are looked at.
+        assert_eq!(
+            parse_result(&summary(STATUS_COMPLETE, 3), &records)
+                .unwrap()
+                .table
+                .entries
+                .len(),
+            3
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Running the probe: a private work directory, the emulator in its own process group with a
 //! wall-time bound, confined (see [`super::confine`]: libvirt's QEMU user, seccomp, clean
-//! environment, rlimits), and the firmware's debugcon output parsed into a [`CpuidTable`].
+//! environment, rlimits), guest RAM backed by a file in that directory, and the result the
+//! firmware left in it parsed into a [`CpuidTable`].
 
 use std::fs::File;
 use std::io::Read;
@@ -18,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use super::confine;
 use super::emulator::{check_emulator, EmulatorError};
 use super::firmware::{
-    HEARTBEAT_X86, PROBE_EXIT_STATUS, PROBE_FATAL_STATUS, PROBE_MSR_SELFTEST_X86, PROBE_X86,
+    HEARTBEAT_X86, PROBE_EXIT_STATUS, PROBE_FATAL_STATUS, PROBE_MSR_SELFTEST_X86, PROBE_TEXT_X86,
+    PROBE_X86,
 };
 use super::output::{self, OutputError};
 use super::qemu_args::{check_model_available, default_emulator, probe_args, ArgsError};
@@ -40,6 +42,8 @@ pub enum Firmware {
     MsrSelftest,
     /// Never exits: exercises the wall-time bound.
     Heartbeat,
+    /// The probe with the previous wire format (text on port 0xe9): shows both formats agree.
+    Text,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,24 +149,36 @@ pub fn probe_run_with(
         Firmware::Probe => PROBE_X86,
         Firmware::MsrSelftest => PROBE_MSR_SELFTEST_X86,
         Firmware::Heartbeat => HEARTBEAT_X86,
+        Firmware::Text => PROBE_TEXT_X86,
     };
     let accel = opts.accel_override.unwrap_or(config.accel);
+    let ram_path = work.path.join("guest-ram");
     // isa-debug-exit: the probe's own status when it finished, its fatal status when a CPU
-    // exception hit (the output then says where); anything else is QEMU refusing the config.
+    // exception hit (the result then says so); anything else is QEMU refusing the config.
     let run = run_firmware(
         &emulator,
         &work,
         firmware,
         "debugcon.out",
         opts.timeout,
-        |firmware, output| Ok::<_, ProbeError>(probe_args(config, accel, firmware, output)?),
+        |firmware, output| {
+            let mut argv = probe_args(config, accel, firmware, output)?;
+            argv.extend(ram_file_args(&argv, &ram_path)?);
+            Ok::<_, ProbeError>(argv)
+        },
         |status| matches!(status.code(), Some(PROBE_EXIT_STATUS | PROBE_FATAL_STATUS)),
     )?;
     let (argv, bytes, wall_time) = (run.argv, run.output, run.wall_time);
-    let parsed = output::parse(&bytes).map_err(|source| ProbeError::Output {
+    let output_error = |source| ProbeError::Output {
         emulator: emulator.clone(),
         source,
-    })?;
+    };
+    let parsed = if opts.firmware == Firmware::Text {
+        output::parse(&bytes).map_err(output_error)?
+    } else {
+        let (summary, records) = read_result(&ram_path)?;
+        output::parse_result(&summary, &records).map_err(output_error)?
+    };
     Ok(ProbeRun {
         table: parsed.table,
         absent_msrs: parsed.absent_msrs,
@@ -183,6 +199,94 @@ fn check_fallback_model(config: &GuestCpuConfig, emulator: &Path) -> Result<(), 
     if allow {
         let models = super::models::qemu_cpu_models(emulator)?;
         check_model_available(config, &emulator.display().to_string(), &models)?;
+    }
+    Ok(())
+}
+
+/// Guest RAM backed by `path` (shared, so the guest's stores reach the file and stay there after
+/// QEMU exits): the probe leaves its result in RAM instead of writing it to an I/O port, which
+/// under KVM costs an exit per byte. The size is the `-m` of `argv`, which the backend must
+/// match. Nothing guest-visible changes: the same RAM, only backed by a file. The file is made
+/// here at its full size (sparse), writable by the QEMU user only, so a confined QEMU needs to
+/// create or extend nothing in the work directory.
+fn ram_file_args(argv: &[String], path: &Path) -> Result<Vec<String>, ProbeError> {
+    let mib = argv
+        .iter()
+        .position(|a| a == "-m")
+        .and_then(|i| argv.get(i + 1))
+        .filter(|m| !m.is_empty() && m.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ProbeError::WorkDir {
+            path: path.to_path_buf(),
+            reason: "the probe command line has no plain `-m MiB` to size its RAM file".into(),
+        })?;
+    let size = mib
+        .parse::<u64>()
+        .ok()
+        .and_then(|m| m.checked_mul(1024 * 1024))
+        .ok_or_else(|| ProbeError::WorkDir {
+            path: path.to_path_buf(),
+            reason: format!("the probe command line's `-m {mib}` is out of range"),
+        })?;
+    prepare_qemu_file(path, size)?;
+    let path = path.to_str().ok_or_else(|| ProbeError::WorkDir {
+        path: path.to_path_buf(),
+        reason: "not valid UTF-8".into(),
+    })?;
+    Ok(vec![
+        "-object".to_string(),
+        // QEMU option values escape a comma by doubling it.
+        format!(
+            "memory-backend-file,id=cpuguard-ram,size={mib}M,share=on,mem-path={}",
+            path.replace(',', ",,")
+        ),
+        "-machine".to_string(),
+        "memory-backend=cpuguard-ram".to_string(),
+    ])
+}
+
+/// The summary and the records the firmware left in the RAM file: two positioned reads of a few
+/// KiB, whatever the RAM size.
+fn read_result(path: &Path) -> Result<(Vec<u8>, Vec<u8>), ProbeError> {
+    use std::os::unix::fs::FileExt;
+    let error = |e: std::io::Error| ProbeError::WorkDir {
+        path: path.to_path_buf(),
+        reason: format!("reading the probe result: {e}"),
+    };
+    let file = File::open(path).map_err(error)?;
+    let read = |(offset, len): (u64, usize)| -> Result<Vec<u8>, ProbeError> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map_err(error)?;
+        Ok(buf)
+    };
+    let summary = read(output::result_span())?;
+    let records = match output::summary_count(&summary) {
+        Some(count) => read(output::records_span(count))?,
+        None => Vec::new(),
+    };
+    Ok((summary, records))
+}
+
+/// Creates `path` (which must not exist) with `size` bytes, sparse, mode 0600, owned by the user
+/// a confined QEMU runs as (see `confine`), so QEMU can write it and nobody else can.
+fn prepare_qemu_file(path: &Path, size: u64) -> Result<(), ProbeError> {
+    let error = |e: std::io::Error| ProbeError::WorkDir {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(error)?;
+    file.set_len(size).map_err(error)?;
+    if let Some(user) = confine::this_host_qemu_user().map_err(ProbeError::Confine)? {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| error(e.into()))?;
     }
     Ok(())
 }

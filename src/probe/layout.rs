@@ -1,0 +1,53 @@
+//! Where the x86 probe firmware puts its result and how it ends: the facts build.rs (which
+//! generates the firmware) and the runner (which reads the result) must agree on, written once.
+//! Dependency-free, because build.rs includes this file by path.
+//!
+//! The result stays in guest RAM: under KVM every byte written to an I/O port is one exit to
+//! QEMU (`rep outsb` included: KVM's emulator hands OUTS to user space one element at a time,
+//! measured here at ~15 µs a byte on nested KVM), while stores to RAM cost nothing. The runner
+//! backs guest RAM with a file and reads the result from it once QEMU has exited.
+
+/// isa-debugcon's port: only the fatal handler still writes there (a human-readable `F`).
+pub const DEBUGCON_PORT: u16 = 0xE9;
+/// isa-debug-exit's port: QEMU exits with status `(value << 1) | 1`.
+pub const DEBUG_EXIT_PORT: u16 = 0xF4;
+/// Written to isa-debug-exit when the probe completed (QEMU exit status 65).
+pub const PROBE_EXIT_VALUE: u8 = 0x20;
+/// Written when an unexpected CPU exception hit (QEMU exit status 97).
+pub const FATAL_EXIT_VALUE: u8 = 0x30;
+
+/// QEMU's exit status for an isa-debug-exit write of `value`.
+pub const fn debug_exit_status(value: u8) -> i32 {
+    ((value as i32) << 1) | 1
+}
+
+/// Physical address of the result summary, written last: [`RESULT_MAGIC`], then the status and
+/// the record count as little-endian u32. Guest RAM starts zeroed, so the magic is there only
+/// when the firmware got to its end (or to its fatal handler).
+pub const RESULT_ADDR: u32 = 0x9000;
+pub const RESULT_MAGIC: &[u8; 16] = b"CPUGUARD-PROBE 2";
+/// Offsets of the status and the count inside the summary.
+pub const RESULT_STATUS_OFFSET: u32 = 16;
+pub const RESULT_COUNT_OFFSET: u32 = 20;
+pub const RESULT_SIZE: u32 = 24;
+
+/// Every record was written.
+pub const STATUS_COMPLETE: u32 = 0;
+/// The record area filled up: the table is incomplete.
+pub const STATUS_OVERFLOW: u32 = 1;
+/// An unexpected CPU exception hit.
+pub const STATUS_FAULT: u32 = 2;
+
+/// Records: [`RECORD_SIZE`] bytes each from [`RECORDS_ADDR`], below [`RECORDS_END`] (real-mode
+/// segments 0x1000..0x9000, 16384 records; a probe writes a few hundred).
+pub const RECORDS_ADDR: u32 = 0x1_0000;
+pub const RECORDS_END: u32 = 0x9_0000;
+/// Eight little-endian u32: the kind, then up to six values, then zero.
+pub const RECORD_SIZE: u32 = 32;
+
+/// `C`: leaf, sub-leaf, EAX, EBX, ECX, EDX of one CPUID answer.
+pub const KIND_CPUID: u32 = b'C' as u32;
+/// `M`: MSR index, low and high halves of its value.
+pub const KIND_MSR: u32 = b'M' as u32;
+/// `X`: MSR index whose RDMSR raised #GP.
+pub const KIND_MSR_ABSENT: u32 = b'X' as u32;

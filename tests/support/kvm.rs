@@ -1,0 +1,68 @@
+//! Whether this machine's KVM can run a firmware guest, for tests that need it.
+//!
+//! Include it with `#[path = "support/kvm.rs"] mod kvm;`. Usability is detected by doing what the
+//! tests do, not by looking at permissions: a QEMU with `-accel kvm` boots cpuguard's exit
+//! firmware and must end with its exit status. A test calls [`usable_or_skip`] and returns when
+//! it says no: the reason is printed, and under `CI=true` a `/dev/kvm` that exists but cannot be
+//! used fails the test instead (a CI machine that has KVM must run the KVM tests).
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS};
+
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Why KVM cannot be used here, or `None` when a KVM guest runs.
+pub fn unusable_reason() -> Option<String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Some("/dev/kvm does not exist".to_string());
+    }
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm cannot be opened read-write: {e}"));
+    }
+    let dir = match tempfile::tempdir() {
+        Ok(dir) => dir,
+        Err(e) => return Some(format!("no temporary directory: {e}")),
+    };
+    let firmware = dir.path().join("exit.bin");
+    if let Err(e) = std::fs::write(&firmware, EXIT_X86) {
+        return Some(format!("cannot write {}: {e}", firmware.display()));
+    }
+    let output = Command::new(QEMU)
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-no-reboot", "-m", "16", "-accel", "kvm", "-cpu", "qemu64"])
+        .arg("-bios")
+        .arg(&firmware)
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .stdin(Stdio::null())
+        .output();
+    match output {
+        Err(e) => Some(format!("cannot run {QEMU}: {e}")),
+        Ok(out) if out.status.code() == Some(PROBE_EXIT_STATUS) => None,
+        Ok(out) => Some(format!(
+            "a KVM guest did not run ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// True when KVM is usable; otherwise prints why `test` is skipped and returns false, or panics
+/// under `CI=true` when `/dev/kvm` exists but could not be used.
+pub fn usable_or_skip(test: &str) -> bool {
+    let Some(reason) = unusable_reason() else {
+        return true;
+    };
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    if ci && Path::new("/dev/kvm").exists() {
+        panic!("{test}: /dev/kvm exists but KVM is unusable under CI=true: {reason}");
+    }
+    println!("skipping {test}: KVM is unusable here: {reason}");
+    false
+}
