@@ -479,6 +479,8 @@ mod tests {
             this_host: "hv-new",
             origin: Origin::Migrate,
             stamp: Some(&s),
+            uuid: Some(UUID),
+            config_digest: Some(CONFIG),
             opt_out: &opt_out,
             local: Ok(local),
             config_path: "/etc/cpuguard/cpuguard.toml",
