@@ -193,6 +193,11 @@ pub fn cpu_options(
                 option: arg.clone(),
                 argv: probe_argv.to_vec(),
             })?;
+            // The probe's own RAM plumbing (`-machine memory-backend=…`, with its `-object`) is
+            // how the runner reads the result back, not part of the guest's CPU.
+            if arg == "-machine" && value.starts_with("memory-backend=") {
+                continue;
+            }
             out.extend([arg.clone(), value.clone()]);
         }
     }
