@@ -57,25 +57,7 @@ fn x86_identity(table: &CpuidTable) -> Value {
     })
 }
 
-/// The SDM's displayed family, model and stepping of CPUID.1:EAX.
-pub fn display_family_model_stepping(eax: u32) -> (u32, u32, u32) {
-    let stepping = eax & 0xf;
-    let model = (eax >> 4) & 0xf;
-    let family = (eax >> 8) & 0xf;
-    let ext_model = (eax >> 16) & 0xf;
-    let ext_family = (eax >> 20) & 0xff;
-    let display_family = if family == 0xf {
-        family + ext_family
-    } else {
-        family
-    };
-    let display_model = if family == 0x6 || family == 0xf {
-        (ext_model << 4) | model
-    } else {
-        model
-    };
-    (display_family, display_model, stepping)
-}
+pub use crate::cpuid::diff::display_family_model_stepping;
 
 /// The ASCII string held in `words` (little-endian), without trailing NULs and blanks; `None`
 /// when nothing is left (an all-zero vendor).

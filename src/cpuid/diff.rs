@@ -783,8 +783,8 @@ fn brand(table: &CpuidTable) -> String {
     quoted_or_none(ascii(&bytes[..end]).trim())
 }
 
-/// Decodes CPUID.1:EAX the way the SDM defines the displayed family and model.
-pub fn family_model_stepping(eax: u32) -> String {
+/// The SDM's displayed family, model and stepping of CPUID.1:EAX.
+pub fn display_family_model_stepping(eax: u32) -> (u32, u32, u32) {
     let stepping = eax & 0xf;
     let model = (eax >> 4) & 0xf;
     let family = (eax >> 8) & 0xf;
@@ -800,7 +800,13 @@ pub fn family_model_stepping(eax: u32) -> String {
     } else {
         model
     };
-    format!("family {display_family:#x} model {display_model:#x} stepping {stepping} ({eax:#010x})")
+    (display_family, display_model, stepping)
+}
+
+/// Decodes CPUID.1:EAX the way the SDM defines the displayed family and model.
+pub fn family_model_stepping(eax: u32) -> String {
+    let (family, model, stepping) = display_family_model_stepping(eax);
+    format!("family {family:#x} model {model:#x} stepping {stepping} ({eax:#010x})")
 }
 
 /// Leaf 4 / 0x8000001D: one cache level's geometry, every field the SDM (leaf 4) and the APM

@@ -194,16 +194,12 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
     };
     match incoming::check_dir(&config.runtime_dir) {
         Ok(0) => {}
-        Ok(discarded) => Record::new(Severity::Warning, origin.as_str(), "discarded")
-            .field("domain", &call.domain)
-            .field(
-                "reason",
-                &format!(
-                    "runtime directory {} was writable by others: narrowed to 0700, {discarded} record(s) it held discarded",
-                    config.runtime_dir.display()
-                ),
-            )
-            .emit(),
+        Ok(discarded) => super::audit_narrowed_runtime_dir(
+            origin.as_str(),
+            &call.domain,
+            &config.runtime_dir,
+            discarded,
+        ),
         Err(e) => return refuse(uuid, e.to_string()),
     }
     if let Err(e) = incoming::write(&config.runtime_dir, &record) {

@@ -222,6 +222,21 @@ fn strict_config() -> Result<Config, String> {
     Config::load().map_err(|e| format!("configuration error: {e}"))
 }
 
+/// The warning both phases give when the runtime directory was open to others and had to be
+/// narrowed (its records, which anyone could have written, were discarded).
+fn audit_narrowed_runtime_dir(phase: &str, domain: &str, dir: &std::path::Path, discarded: usize) {
+    crate::audit::Record::new(crate::audit::Severity::Warning, phase, "discarded")
+        .field("domain", domain)
+        .field(
+            "reason",
+            &format!(
+                "runtime directory {} was writable by others: narrowed to 0700, {discarded} record(s) it held discarded",
+                dir.display()
+            ),
+        )
+        .emit();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,16 +54,12 @@ pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
     let dir_ok = match incoming::check_dir(&config.runtime_dir) {
         Ok(0) => true,
         Ok(discarded) => {
-            Record::new(Severity::Warning, "prepare", "discarded")
-                .field("domain", &call.domain)
-                .field(
-                    "reason",
-                    &format!(
-                        "runtime directory {} was writable by others: narrowed to 0700, {discarded} record(s) it held discarded",
-                        config.runtime_dir.display()
-                    ),
-                )
-                .emit();
+            super::audit_narrowed_runtime_dir(
+                "prepare",
+                &call.domain,
+                &config.runtime_dir,
+                discarded,
+            );
             true
         }
         Err(e) => {
