@@ -26,6 +26,7 @@ use super::output::{self, OutputError};
 use super::qemu_args::{check_model_available, default_emulator, probe_args, ArgsError};
 use crate::cpuid::CpuidTable;
 use crate::domain::guest::{Accel, GuestCpuConfig};
+use crate::fingerprint::UserModeCpuid;
 
 /// How long `qemu --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +117,10 @@ pub struct ProbeRun {
     pub table: CpuidTable,
     /// MSRs CPUID enumerates but whose read raised #GP.
     pub absent_msrs: Vec<u32>,
+    /// The user-mode pass: CPUID at CPL3 against the table (`None` for an image without it).
+    pub user_mode: Option<UserModeCpuid>,
+    /// The user-mode pass's leaves as read in long mode at CPL0 (empty without long mode).
+    pub long_mode_kernel: Vec<crate::cpuid::CpuidEntry>,
     pub emulator: PathBuf,
     pub argv: Vec<String>,
     pub wall_time: Duration,
@@ -173,15 +178,26 @@ pub fn probe_run_with(
         emulator: emulator.clone(),
         source,
     };
-    let parsed = if opts.firmware == Firmware::Text {
-        output::parse(&bytes).map_err(output_error)?
+    let (parsed, user) = if opts.firmware == Firmware::Text {
+        (output::parse(&bytes).map_err(output_error)?, None)
     } else {
         let (summary, records) = read_result(&ram_path)?;
-        output::parse_result(&summary, &records).map_err(output_error)?
+        let parsed = output::parse_result(&summary, &records).map_err(output_error)?;
+        // The probe images end with the user-mode pass and exit from it: a finished table
+        // without its result is not the probe's.
+        let user =
+            output::parse_user(&summary).ok_or_else(|| output_error(OutputError::NoResult))?;
+        (parsed, Some(user))
     };
+    let user_mode = user
+        .as_ref()
+        .map(|(_, user)| UserModeCpuid::compare(&parsed.table, user));
+    let long_mode_kernel = user.map(|(kernel, _)| kernel).unwrap_or_default();
     Ok(ProbeRun {
         table: parsed.table,
         absent_msrs: parsed.absent_msrs,
+        user_mode,
+        long_mode_kernel,
         emulator,
         argv,
         wall_time,
