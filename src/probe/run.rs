@@ -670,6 +670,36 @@ mod tests {
         assert_eq!(describe(status), "exited with status 3");
     }
 
+    /// The RAM file is sized from the probe command line's own `-m`, so the two cannot disagree;
+    /// a command line without a plain `-m` is an error, not a guess.
+    #[test]
+    fn ram_file_follows_the_command_lines_memory_size() {
+        let xml = "<domain type='qemu'><os><type arch='x86_64'>hvm</type></os></domain>";
+        let config = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        let argv = probe_args(
+            &config,
+            Accel::Tcg,
+            Path::new("/w/fw.bin"),
+            Path::new("/w/out"),
+        )
+        .unwrap();
+        let mib = &argv[argv.iter().position(|a| a == "-m").unwrap() + 1];
+        let extra = ram_file_args(&argv, Path::new("/w/a,b/ram")).unwrap();
+        assert_eq!(
+            extra,
+            vec![
+                "-object".to_string(),
+                format!(
+                    "memory-backend-file,id=cpuguard-ram,size={mib}M,share=on,mem-path=/w/a,,b/ram"
+                ),
+                "-machine".to_string(),
+                "memory-backend=cpuguard-ram".to_string(),
+            ]
+        );
+        let no_size: Vec<String> = argv.iter().filter(|a| *a != "-m").cloned().collect();
+        assert!(ram_file_args(&no_size, Path::new("/w/ram")).is_err());
+    }
+
     #[test]
     fn filtered_features_are_read_from_qemu_warnings() {
         let stderr = "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
