@@ -670,10 +670,12 @@ mod tests {
         assert_eq!(describe(status), "exited with status 3");
     }
 
-    /// The RAM file is sized from the probe command line's own `-m`, so the two cannot disagree;
-    /// a command line without a plain `-m` is an error, not a guess.
+    /// The RAM file is sized from the probe command line's own `-m` and made here at that size
+    /// (private, sparse), so the two cannot disagree; a command line without a plain `-m` is an
+    /// error, not a guess.
     #[test]
     fn ram_file_follows_the_command_lines_memory_size() {
+        use std::os::unix::fs::PermissionsExt;
         let xml = "<domain type='qemu'><os><type arch='x86_64'>hvm</type></os></domain>";
         let config = GuestCpuConfig::from_domain_xml(xml).unwrap();
         let argv = probe_args(
@@ -684,36 +686,29 @@ mod tests {
         )
         .unwrap();
         let mib = &argv[argv.iter().position(|a| a == "-m").unwrap() + 1];
-        let extra = ram_file_args(&argv, Path::new("/w/a,b/ram")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a,b")).unwrap();
+        let ram = dir.path().join("a,b").join("ram");
+        let extra = ram_file_args(&argv, &ram).unwrap();
+        let escaped = ram.display().to_string().replace(',', ",,");
         assert_eq!(
             extra,
             vec![
                 "-object".to_string(),
                 format!(
-                    "memory-backend-file,id=cpuguard-ram,size={mib}M,share=on,mem-path=/w/a,,b/ram"
+                    "memory-backend-file,id=cpuguard-ram,size={mib}M,share=on,mem-path={escaped}"
                 ),
                 "-machine".to_string(),
                 "memory-backend=cpuguard-ram".to_string(),
             ]
         );
+        let meta = std::fs::metadata(&ram).unwrap();
+        assert_eq!(meta.len(), mib.parse::<u64>().unwrap() << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Made once: a second run into the same path is refused, not reused.
+        assert!(ram_file_args(&argv, &ram).is_err());
         let no_size: Vec<String> = argv.iter().filter(|a| *a != "-m").cloned().collect();
-        assert!(ram_file_args(&no_size, Path::new("/w/ram")).is_err());
-    }
-
-    #[test]
-    fn filtered_features_are_read_from_qemu_warnings() {
-        let stderr = "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
-                      qemu-system-x86_64: warning: TCG doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]\n\
-                      qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
-                      qemu-system-x86_64: some other warning\n";
-        assert_eq!(
-            filtered_features(stderr),
-            vec![
-                "avx2: the host lacks it (CPUID.07H:EBX [bit 5])".to_string(),
-                "sse4.2: TCG lacks it (CPUID.01H:ECX [bit 20])".to_string(),
-            ]
-        );
-        assert!(filtered_features("").is_empty());
+        assert!(ram_file_args(&no_size, &dir.path().join("other")).is_err());
     }
 
     #[test]
