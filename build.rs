@@ -36,15 +36,23 @@ const RESET_VECTOR: usize = 0xFFF0;
 /// Fixed offsets of the exception handlers, so the IVT can be filled with constants.
 const GP_HANDLER: u16 = 0xE000;
 const FATAL_HANDLER: u16 = 0xE100;
+/// Fixed offsets of the 32-bit code of the user-mode pass: its ring-0 entry (a far jump's target)
+/// and its ring-3 part (an `iretd`'s).
+const USER_PASS: u16 = 0xE200;
+const USER_PASS_CPL3: u16 = 0xE400;
+/// Linear address of the image (the 1 MiB alias of the ROM).
+const ROM_BASE: u32 = 0xF0000;
 
 // The probe's ports, exit values and result layout, shared with the crate.
 #[allow(dead_code)]
 #[path = "src/probe/layout.rs"]
 mod layout;
 use layout::{
-    DEBUGCON_PORT, DEBUG_EXIT_PORT, FATAL_EXIT_VALUE, KIND_CPUID, KIND_MSR, KIND_MSR_ABSENT,
-    PROBE_EXIT_VALUE, RECORDS_ADDR, RECORDS_END, RECORD_SIZE, RESULT_ADDR, RESULT_COUNT_OFFSET,
-    RESULT_MAGIC, RESULT_STATUS_OFFSET, STATUS_COMPLETE, STATUS_FAULT, STATUS_OVERFLOW,
+    DEBUGCON_PORT, DEBUG_EXIT_PORT, FATAL_EXIT_VALUE, GDTR_ADDR, GDT_ADDR, KIND_CPUID, KIND_MSR,
+    KIND_MSR_ABSENT, LONG_KERNEL_RECORDS_ADDR, PROBE_EXIT_VALUE, RECORDS_ADDR, RECORDS_END,
+    RECORD_SIZE, RESULT_ADDR, RESULT_COUNT_OFFSET, RESULT_MAGIC, RESULT_STATUS_OFFSET,
+    STATUS_COMPLETE, STATUS_FAULT, STATUS_OVERFLOW, USER_ADDR, USER_COUNT_OFFSET, USER_LEAVES,
+    USER_MAGIC, USER_RECORDS_ADDR,
 };
 
 const STACK_TOP: u16 = 0x7C00;
@@ -152,10 +160,18 @@ fn layout(main: Vec<u8>, extra: &[(u16, Vec<u8>)]) -> Vec<u8> {
     let mut image = vec![0xF4u8; IMAGE_SIZE]; // hlt everywhere else
     assert!(main.len() < usize::from(GP_HANDLER), "main code too large");
     image[..main.len()].copy_from_slice(&main);
+    let mut ends: Vec<(usize, usize)> = Vec::new();
     for (offset, code) in extra {
         let start = usize::from(*offset);
-        assert!(start + code.len() < RESET_VECTOR, "handler too large");
-        image[start..start + code.len()].copy_from_slice(code);
+        let end = start + code.len();
+        assert!(end < RESET_VECTOR, "handler too large");
+        // Fixed offsets: a block grown past the next one's start would be overwritten by it.
+        assert!(
+            ends.iter().all(|&(s, e)| end <= s || start >= e),
+            "code block at {start:#x} overlaps another"
+        );
+        ends.push((start, end));
+        image[start..end].copy_from_slice(code);
     }
     let [seg_lo, seg_hi] = ROM_SEGMENT.to_le_bytes();
     // jmp far F000:0000
@@ -493,6 +509,23 @@ fn probe_image(msr_reads: MsrReads, sink: Sink) -> Result<Vec<u8>, IcedError> {
         }
         Sink::Nowhere => {}
     }
+    if sink != Sink::Debugcon {
+        // The user-mode pass runs in long mode and ends the probe (it exits from CPL3). A CPU
+        // without long mode (an i686 guest's) gets an empty pass: nothing compared.
+        let mut no_long_mode = a.create_label();
+        a.mov(eax, 0x8000_0000u32)?;
+        a.cpuid()?;
+        a.cmp(eax, 0x8000_0001u32)?;
+        a.jb(no_long_mode)?;
+        a.mov(eax, 0x8000_0001u32)?;
+        a.cpuid()?;
+        a.test(edx, 1u32 << 29)?;
+        a.jz(no_long_mode)?;
+        enter_user_pass(&mut a)?;
+        a.set_label(&mut no_long_mode)?;
+        a.mov(dword_ptr(u64::from(USER_ADDR + USER_COUNT_OFFSET)), 0u32)?;
+        put_user_magic(&mut a)?;
+    }
     a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
     a.out(u32::from(DEBUG_EXIT_PORT), al)?;
     let mut halt = a.create_label();
@@ -693,8 +726,142 @@ fn probe_image(msr_reads: MsrReads, sink: Sink) -> Result<Vec<u8>, IcedError> {
         &[
             (GP_HANDLER, gp_handler()?),
             (FATAL_HANDLER, fatal_handler()?),
+            (USER_PASS, user_pass_entry()?),
+            (USER_PASS_CPL3, user_pass()?),
         ],
     ))
+}
+
+/// Descriptors: 64-bit ring-0 code, ring-0 data, 64-bit ring-3 code, ring-3 data (selectors
+/// 0x08..0x20).
+const GDT: [u64; 5] = [
+    0,
+    0x00AF_9A00_0000_FFFF,
+    0x00CF_9200_0000_FFFF,
+    0x00AF_FA00_0000_FFFF,
+    0x00CF_F200_0000_FFFF,
+];
+const KERNEL_CODE: u32 = 0x08;
+const KERNEL_DATA: u32 = 0x10;
+const USER_CODE: u32 = 0x18 | 3;
+const USER_DATA: u32 = 0x20 | 3;
+/// Page tables of the user-mode pass: one PML4, PDPT and PD entry, the first 2 MiB identity
+/// mapped with user access (the ROM's 1 MiB alias and the result area lie in it).
+const PML4_ADDR: u32 = 0xA000;
+const PDPT_ADDR: u32 = 0xB000;
+const PD_ADDR: u32 = 0xC000;
+/// Present, writable, user.
+const PAGE_TABLE_FLAGS: u32 = 0x7;
+/// Present, writable, user, 2 MiB page.
+const LARGE_PAGE_FLAGS: u32 = 0x87;
+const MSR_EFER: u32 = 0xC000_0080;
+
+/// Real mode to long mode at the user-mode pass (no way back: it exits QEMU). Long mode because
+/// that is where guest applications run (a 32-bit protected-mode ring 3 does not even start on
+/// this machine's paravirtualized KVM: the `iretd` to CPL3 never completes).
+fn enter_user_pass(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.cli()?;
+    for (i, descriptor) in (0u64..).zip(GDT) {
+        let at = u64::from(GDT_ADDR) + 8 * i;
+        a.mov(dword_ptr(at), descriptor as u32)?;
+        a.mov(dword_ptr(at + 4), (descriptor >> 32) as u32)?;
+    }
+    a.mov(word_ptr(u64::from(GDTR_ADDR)), (GDT.len() * 8 - 1) as u32)?;
+    a.mov(dword_ptr(u64::from(GDTR_ADDR) + 2), GDT_ADDR)?;
+    a.lgdt(ptr(u64::from(GDTR_ADDR)))?;
+    // Guest RAM starts zeroed: only entry 0 of each table is written.
+    for (table, entry) in [
+        (PML4_ADDR, PDPT_ADDR | PAGE_TABLE_FLAGS),
+        (PDPT_ADDR, PD_ADDR | PAGE_TABLE_FLAGS),
+        (PD_ADDR, LARGE_PAGE_FLAGS),
+    ] {
+        a.mov(dword_ptr(u64::from(table)), entry)?;
+        a.mov(dword_ptr(u64::from(table) + 4), 0u32)?;
+    }
+    a.mov(eax, cr4)?;
+    a.or(eax, 1 << 5)?; // PAE
+    a.mov(cr4, eax)?;
+    a.mov(eax, PML4_ADDR)?;
+    a.mov(cr3, eax)?;
+    a.mov(ecx, MSR_EFER)?;
+    a.rdmsr()?;
+    a.or(eax, 1 << 8)?; // LME
+    a.wrmsr()?;
+    a.mov(eax, cr0)?;
+    a.or(eax, 0x8000_0001u32 as i32)?; // PG, PE
+    a.mov(cr0, eax)?;
+    // jmp far KERNEL_CODE:(ROM_BASE + USER_PASS), 32-bit offset (66 EA): lands in 64-bit mode.
+    let target = (ROM_BASE + u32::from(USER_PASS)).to_le_bytes();
+    a.db(&[
+        0x66,
+        0xEA,
+        target[0],
+        target[1],
+        target[2],
+        target[3],
+        KERNEL_CODE as u8,
+        0,
+    ])?;
+    Ok(())
+}
+
+/// The user-mode pass, 64-bit, ring 0: an `iretq` to CPL3 with IOPL 3 (so the exit port needs
+/// no return to ring 0, and no TSS or IDT is needed). An exception in the pass has no handler:
+/// QEMU ends with a triple fault (-no-reboot), which the runner reports as a failed probe.
+fn user_pass_entry() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    a.mov(ax, KERNEL_DATA)?;
+    a.mov(ds, ax)?;
+    a.mov(es, ax)?;
+    a.mov(ss, ax)?;
+    a.mov(esp, u32::from(STACK_TOP))?;
+    put_cpuid_records(&mut a, LONG_KERNEL_RECORDS_ADDR)?;
+    a.push(USER_DATA as i32)?;
+    a.push(i32::from(STACK_TOP) - 0x400)?;
+    a.push(0x3002)?; // RFLAGS: IOPL 3, interrupts off
+    a.push(USER_CODE as i32)?;
+    a.push((ROM_BASE + u32::from(USER_PASS_CPL3)) as i32)?;
+    a.iretq()?;
+    a.assemble(u64::from(ROM_BASE) + u64::from(USER_PASS))
+}
+
+/// The ring-3 part of the user-mode pass (see [`user_pass_entry`]): the USER_LEAVES queried at
+/// CPL3 into records, the count and the magic, and the exit.
+fn user_pass() -> Result<Vec<u8>, IcedError> {
+    let base = u64::from(ROM_BASE) + u64::from(USER_PASS_CPL3);
+    let mut a = CodeAssembler::new(64)?;
+    put_cpuid_records(&mut a, USER_RECORDS_ADDR)?;
+    a.mov(
+        dword_ptr(u64::from(USER_ADDR + USER_COUNT_OFFSET)),
+        USER_LEAVES.len() as u32,
+    )?;
+    put_user_magic(&mut a)?;
+    a.mov(al, u32::from(PROBE_EXIT_VALUE))?;
+    a.out(u32::from(DEBUG_EXIT_PORT), al)?;
+    let mut spin = a.create_label();
+    a.set_label(&mut spin)?;
+    a.jmp(spin)?;
+    a.assemble(base)
+}
+
+/// 64-bit: the USER_LEAVES as CPUID records from `at`.
+fn put_cpuid_records(a: &mut CodeAssembler, at: u32) -> Result<(), IcedError> {
+    a.mov(edi, at)?;
+    for (leaf, subleaf) in USER_LEAVES {
+        a.mov(eax, leaf)?;
+        a.mov(ecx, subleaf)?;
+        a.cpuid()?;
+        a.mov(dword_ptr(rdi), KIND_CPUID)?;
+        a.mov(dword_ptr(rdi + 4), leaf)?;
+        a.mov(dword_ptr(rdi + 8), subleaf)?;
+        a.mov(dword_ptr(rdi + 12), eax)?;
+        a.mov(dword_ptr(rdi + 16), ebx)?;
+        a.mov(dword_ptr(rdi + 20), ecx)?;
+        a.mov(dword_ptr(rdi + 24), edx)?;
+        a.mov(dword_ptr(rdi + 28), 0u32)?;
+        a.add(edi, RECORD_SIZE as i32)?;
+    }
+    Ok(())
 }
 
 /// Emits the sub-leaf walk for one leaf (V_LEAF set, V_SUB = 0), ending in `ret`.
@@ -765,6 +932,19 @@ fn emit_subleaf_rule(
     }
     a.set_label(&mut done)?;
     a.ret()?;
+    Ok(())
+}
+
+/// Writes [`USER_MAGIC`] at USER_ADDR (any bitness: absolute dword stores).
+fn put_user_magic(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    for (offset, chunk) in (0u64..).step_by(4).zip(USER_MAGIC.chunks(4)) {
+        let mut word = [0u8; 4];
+        word.copy_from_slice(chunk);
+        a.mov(
+            dword_ptr(u64::from(USER_ADDR) + offset),
+            u32::from_le_bytes(word),
+        )?;
+    }
     Ok(())
 }
 

@@ -125,14 +125,22 @@ fn stats(samples: &mut [Duration]) -> (f64, f64, f64) {
 /// trivial binary like every other scenario.
 fn incoming_check(cpuguard: &Path, work: &Path) -> Option<Scenario> {
     use cpuguard::config::Config;
-    use cpuguard::domain::metadata::stamp_element;
+    use cpuguard::domain::metadata::{stamp_element_bound, StampBinding};
 
     let emulator = "/usr/bin/qemu-system-x86_64";
     if !Path::new(emulator).exists() {
         println!("(incoming check skipped: no {emulator})");
         return None;
     }
-    let xml = include_str!("../tests/fixtures/domains/tcg-haswell-features.xml");
+    // The stamp is bound to the domain (UUID and CPU configuration), as a current source writes
+    // it: an unbound stamp is refused by default (policy.unbound_stamp).
+    const UUID: &str = "2f4e8c1a-6b3d-4a59-8e7f-0c1d2e3f4a5b";
+    let xml = include_str!("../tests/fixtures/domains/tcg-haswell-features.xml").replacen(
+        "</name>",
+        &format!("</name>\n  <uuid>{UUID}</uuid>"),
+        1,
+    );
+    let xml = xml.as_str();
     let mut config = Config {
         cache_dir: work.join("cache"),
         runtime_dir: work.join("run-incoming"),
@@ -140,12 +148,22 @@ fn incoming_check(cpuguard: &Path, work: &Path) -> Option<Scenario> {
     };
     config.probe.emulators = vec![PathBuf::from(emulator)];
     let m = cpuguard::measure::for_domain_xml(xml, &config).expect("measure the fixture");
-    let stamp = stamp_element(
+    let binding = StampBinding {
+        uuid: Some(UUID.to_string()),
+        config: Some(
+            cpuguard::domain::guest::GuestCpuConfig::from_domain_xml(xml)
+                .expect("guest config")
+                .binding_digest(),
+        ),
+        ..StampBinding::default()
+    };
+    let stamp = stamp_element_bound(
         "bench-source",
         "2026-01-01T00:00:00Z",
         &m.fingerprint.digest,
         "",
         &m.fingerprint.raw().to_text(),
+        &binding,
     )
     .replacen(
         "<stamp ",

@@ -115,6 +115,10 @@ pub struct PolicyConfig {
     /// Incoming migration where the guest would only gain features (default refuse: the guest could
     /// start using them and then could never move back).
     pub gained_features: Verdict,
+    /// Incoming migration to this host when its guests' user space (CPL3) sees other CPUID
+    /// values than their kernel (default refuse: such a host shows guest applications its own
+    /// CPU, so no CPU configuration hides the host from them).
+    pub user_mode_cpuid: Verdict,
     /// Honour `<cpuguard-policy:policy guard='off'/>` in a domain's metadata (default true;
     /// every use is audited).
     pub allow_domain_opt_out: bool,
@@ -154,6 +158,7 @@ impl Default for PolicyConfig {
             unbound_stamp: Verdict::Refuse,
             probe_failure: Verdict::Refuse,
             gained_features: Verdict::Refuse,
+            user_mode_cpuid: Verdict::Refuse,
             allow_domain_opt_out: true,
             qemu_commandline_cpu: Verdict::Refuse,
         }

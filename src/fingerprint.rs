@@ -92,6 +92,82 @@ pub struct Fingerprint {
     /// says why. Not part of the digest; absent in older files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub filtered: Vec<String>,
+    /// What guest user space sees of CPUID beside the guest kernel (x86 probes that ran the
+    /// user-mode pass). A fact of the host, not of the guest's CPU: not part of the digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_mode: Option<UserModeCpuid>,
+}
+
+/// The probe's user-mode pass: CPUID read at CPL3 against the table read at CPL0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserModeCpuid {
+    /// The (leaf, sub-leaf) pairs compared; empty when the guest CPU has no long mode (the
+    /// pass runs where 64-bit guest applications run).
+    pub compared: Vec<(u32, u32)>,
+    /// Those whose answer differs at CPL3.
+    pub differing: Vec<UserModeDifference>,
+}
+
+/// One leaf whose CPL3 answer is not the kernel's: EAX, EBX, ECX, EDX at each level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserModeDifference {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub kernel: [u32; 4],
+    pub user: [u32; 4],
+}
+
+impl UserModeCpuid {
+    /// Compares the CPL3 answers with the CPL0 table; a leaf the table lacks (beyond the maximum
+    /// leaf) is not compared.
+    pub fn compare(table: &CpuidTable, user: &[crate::cpuid::CpuidEntry]) -> Self {
+        let regs = |e: &crate::cpuid::CpuidEntry| [e.eax, e.ebx, e.ecx, e.edx];
+        let mut out = UserModeCpuid {
+            compared: Vec::new(),
+            differing: Vec::new(),
+        };
+        for u in user {
+            let Some(k) = table.get(u.leaf, u.subleaf) else {
+                continue;
+            };
+            out.compared.push((u.leaf, u.subleaf));
+            if regs(k) != regs(u) {
+                out.differing.push(UserModeDifference {
+                    leaf: u.leaf,
+                    subleaf: u.subleaf,
+                    kernel: regs(k),
+                    user: regs(u),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn differs(&self) -> bool {
+        !self.differing.is_empty()
+    }
+
+    /// One line per differing leaf: `CPUID.0x1.0 kernel eax=… user eax=…`.
+    pub fn lines(&self) -> Vec<String> {
+        self.differing
+            .iter()
+            .map(|d| {
+                let show = |r: [u32; 4]| {
+                    format!(
+                        "eax={:08x} ebx={:08x} ecx={:08x} edx={:08x}",
+                        r[0], r[1], r[2], r[3]
+                    )
+                };
+                format!(
+                    "CPUID.{:#x}.{}: kernel {} / user {}",
+                    d.leaf,
+                    d.subleaf,
+                    show(d.kernel),
+                    show(d.user)
+                )
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +214,7 @@ impl Fingerprint {
             tables,
             digest,
             filtered: Vec::new(),
+            user_mode: None,
         }
     }
 

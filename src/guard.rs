@@ -238,6 +238,32 @@ fn judge_with(
         }
     };
 
+    // A host whose guests' applications see other CPUID values than their kernel shows them its
+    // own CPU: no CPU configuration hides the host from them, so the guest's view would change
+    // under its applications whatever the comparison below says.
+    let user_mode_note = match &local.user_mode {
+        Some(user) if user.differs() => {
+            let reason = format!(
+                "{} shows guest user space (CPL3) other CPUID values than the guest kernel (CPL0): \
+                 guest applications would see the host's CPU",
+                inc.this_host
+            );
+            if policy.user_mode_cpuid == Verdict::Refuse {
+                let mut message = inc.headline(&reason);
+                for line in user.lines() {
+                    message.push_str("\n  ");
+                    message.push_str(&line);
+                }
+                message.push_str(&format!(
+                    "\n  (policy.user_mode_cpuid = \"allow\" in {} lets this through)",
+                    inc.config_path
+                ));
+                return refuse(reason, message);
+            }
+            Some(format!("{reason}; allowed by policy.user_mode_cpuid"))
+        }
+        _ => None,
+    };
     let d = match compare(&source_table, &local.raw()) {
         Ok(d) => d,
         Err(reason) => return refuse(reason.clone(), inc.headline(&reason)),
@@ -257,10 +283,12 @@ fn judge_with(
         } else {
             ""
         };
+        let mut informational = informational;
+        informational.extend(user_mode_note.clone());
         return Decision::Allow {
             reason: format!("guest CPU identical to the source's{note}{unbound_note}"),
             informational,
-            by_policy: unbound,
+            by_policy: unbound || user_mode_note.is_some(),
         };
     }
     let only_gained = d.only_gained();
@@ -515,6 +543,61 @@ mod tests {
             panic!("must refuse")
         };
         assert_eq!(reason, "cannot name CPU features: no map");
+    }
+
+    /// A destination whose guests' user space sees other CPUID values than their kernel is
+    /// refused by default, naming the leaves; `policy.user_mode_cpuid = "allow"` lets an
+    /// otherwise identical guest through, saying so.
+    #[test]
+    fn user_mode_cpuid_mismatch_is_refused_by_default() {
+        use crate::fingerprint::UserModeCpuid;
+        let s = stamp(SRC);
+        let mut local = fingerprint(SRC);
+        let table = local.x86_raw().expect("x86").clone();
+        let mut user: Vec<_> = table.entries.clone();
+        user[1].eax = 0x00a50f00; // leaf 1 as a host CPU would answer it
+        local.user_mode = Some(UserModeCpuid::compare(&table, &user));
+        let Decision::Refuse { reason, message } =
+            judge_with(Some(&s), Ok(&local), &PolicyConfig::default())
+        else {
+            panic!("must refuse");
+        };
+        assert!(reason.contains("user space (CPL3)"), "{reason}");
+        assert!(
+            message.contains("CPUID.0x1.0: kernel eax=000306c1"),
+            "{message}"
+        );
+        assert!(message.contains("user eax=00a50f00"), "{message}");
+        let allow = PolicyConfig {
+            user_mode_cpuid: Verdict::Allow,
+            ..PolicyConfig::default()
+        };
+        let d = judge_with(Some(&s), Ok(&local), &allow);
+        let Decision::Allow {
+            informational,
+            by_policy,
+            ..
+        } = d
+        else {
+            panic!("must allow: {d:?}");
+        };
+        assert!(by_policy);
+        assert!(informational
+            .iter()
+            .any(|l| l.contains("policy.user_mode_cpuid")));
+        // The same CPUID at both levels is no reason to refuse.
+        local.user_mode = Some(UserModeCpuid::compare(&table, &table.entries));
+        let d = judge_with(Some(&s), Ok(&local), &PolicyConfig::default());
+        assert!(
+            matches!(
+                d,
+                Decision::Allow {
+                    by_policy: false,
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -193,8 +193,10 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
                         masks: e.fingerprint.masks,
                     },
                     digest: e.fingerprint.digest,
-                    // The plan compares tables only; why QEMU dropped a feature is not needed.
+                    // The plan compares tables only; why QEMU dropped a feature is not needed,
+                    // nor what guest user space sees.
                     filtered: Vec::new(),
+                    user_mode: None,
                 },
             })
             .collect(),

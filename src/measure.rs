@@ -238,7 +238,7 @@ fn measure_now(
     accel: Accel,
     executable: Option<&Path>,
 ) -> Result<Fingerprint, ProbeError> {
-    let (raw, filtered) = probe_view_running(guest, opts, executable)?;
+    let (raw, filtered, user_mode) = probe_view_running(guest, opts, executable)?;
     let config = serde_json::to_value(guest).unwrap_or(serde_json::Value::Null);
     let mut fingerprint = Fingerprint::new(
         HostFacts::of_this_host(version, accel_name(accel)),
@@ -246,6 +246,7 @@ fn measure_now(
         raw,
     );
     fingerprint.filtered = filtered;
+    fingerprint.user_mode = user_mode;
     Ok(fingerprint)
 }
 

@@ -308,6 +308,82 @@ fn the_ram_result_equals_the_previous_text_format() {
     }
 }
 
+/// Fidelity of the real-mode table for a 64-bit guest kernel: the pass's leaves read in long
+/// mode at CPL0 are the table's.
+fn assert_long_mode_kernel_is_the_table(run: &probe::ProbeRun, accel: &str) {
+    assert_eq!(run.long_mode_kernel.len(), 4, "{accel}");
+    for entry in &run.long_mode_kernel {
+        assert_eq!(
+            Some(entry),
+            run.table.get(entry.leaf, entry.subleaf),
+            "{accel}: CPUID.{:#x}.{} in long mode at CPL0 is not the real-mode table's",
+            entry.leaf,
+            entry.subleaf
+        );
+    }
+}
+
+/// The probe's user-mode pass: CPUID at CPL3 against the table read at CPL0. Under TCG both
+/// levels see QEMU's model. Under KVM (where usable) each leaf's CPL3 answer must be either the
+/// guest kernel's or, on a host that lets guest user space execute CPUID without trapping (this
+/// machine's paravirtualized KVM does), the host's own answer as this test process reads it —
+/// anything else would be a probe error — and the probe reports a difference exactly when some
+/// leaf is not the kernel's. The test prints which kind of host this is.
+#[test]
+fn user_mode_cpuid_is_compared_with_the_kernels() {
+    let tcg = probe::probe_run(&model("Haswell-noTSX", ""), &options()).unwrap();
+    assert_long_mode_kernel_is_the_table(&tcg, "tcg");
+    let user = tcg.user_mode.expect("the probe runs the user-mode pass");
+    assert_eq!(
+        user.compared,
+        vec![(0, 0), (1, 0), (7, 0), (0x8000_0001, 0)]
+    );
+    assert!(!user.differs(), "TCG: {:?}", user.lines());
+
+    if !kvm::usable_or_skip("the KVM half of user_mode_cpuid_is_compared_with_the_kernels") {
+        return;
+    }
+    let opts = ProbeOptions {
+        accel_override: Some(Accel::Kvm),
+        ..options()
+    };
+    // qemu64: a model whose identification differs from any modern host CPU's.
+    let run = probe::probe_run(&model("qemu64", ""), &opts).unwrap();
+    assert_long_mode_kernel_is_the_table(&run, "kvm");
+    let user = run.user_mode.expect("the probe runs the user-mode pass");
+    assert_eq!(user.compared.len(), 4);
+    let host = |leaf: u32, subleaf: u32| {
+        // SAFETY-free: CPUID is always available on x86_64.
+        let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    };
+    for d in &user.differing {
+        let mut h = host(d.leaf, d.subleaf);
+        let mut u = d.user;
+        if d.leaf == 1 {
+            // Per-CPU and per-OS bits: the APIC ID (EBX[31:24]) and OSXSAVE (ECX[27]).
+            for r in [&mut h, &mut u] {
+                r[1] &= 0x00FF_FFFF;
+                r[2] &= !(1 << 27);
+            }
+        }
+        assert_eq!(
+            u, h,
+            "CPUID.{:#x}.{} at CPL3 is neither the guest kernel's nor the host's",
+            d.leaf, d.subleaf
+        );
+    }
+    if user.differs() {
+        println!(
+            "this host's KVM shows guest user space the host's CPUID ({} of 4 leaves differ): {}",
+            user.differing.len(),
+            user.lines().join("; ")
+        );
+    } else {
+        println!("this host's KVM: guest user space sees the guest kernel's CPUID");
+    }
+}
+
 #[test]
 fn msr_lines_reach_the_table() {
     let opts = ProbeOptions {

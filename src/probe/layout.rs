@@ -51,3 +51,23 @@ pub const KIND_CPUID: u32 = b'C' as u32;
 pub const KIND_MSR: u32 = b'M' as u32;
 /// `X`: MSR index whose RDMSR raised #GP.
 pub const KIND_MSR_ABSENT: u32 = b'X' as u32;
+
+/// The user-mode pass: after the table, the probe enters 32-bit protected mode and, at CPL3,
+/// reads these (leaf, sub-leaf) pairs again: a host whose guests' applications see other values
+/// than the guest kernel (this machine's paravirtualized KVM shows the host's own CPUID to guest
+/// user space) cannot hide its CPU from them. Identification and the main feature words.
+pub const USER_LEAVES: [(u32, u32); 4] = [(0, 0), (1, 0), (7, 0), (0x8000_0001, 0)];
+/// Summary of the user-mode pass: [`USER_MAGIC`], then the record count (u32); its records
+/// (`KIND_CPUID`, [`RECORD_SIZE`] bytes each) follow at [`USER_RECORDS_ADDR`].
+pub const USER_ADDR: u32 = 0x9100;
+pub const USER_MAGIC: &[u8; 16] = b"CPUGUARD-CPL3 1\0";
+pub const USER_COUNT_OFFSET: u32 = 16;
+pub const USER_RECORDS_ADDR: u32 = 0x9200;
+/// The same leaves read in long mode at CPL0 just before the switch to CPL3 (same record form):
+/// shows the real-mode table is what a 64-bit guest kernel sees.
+pub const LONG_KERNEL_RECORDS_ADDR: u32 = 0x9300;
+/// The GDT of the user-mode pass (flat code and data, ring 0 and ring 3) and its pointer.
+pub const GDT_ADDR: u32 = 0x9400;
+pub const GDTR_ADDR: u32 = 0x9440;
+/// Guest-physical span the runner reads for both summaries and the user-mode records.
+pub const SUMMARY_SPAN: u32 = GDT_ADDR - RESULT_ADDR;

@@ -28,25 +28,28 @@ pub use run::{emulator_version, probe, probe_run, Firmware, ProbeError, ProbeOpt
 
 use crate::arm::{ArmProbeConfig, ArmProbeOptions};
 use crate::domain::guest::GuestCpuConfig;
+use crate::fingerprint::UserModeCpuid;
 use crate::guest_view::GuestView;
 
 /// Measures what a guest with `config` sees of its CPU: CPUID (x86) or the ID registers
 /// (aarch64), under the same emulator checks, accelerator override and wall-time bound.
 pub fn probe_view(config: &GuestCpuConfig, opts: &ProbeOptions) -> Result<GuestView, ProbeError> {
-    probe_view_running(config, opts, None).map(|(view, _)| view)
+    probe_view_running(config, opts, None).map(|(view, _, _)| view)
 }
 
-/// [`probe_view`] with the features QEMU filtered (x86), executing `executable` instead of the domain's `<emulator>` (which is still
-/// resolved and checked): a running domain's own binary, `/proc/PID/exe`, already checked by the
-/// caller, which still runs after a package upgrade replaced the file at the `<emulator>` path.
+/// [`probe_view`] with the features QEMU filtered (x86) and what the x86 probe's user-mode pass
+/// found (CPUID at CPL3 against the table; `None` on aarch64), executing `executable` instead of
+/// the domain's `<emulator>` (which is still resolved and checked): a running domain's own
+/// binary, `/proc/PID/exe`, already checked by the caller, which still runs after a package
+/// upgrade replaced the file at the `<emulator>` path.
 pub fn probe_view_running(
     config: &GuestCpuConfig,
     opts: &ProbeOptions,
     executable: Option<&std::path::Path>,
-) -> Result<(GuestView, Vec<String>), ProbeError> {
+) -> Result<(GuestView, Vec<String>, Option<UserModeCpuid>), ProbeError> {
     if config.arch != "aarch64" {
         return run::probe_run_with(config, opts, executable)
-            .map(|r| (GuestView::X86(r.table), r.filtered));
+            .map(|r| (GuestView::X86(r.table), r.filtered, r.user_mode));
     }
     let arm_error = |e| ProbeError::Aarch64(Box::new(e));
     // The emulator is resolved (and checked) as for x86, so a domain naming none gets the
@@ -64,6 +67,6 @@ pub fn probe_view_running(
         work_dir: opts.work_dir.clone(),
     };
     crate::arm::probe::probe_run_with(&arm, &arm_opts, executable)
-        .map(|r| (GuestView::Aarch64(r.table), Vec::new()))
+        .map(|r| (GuestView::Aarch64(r.table), Vec::new(), None))
         .map_err(arm_error)
 }

@@ -74,10 +74,50 @@ pub enum OutputError {
 /// The most records the firmware's area holds: a count above it is not the firmware's.
 pub const MAX_RECORDS: u32 = (RECORDS_END - RECORDS_ADDR) / RECORD_SIZE;
 
-/// Guest-physical offset and length of the summary, then of the records for `count` (what the
-/// runner reads from the RAM file).
+/// Guest-physical offset and length of the summaries (the table's and the user-mode pass's, with
+/// the latter's records): what the runner reads first from the RAM file.
 pub fn result_span() -> (u64, usize) {
-    (u64::from(super::layout::RESULT_ADDR), RESULT_SIZE as usize)
+    (
+        u64::from(super::layout::RESULT_ADDR),
+        super::layout::SUMMARY_SPAN as usize,
+    )
+}
+
+/// The CPUID answers the user-mode pass read in long mode at CPL0 and at CPL3, from the bytes of
+/// [`result_span`]; `None` when the pass left no result (an image without it).
+pub fn parse_user(span: &[u8]) -> Option<(Vec<CpuidEntry>, Vec<CpuidEntry>)> {
+    use super::layout::LONG_KERNEL_RECORDS_ADDR;
+    Some((
+        parse_user_records(span, LONG_KERNEL_RECORDS_ADDR)?,
+        parse_user_records(span, super::layout::USER_RECORDS_ADDR)?,
+    ))
+}
+
+fn parse_user_records(span: &[u8], records_addr: u32) -> Option<Vec<CpuidEntry>> {
+    use super::layout::{RESULT_ADDR, USER_ADDR, USER_COUNT_OFFSET, USER_MAGIC};
+    let at = |addr: u32| usize::try_from(addr - RESULT_ADDR).ok();
+    let summary = span.get(at(USER_ADDR)?..at(USER_ADDR)? + USER_MAGIC.len() + 4)?;
+    if &summary[..USER_MAGIC.len()] != USER_MAGIC {
+        return None;
+    }
+    let count = usize::try_from(le32(summary, USER_COUNT_OFFSET as usize)).ok()?;
+    let size = RECORD_SIZE as usize;
+    let start = at(records_addr)?;
+    let records = span.get(start..start.checked_add(count.checked_mul(size)?)?)?;
+    records
+        .chunks_exact(size)
+        .map(|r| {
+            let field = |i: usize| le32(r, 4 * i);
+            (field(0) == KIND_CPUID).then(|| CpuidEntry {
+                leaf: field(1),
+                subleaf: field(2),
+                eax: field(3),
+                ebx: field(4),
+                ecx: field(5),
+                edx: field(6),
+            })
+        })
+        .collect()
 }
 
 /// The record area to read for a summary's count (bounded by the area itself).

@@ -26,6 +26,7 @@ use super::output::{self, OutputError};
 use super::qemu_args::{check_model_available, default_emulator, probe_args, ArgsError};
 use crate::cpuid::CpuidTable;
 use crate::domain::guest::{Accel, GuestCpuConfig};
+use crate::fingerprint::UserModeCpuid;
 
 /// How long `qemu --version` may take.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,6 +117,10 @@ pub struct ProbeRun {
     pub table: CpuidTable,
     /// MSRs CPUID enumerates but whose read raised #GP.
     pub absent_msrs: Vec<u32>,
+    /// The user-mode pass: CPUID at CPL3 against the table (`None` for an image without it).
+    pub user_mode: Option<UserModeCpuid>,
+    /// The user-mode pass's leaves as read in long mode at CPL0 (empty without long mode).
+    pub long_mode_kernel: Vec<crate::cpuid::CpuidEntry>,
     pub emulator: PathBuf,
     pub argv: Vec<String>,
     pub wall_time: Duration,
@@ -173,15 +178,26 @@ pub fn probe_run_with(
         emulator: emulator.clone(),
         source,
     };
-    let parsed = if opts.firmware == Firmware::Text {
-        output::parse(&bytes).map_err(output_error)?
+    let (parsed, user) = if opts.firmware == Firmware::Text {
+        (output::parse(&bytes).map_err(output_error)?, None)
     } else {
         let (summary, records) = read_result(&ram_path)?;
-        output::parse_result(&summary, &records).map_err(output_error)?
+        let parsed = output::parse_result(&summary, &records).map_err(output_error)?;
+        // The probe images end with the user-mode pass and exit from it: a finished table
+        // without its result is not the probe's.
+        let user =
+            output::parse_user(&summary).ok_or_else(|| output_error(OutputError::NoResult))?;
+        (parsed, Some(user))
     };
+    let user_mode = user
+        .as_ref()
+        .map(|(_, user)| UserModeCpuid::compare(&parsed.table, user));
+    let long_mode_kernel = user.map(|(kernel, _)| kernel).unwrap_or_default();
     Ok(ProbeRun {
         table: parsed.table,
         absent_msrs: parsed.absent_msrs,
+        user_mode,
+        long_mode_kernel,
         emulator,
         argv,
         wall_time,
@@ -654,20 +670,45 @@ mod tests {
         assert_eq!(describe(status), "exited with status 3");
     }
 
+    /// The RAM file is sized from the probe command line's own `-m` and made here at that size
+    /// (private, sparse), so the two cannot disagree; a command line without a plain `-m` is an
+    /// error, not a guess.
     #[test]
-    fn filtered_features_are_read_from_qemu_warnings() {
-        let stderr = "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
-                      qemu-system-x86_64: warning: TCG doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]\n\
-                      qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.07H:EBX.avx2 [bit 5]\n\
-                      qemu-system-x86_64: some other warning\n";
+    fn ram_file_follows_the_command_lines_memory_size() {
+        use std::os::unix::fs::PermissionsExt;
+        let xml = "<domain type='qemu'><os><type arch='x86_64'>hvm</type></os></domain>";
+        let config = GuestCpuConfig::from_domain_xml(xml).unwrap();
+        let argv = probe_args(
+            &config,
+            Accel::Tcg,
+            Path::new("/w/fw.bin"),
+            Path::new("/w/out"),
+        )
+        .unwrap();
+        let mib = &argv[argv.iter().position(|a| a == "-m").unwrap() + 1];
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a,b")).unwrap();
+        let ram = dir.path().join("a,b").join("ram");
+        let extra = ram_file_args(&argv, &ram).unwrap();
+        let escaped = ram.display().to_string().replace(',', ",,");
         assert_eq!(
-            filtered_features(stderr),
+            extra,
             vec![
-                "avx2: the host lacks it (CPUID.07H:EBX [bit 5])".to_string(),
-                "sse4.2: TCG lacks it (CPUID.01H:ECX [bit 20])".to_string(),
+                "-object".to_string(),
+                format!(
+                    "memory-backend-file,id=cpuguard-ram,size={mib}M,share=on,mem-path={escaped}"
+                ),
+                "-machine".to_string(),
+                "memory-backend=cpuguard-ram".to_string(),
             ]
         );
-        assert!(filtered_features("").is_empty());
+        let meta = std::fs::metadata(&ram).unwrap();
+        assert_eq!(meta.len(), mib.parse::<u64>().unwrap() << 20);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        // Made once: a second run into the same path is refused, not reused.
+        assert!(ram_file_args(&argv, &ram).is_err());
+        let no_size: Vec<String> = argv.iter().filter(|a| *a != "-m").cloned().collect();
+        assert!(ram_file_args(&no_size, &dir.path().join("other")).is_err());
     }
 
     #[test]
