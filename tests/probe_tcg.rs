@@ -468,3 +468,26 @@ fn emulator_version_is_read() {
     let version = probe::emulator_version(QEMU, &[PathBuf::from(QEMU)]).unwrap();
     assert!(version.starts_with("QEMU emulator version "), "{version}");
 }
+
+#[test]
+fn a_missing_fallback_allow_model_is_named_and_a_present_one_costs_no_model_query() {
+    let allow = |name: &str| {
+        domain(
+            &format!(
+                "<cpu mode='custom' match='exact'><model fallback='allow'>{name}</model></cpu>"
+            ),
+            "",
+        )
+    };
+    // A model the emulator lacks: libvirt would substitute one, which cpuguard does not reproduce.
+    let err = probe::probe(&allow("NoSuchModel"), &options()).unwrap_err();
+    assert!(
+        err.to_string().contains("NoSuchModel") && err.to_string().contains("fallback"),
+        "expected the fallback refusal, got: {err}"
+    );
+    // A model it has: probed as named, the same table as with fallback='forbid'.
+    assert_eq!(
+        run(&allow("Nehalem")).entries,
+        run(&model("Nehalem", "")).entries
+    );
+}
