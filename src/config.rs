@@ -1,5 +1,5 @@
-//! `/etc/cpuguard/cpuguard.toml`: every key optional, every default documented here and in the
-//! README. `CPUGUARD_CONFIG` overrides the path (tests, staging).
+//! `/etc/cpuguard/cpuguard.toml`: every key optional, every default documented here and in
+//! docs/operator/configuration.md. `CPUGUARD_CONFIG` overrides the path (tests, staging).
 //!
 //! A missing file means "all defaults". A broken file is reported with the file, line and problem;
 //! the hook decides what a broken file means for the phase at hand (never block an ordinary start,

@@ -1,5 +1,5 @@
 //! The JSON that `diff`, `check`, `probe`, `matrix` and `plan` print for scripts: one schema,
-//! versioned by `schema_version`, documented field by field in the README ("JSON output").
+//! versioned by `schema_version`, documented field by field in docs/operator/json-output.md.
 //!
 //! Numbers stay numbers (leaf, sub-leaf, bit, register values); the words an operator reads are
 //! beside them in `*_text` fields, so a script never parses a display string.

@@ -152,7 +152,7 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     args.extend(to);
     let (code, text, err) = run(&a, &args);
     assert_eq!(code, Some(1), "not every VM can go everywhere: {text}{err}");
-    // `CPUGUARD_PLAN_EXAMPLE=FILE` keeps the text for the README's example.
+    // `CPUGUARD_PLAN_EXAMPLE=FILE` keeps the text for the example in docs/operator/cli.md.
     if let Some(keep) = std::env::var_os("CPUGUARD_PLAN_EXAMPLE") {
         std::fs::write(keep, &text).expect("write the example");
     }

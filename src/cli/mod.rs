@@ -69,7 +69,7 @@ enum Command {
     Diff {
         a: PathBuf,
         b: PathBuf,
-        /// Print the difference as JSON (schema in the README, "JSON output").
+        /// Print the difference as JSON (schema: docs/operator/json-output.md).
         #[arg(long)]
         json: bool,
         /// Also list masked differences with their reasons, and the echo leaves (outside a
