@@ -12,12 +12,6 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Options the documents rightly show but `cpuguard stamp --help` does not list: `stamp` hands its
-/// arguments to `cpuguard-libvirt stamp` (which lists all three) without passing `--help` on, as
-/// `inventory` and `baseline` do. Each entry must still be a real gap, so the list cannot outlive
-/// the fix (src/cli/mod.rs: `disable_help_flag` on `Stamp`).
-const HELP_GAPS: &[(&str, &str)] = &[("stamp", "--all"), ("stamp", "--force"), ("stamp", "--uri")];
-
 /// Commands whose words are libvirt's hook argv (`cpuguard hook qemu NAME OP SUBOP EXTRA`), which
 /// main.rs dispatches before the CLI parser: they have no `--help` of their own to check against.
 const HOOK_ARGV_COMMANDS: &[&str] = &["hook"];
@@ -305,8 +299,7 @@ fn check_invocation(words: &[String], helps: &mut Helps) -> Vec<String> {
     let options: Vec<String> = rest.iter().flat_map(|w| long_options(w)).collect();
     for option in options {
         let listed = helps.of(&command).long_options.contains(&option);
-        let known_gap = command.len() == 1 && HELP_GAPS.contains(&(command[0], option.as_str()));
-        if !listed && !known_gap {
+        if !listed {
             problems.push(format!(
                 "`cpuguard {} --help` lists no option `{option}`",
                 command.join(" ")
@@ -347,34 +340,6 @@ fn every_command_shown_exists_in_help() {
         "commands the CLI does not have:\n{}",
         problems.join("\n")
     );
-}
-
-#[test]
-fn help_gaps_are_still_gaps() {
-    let mut helps = Helps::default();
-    for (command, option) in HELP_GAPS {
-        let help = helps.of(&[command]);
-        assert!(
-            !help.long_options.contains(*option),
-            "`cpuguard {command} --help` now lists {option}: remove it from HELP_GAPS"
-        );
-    }
-    // The options themselves are real: the program that parses them lists them.
-    let libvirt = Path::new(BIN).with_file_name("cpuguard-libvirt");
-    if libvirt.exists() {
-        let out = Command::new(&libvirt)
-            .args(["stamp", "--help"])
-            .output()
-            .expect("run cpuguard-libvirt");
-        let help = parse_help(&String::from_utf8_lossy(&out.stdout));
-        for (_, option) in HELP_GAPS {
-            assert!(
-                help.long_options.contains(*option),
-                "cpuguard-libvirt stamp has no {option}:\n{}",
-                help.text
-            );
-        }
-    }
 }
 
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens, and `-N`

@@ -114,8 +114,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt).
+    /// Record this host's fingerprint in running domains' live metadata (runs cpuguard-libvirt;
+    /// `cpuguard stamp --help` shows its options).
     #[command(
+        disable_help_flag = true,
         after_help = "Examples: cpuguard stamp web1\n          cpuguard stamp --all\n          \
                       cpuguard stamp --force web1\n\
                       A stamp of the running QEMU process is kept unless --force.\n\
