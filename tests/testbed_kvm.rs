@@ -38,14 +38,21 @@ const PASSTHROUGH_NO_ARCH_CAPABILITIES: &str = "<cpu mode='host-passthrough' che
 /// Both hosts let a user-mode CPUID difference through, so that the verdict is the comparison's.
 const ALLOW_USER_MODE: &str = "[policy]\nuser_mode_cpuid = \"allow\"\n";
 
+/// Whether this machine's KVM runs a guest; when not, the test (named by libtest's thread name)
+/// is skipped with the reason printed, or fails under CI=true where /dev/kvm exists (the shared
+/// KVM gate, tests/support/kvm.rs).
+fn kvm_usable() -> bool {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("testbed_kvm")
+        .to_string();
+    kvm::usable_or_skip(&test)
+}
+
 /// The bed with cpuguard as both hooks, or None when KVM (or the bed, see `Bed::up`) cannot be
 /// used here. `destination_cpu_options`: what B's guests get appended to their `-cpu`.
-fn kvm_bed(
-    test: &str,
-    destination_cpu_options: Option<&str>,
-    allow_user_mode: bool,
-) -> Option<Bed> {
-    if !kvm::usable_or_skip(test) {
+fn kvm_bed(destination_cpu_options: Option<&str>, allow_user_mode: bool) -> Option<Bed> {
+    if !kvm_usable() {
         return None;
     }
     let bed = Bed::up()?;
@@ -163,7 +170,7 @@ fn assert_migrated(bed: &Bed, name: &str, before: Option<u64>) -> String {
 /// `check='full'` (applied from the migration cookie after the migrate phase).
 #[test]
 fn kvm_same_cpu_passes_and_the_destination_runs_it_check_full() {
-    let Some(mut bed) = kvm_bed("kvm_same_cpu_passes", None, true) else {
+    let Some(mut bed) = kvm_bed(None, true) else {
         return;
     };
     let name = "kvm-same";
@@ -199,7 +206,7 @@ fn kvm_same_cpu_passes_and_the_destination_runs_it_check_full() {
 /// does not, the same migration passes. Which one is decided from B's probe, not from this machine.
 #[test]
 fn kvm_default_policy_refuses_a_destination_whose_guest_user_space_sees_the_host_cpu() {
-    let Some(mut bed) = kvm_bed("kvm_default_policy_user_mode", None, false) else {
+    let Some(mut bed) = kvm_bed(None, false) else {
         return;
     };
     let name = "kvm-usermode";
@@ -269,7 +276,7 @@ fn kvm_default_policy_refuses_a_destination_whose_guest_user_space_sees_the_host
 /// completes such a migration and the running guest's CPUID.1:ECX changes).
 #[test]
 fn kvm_refuses_a_destination_whose_guests_lose_x2apic_and_tsc_deadline() {
-    let Some(mut bed) = kvm_bed("kvm_lose_x2apic", Some("-x2apic,-tsc-deadline"), true) else {
+    let Some(mut bed) = kvm_bed(Some("-x2apic,-tsc-deadline"), true) else {
         return;
     };
     let name = "kvm-x2apic";
@@ -291,7 +298,7 @@ fn kvm_refuses_a_destination_whose_guests_lose_x2apic_and_tsc_deadline() {
 fn kvm_refuses_a_destination_whose_guests_see_another_model_id() {
     let other = "cpuguard bed other CPU";
     let options = format!("model-id={other}");
-    let Some(mut bed) = kvm_bed("kvm_model_id", Some(&options), true) else {
+    let Some(mut bed) = kvm_bed(Some(&options), true) else {
         return;
     };
     let name = "kvm-model-id";
@@ -313,7 +320,7 @@ fn kvm_refuses_a_destination_whose_guests_see_another_model_id() {
 /// B's guests see the other vendor than the source's guests do (whichever the source has).
 #[test]
 fn kvm_refuses_a_destination_whose_guests_see_another_vendor() {
-    let Some(mut bed) = kvm_bed("kvm_vendor", None, true) else {
+    let Some(mut bed) = kvm_bed(None, true) else {
         return;
     };
     let name = "kvm-vendor";
@@ -359,7 +366,7 @@ fn start_host_passthrough(bed: &mut Bed, name: &str) -> &'static str {
 /// guests would differ (here: without x2apic).
 #[test]
 fn kvm_host_passthrough_passes_to_an_identical_destination_and_is_refused_by_another() {
-    let Some(mut bed) = kvm_bed("kvm_host_passthrough", None, true) else {
+    let Some(mut bed) = kvm_bed(None, true) else {
         return;
     };
     let name = "kvm-passthrough";
@@ -417,7 +424,7 @@ const KVM_PV_FEATURES: [(u32, &str); 11] = [
 /// the leaf, the register and the feature.
 #[test]
 fn kvm_refuses_a_destination_whose_kvm_paravirtual_leaves_differ() {
-    let Some(mut bed) = kvm_bed("kvm_paravirtual_leaves", None, true) else {
+    let Some(mut bed) = kvm_bed(None, true) else {
         return;
     };
     let name = "kvm-pv-leaves";
