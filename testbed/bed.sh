@@ -286,11 +286,20 @@ host_up() {
     # process to be visible.
     wait_ready "virtlogd of host $h" "$READY_BOUND_DAEMON" true -- pid_alive "$d/virtlogd.pid" virtlogd
     start_libvirtd "$h"
-    if [[ -d $d/cache/qemu/capabilities ]]; then
-        mkdir -p "$STATE/qemu-caps-cache"
-        cp -a "$d/cache/qemu/capabilities/." "$STATE/qemu-caps-cache/"
-    fi
+    save_caps_cache "$h"
     log "host $h up: $(host_uri "$h")"
+}
+
+# Keeps host H's QEMU capabilities cache for the next `up`. libvirt 9 fills it when it first needs
+# an emulator (a define, a start, domcapabilities), not when the daemon starts, so it is kept at
+# `down` too (from host A only: B's emulator may be emulator-b's wrapper, whose capabilities are
+# not the machine's; libvirt would re-probe them anyway, as it re-probes any stale entry).
+save_caps_cache() {
+    local d
+    d=$(host_dir "$1")
+    compgen -G "$d/cache/qemu/capabilities/*.xml" >/dev/null || return 0
+    mkdir -p "$STATE/qemu-caps-cache"
+    cp -a "$d/cache/qemu/capabilities/." "$STATE/qemu-caps-cache/"
 }
 
 # Guests are QEMU processes the bed started through libvirt: destroy them through libvirt, then kill
@@ -405,6 +414,7 @@ cmd_down() {
     flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
     host_down b
     host_down a
+    save_caps_cache a
     # A syslog pinned by `syslog-up` outlives the bed (the test command keeps one for the suite).
     if [[ ! -e $SYSLOG_DIR/pinned ]]; then syslog_down; fi
     local dir
