@@ -18,7 +18,7 @@
 # Subcommands: up | down | status | install-hook PATH | uninstall-hook | restart [a|b]
 #              syslog-up | syslog-down (the bed's rsyslogd alone, kept across up/down)
 #              virsh-a ARGS... | virsh-b ARGS... | uri-a | uri-b | exec-a CMD... | exec-b CMD...
-#              define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64]
+#              define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64] [--virt-type qemu|kvm]
 #              emulator-b set CPU-OPTIONS [--arch x86_64|aarch64] | emulator-b reset
 #              firmware-path [--arch A] | firmware-kind [--arch A] | audit-log | state-dir
 #              addr-a | addr-b
@@ -286,11 +286,20 @@ host_up() {
     # process to be visible.
     wait_ready "virtlogd of host $h" "$READY_BOUND_DAEMON" true -- pid_alive "$d/virtlogd.pid" virtlogd
     start_libvirtd "$h"
-    if [[ -d $d/cache/qemu/capabilities ]]; then
-        mkdir -p "$STATE/qemu-caps-cache"
-        cp -a "$d/cache/qemu/capabilities/." "$STATE/qemu-caps-cache/"
-    fi
+    save_caps_cache "$h"
     log "host $h up: $(host_uri "$h")"
+}
+
+# Keeps host H's QEMU capabilities cache for the next `up`. libvirt 9 fills it when it first needs
+# an emulator (a define, a start, domcapabilities), not when the daemon starts, so it is kept at
+# `down` too (from host A only: B's emulator may be emulator-b's wrapper, whose capabilities are
+# not the machine's; libvirt would re-probe them anyway, as it re-probes any stale entry).
+save_caps_cache() {
+    local d
+    d=$(host_dir "$1")
+    compgen -G "$d/cache/qemu/capabilities/*.xml" >/dev/null || return 0
+    mkdir -p "$STATE/qemu-caps-cache"
+    cp -a "$d/cache/qemu/capabilities/." "$STATE/qemu-caps-cache/"
 }
 
 # Guests are QEMU processes the bed started through libvirt: destroy them through libvirt, then kill
@@ -405,6 +414,7 @@ cmd_down() {
     flock -w 300 9 || die "another bed.sh is running (lock $STATE/.lock held for 300 s)"
     host_down b
     host_down a
+    save_caps_cache a
     # A syslog pinned by `syslog-up` outlives the bed (the test command keeps one for the suite).
     if [[ ! -e $SYSLOG_DIR/pinned ]]; then syslog_down; fi
     local dir
@@ -512,12 +522,19 @@ cmd_uninstall_hook() {
     log "hook removed from both hosts"
 }
 
-# define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64]: define (not start) a guest on host A
-# from guest.xml.in (x86_64, the default) or guest-aarch64.xml.in (QEMU virt under TCG).
+# define-guest NAME [CPU-XML-FILE] [--arch x86_64|aarch64] [--virt-type qemu|kvm]: define (not
+# start) a guest on host A from guest.xml.in (x86_64, the default) or guest-aarch64.xml.in (QEMU
+# virt under TCG). --virt-type kvm makes it a <domain type='kvm'> (x86_64 only): the same firmware
+# guest under the machine's KVM, where what it sees is QEMU's model filtered by KVM.
 cmd_define_guest() {
-    local name='' cpu_file='' arch=x86_64 cpu xml firmware
+    local name='' cpu_file='' arch=x86_64 virt_type=qemu cpu xml firmware
     while (($#)); do
         case "$1" in
+            --virt-type)
+                [[ $# -ge 2 ]] || die "define-guest: --virt-type needs qemu or kvm"
+                case "$2" in qemu | kvm) virt_type=$2 ;; *) die "define-guest: unknown --virt-type '$2' (qemu or kvm)" ;; esac
+                shift 2
+                ;;
             --arch)
                 [[ $# -ge 2 ]] || die "define-guest: --arch needs x86_64 or aarch64"
                 arch=$2
@@ -530,6 +547,7 @@ cmd_define_guest() {
         esac
     done
     check_arch "$arch"
+    [[ $virt_type == qemu || $arch == x86_64 ]] || die "define-guest: --virt-type kvm is for x86_64 guests only"
     [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || die "define-guest needs a NAME of [A-Za-z0-9_.-], got '$name'"
     if [[ -n $cpu_file ]]; then
         cpu=$(<"$cpu_file") || die "cannot read CPU XML file $cpu_file"
@@ -544,9 +562,9 @@ cmd_define_guest() {
     [[ -f $firmware ]] || make_firmware
     mkdir -p "$STATE/guests"
     : >"$STATE/guests/$name.serial"
-    xml=$(NAME=$name FIRMWARE=$firmware SERIAL="$STATE/guests/$name.serial" CPU=$cpu \
+    xml=$(NAME=$name FIRMWARE=$firmware SERIAL="$STATE/guests/$name.serial" CPU=$cpu DOMAIN="<domain type='$virt_type'>" \
         awk '{ gsub(/@NAME@/, ENVIRON["NAME"]); gsub(/@FIRMWARE@/, ENVIRON["FIRMWARE"]);
-               gsub(/@SERIAL@/, ENVIRON["SERIAL"]);
+               gsub(/@SERIAL@/, ENVIRON["SERIAL"]); sub(/^<domain type=.qemu.>/, ENVIRON["DOMAIN"]);
                if ($0 ~ /@CPU@/) { print ENVIRON["CPU"]; next } print }' "$(arch_template "$arch")")
     printf '%s\n' "$xml" >"$STATE/guests/$name.xml"
     virsh -q -c "$(host_uri a)" define "$STATE/guests/$name.xml" >/dev/null

@@ -287,10 +287,24 @@ impl Bed {
     /// Defines NAME on host A for `arch` (aarch64: from testbed/guest-aarch64.xml.in, the bed's
     /// default CPU cortex-a57 when `cpu_xml` is None). Cleaned up like `define_guest`.
     pub fn define_guest_arch(&mut self, name: &str, cpu_xml: Option<&str>, arch: Arch) -> PathBuf {
+        self.define_guest_with(name, cpu_xml, &["--arch", arch.name()])
+    }
+
+    /// Defines NAME on host A as an x86_64 `<domain type='kvm'>` (the bed's guest under this
+    /// machine's KVM; `bed.sh define-guest --virt-type kvm`). Cleaned up like `define_guest`.
+    pub fn define_guest_kvm(&mut self, name: &str, cpu_xml: Option<&str>) -> PathBuf {
+        self.define_guest_with(name, cpu_xml, &["--arch", "x86_64", "--virt-type", "kvm"])
+    }
+
+    fn define_guest_with(
+        &mut self,
+        name: &str,
+        cpu_xml: Option<&str>,
+        arch_args: &[&str],
+    ) -> PathBuf {
         self.guests.push(name.to_string());
-        let arch_args = ["--arch", arch.name()];
         let run = match cpu_xml {
-            None => bed_sh(&[&["define-guest", name][..], &arch_args].concat()),
+            None => bed_sh(&[&["define-guest", name][..], arch_args].concat()),
             Some(xml) => {
                 let file = self
                     .state_dir()
@@ -301,7 +315,7 @@ impl Bed {
                 fs::write(&file, xml)
                     .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
                 let file = file.to_string_lossy();
-                bed_sh(&[&["define-guest", name, &file][..], &arch_args].concat())
+                bed_sh(&[&["define-guest", name, &file][..], arch_args].concat())
             }
         };
         PathBuf::from(run.ok().trim())
@@ -404,6 +418,20 @@ impl Bed {
 
     pub fn state_dir(&self) -> PathBuf {
         state_dir()
+    }
+
+    /// Writes `toml` as `host`'s cpuguard configuration (its hook reads it as
+    /// /etc/cpuguard/cpuguard.toml at every call, so it takes effect at the next hook call).
+    pub fn write_host_config(&self, host: Host, toml: &str) {
+        let host_dir = match host {
+            Host::A => "a",
+            Host::B => "b",
+        };
+        let path = self
+            .state_dir()
+            .join(host_dir)
+            .join("cpuguard-etc/cpuguard.toml");
+        fs::write(&path, toml).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
     }
 
     pub fn serial_path(&self, name: &str) -> PathBuf {
