@@ -141,14 +141,10 @@ fn split_spans(line: &str) -> (Vec<String>, String) {
 struct Help {
     commands: BTreeSet<String>,
     long_options: BTreeSet<String>,
-    text: String,
 }
 
 fn parse_help(text: &str) -> Help {
-    let mut help = Help {
-        text: text.to_string(),
-        ..Help::default()
-    };
+    let mut help = Help::default();
     let mut section = "";
     for line in text.lines() {
         if !line.starts_with(' ') {

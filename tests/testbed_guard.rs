@@ -10,7 +10,7 @@ mod bed;
 
 use std::path::Path;
 
-use bed::{bed_sh, Bed, Host, AUDIT_WAIT};
+use bed::{bed_sh, Bed, Host};
 
 /// Brings up the bed with cpuguard as both hooks, B's guests getting `,cpu_options` on their
 /// `-cpu`, and NAME running (stamped) on A.
@@ -44,28 +44,8 @@ fn assert_refused(bed: &Bed, name: &str, mark: u64, run: &bed::Run, names_one_of
         "the refusal does not name the difference (one of {names_one_of:?}):\n{}",
         run.stderr
     );
-    assert!(
-        !run.stderr.contains("guest CPU doesn't match specification"),
-        "libvirt's own check ran, so B's QEMU was started before cpuguard refused:\n{}",
-        run.stderr
-    );
-    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
-    assert_eq!(
-        bed.domain_state(Host::B, name),
-        None,
-        "{name} left behind on B"
-    );
-    let domain = format!("domain={name}");
-    let line = bed.wait_audit(
-        mark,
-        &["phase=prepare", "action=refused", &domain],
-        AUDIT_WAIT,
-    );
-    assert!(
-        line.is_some(),
-        "no `phase=prepare action=refused {domain}` audit line; lines since:\n{}",
-        bed.audit_lines_since(mark).join("\n")
-    );
+    bed.assert_refused_before_b_started(name, run);
+    bed.expect_audit(mark, "prepare", "refused", name);
 }
 
 /// Case 2: the destination's guest would lack a CPU feature (SSE3, libvirt's `pni`).

@@ -21,7 +21,7 @@ mod kvm;
 
 use std::path::Path;
 
-use bed::{bed_sh, Bed, Host, Run, AUDIT_WAIT, HEARTBEAT_WAIT};
+use bed::{bed_sh, Bed, Host, Run, HEARTBEAT_WAIT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
 
@@ -104,37 +104,14 @@ fn vendor(regs: [u32; 4]) -> String {
 /// the guest still runs on A, nothing is left on B, libvirt's own check never ran (cpuguard
 /// refused before B's QEMU started), and the audit trail has the refusal with `audit_names` in it.
 fn assert_refused(bed: &Bed, name: &str, mark: u64, run: &Run, audit_names: &str) {
-    assert!(!run.success, "migration of {name} to B was not refused");
     let expected = format!("cpuguard: refusing incoming migration of {name}:");
     assert!(
         run.stderr.contains(&expected),
         "virsh migrate did not show cpuguard's refusal (`{expected}`):\n{}",
         run.stderr
     );
-    assert!(
-        !run.stderr.contains("guest CPU doesn't match specification"),
-        "libvirt's own check ran, so B's QEMU was started before cpuguard refused:\n{}",
-        run.stderr
-    );
-    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
-    assert_eq!(
-        bed.domain_state(Host::B, name),
-        None,
-        "{name} left behind on B"
-    );
-    let domain = format!("domain={name}");
-    let line = bed
-        .wait_audit(
-            mark,
-            &["phase=prepare", "action=refused", &domain],
-            AUDIT_WAIT,
-        )
-        .unwrap_or_else(|| {
-            panic!(
-                "no `phase=prepare action=refused {domain}` audit line; lines since:\n{}",
-                bed.audit_lines_since(mark).join("\n")
-            )
-        });
+    bed.assert_refused_before_b_started(name, run);
+    let line = bed.expect_audit(mark, "prepare", "refused", name);
     assert!(
         line.contains(audit_names),
         "the audit line does not name `{audit_names}`: {line}"
@@ -192,13 +169,7 @@ fn kvm_same_cpu_passes_and_the_destination_runs_it_check_full() {
         live.contains("<cpu mode='custom' match='exact' check='full'>"),
         "B's live CPU of {name} is not check='full':\n{live}"
     );
-    assert!(bed
-        .wait_audit(
-            mark,
-            &["phase=prepare", "action=allowed", &format!("domain={name}")],
-            AUDIT_WAIT
-        )
-        .is_some());
+    bed.expect_audit(mark, "prepare", "allowed", name);
 }
 
 /// Default policy: where B's probe sees guest user space (CPL3) read other CPUID values than the
@@ -383,13 +354,7 @@ fn kvm_host_passthrough_passes_to_an_identical_destination_and_is_refused_by_ano
         live.contains("<cpu mode='host-passthrough'"),
         "B does not run {name} host-passthrough:\n{live}"
     );
-    assert!(bed
-        .wait_audit(
-            mark,
-            &["phase=prepare", "action=allowed", &format!("domain={name}")],
-            AUDIT_WAIT
-        )
-        .is_some());
+    bed.expect_audit(mark, "prepare", "allowed", name);
 
     bed_sh(&["emulator-b", "set", "-x2apic"]).ok();
     let name = "kvm-passthrough-2";

@@ -348,12 +348,7 @@ fn prepare_hook_failure_aborts_the_migration_and_the_source_keeps_running() {
         "virsh did not show the hook's message: {}",
         run.stderr
     );
-    assert_eq!(bed.domain_state(Host::A, name).as_deref(), Some("running"));
-    assert_eq!(
-        bed.domain_state(Host::B, name),
-        None,
-        "{name} left behind on B"
-    );
+    bed.assert_still_on_a(name);
 }
 
 /// `bed.sh emulator-b` makes B a host whose guests see a different CPU (the destinations of issue

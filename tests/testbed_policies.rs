@@ -56,19 +56,7 @@ fn start_stamped(bed: &mut Bed, name: &str, cpu: Option<&str>) {
     bed.wait_stamped(Host::A, name, mark);
 }
 
-/// The VM is still running on A and B has nothing of it.
-fn assert_still_on_a(bed: &Bed, name: &str) {
-    assert_eq!(
-        bed.domain_state(Host::A, name).as_deref(),
-        Some("running"),
-        "{name} must keep running on A"
-    );
-    assert!(
-        bed.domain_state(Host::B, name).is_none(),
-        "{name} must leave nothing on B"
-    );
-}
-
+/// The VM runs on B and nothing of it is left on A.
 fn assert_on_b(bed: &Bed, name: &str) {
     assert_eq!(
         bed.domain_state(Host::B, name).as_deref(),
@@ -106,14 +94,8 @@ fn unstamped_vm_is_refused_until_stamped() {
         "{}",
         run.stderr
     );
-    assert_still_on_a(&bed, name);
-    assert!(bed
-        .wait_audit(
-            mark,
-            &["phase=prepare", "action=refused", &format!("domain={name}")],
-            AUDIT_WAIT
-        )
-        .is_some());
+    bed.assert_still_on_a(name);
+    bed.expect_audit(mark, "prepare", "refused", name);
 
     // The operator stamps by hand, on the source.
     let stamp = bed_sh(&["exec-a", BIN, "stamp", name]);
@@ -273,7 +255,7 @@ fn destination_without_its_emulator_keeps_the_vm_on_the_source() {
         "{}",
         run.stderr
     );
-    assert_still_on_a(&bed, name);
+    bed.assert_still_on_a(name);
 }
 
 /// Case 6: an emulator libvirt will run but cpuguard must not (group-writable: anyone in the group
@@ -308,14 +290,8 @@ fn destination_that_cannot_run_the_probe_refuses() {
         "{}",
         run.stderr
     );
-    assert_still_on_a(&bed, name);
-    assert!(bed
-        .wait_audit(
-            mark,
-            &["phase=prepare", "action=refused", &format!("domain={name}")],
-            AUDIT_WAIT
-        )
-        .is_some());
+    bed.assert_still_on_a(name);
+    bed.expect_audit(mark, "prepare", "refused", name);
     let _ = fs::remove_file(&copy);
 }
 
@@ -372,7 +348,7 @@ fn hanging_probe_times_out_and_refuses() {
         run.stderr
     );
     assert!(took < Duration::from_secs(60), "took {took:?}");
-    assert_still_on_a(&bed, name);
+    bed.assert_still_on_a(name);
     // The hung probe's process group was killed: no `sleep 600` is left behind.
     let ps = std::process::Command::new("pgrep")
         .args(["-f", "^sleep 600$"])
@@ -521,7 +497,7 @@ fn killed_stamp_process_leaves_no_stamp_and_is_repaired_by_hand() {
         "{}",
         run.stderr
     );
-    assert_still_on_a(&bed, name);
+    bed.assert_still_on_a(name);
     host_config(&bed, Host::A, "");
     let stamp = bed_sh(&["exec-a", BIN, "stamp", name]);
     assert!(stamp.success, "{}", stamp.stderr);

@@ -492,6 +492,53 @@ impl Bed {
     }
 }
 
+impl Bed {
+    /// A refused migration left the guest where it was: still running on A, nothing of it on B.
+    pub fn assert_still_on_a(&self, name: &str) {
+        assert_eq!(
+            self.domain_state(Host::A, name).as_deref(),
+            Some("running"),
+            "{name} must keep running on A"
+        );
+        assert_eq!(
+            self.domain_state(Host::B, name),
+            None,
+            "{name} must leave nothing on B"
+        );
+    }
+
+    /// `run` (a `virsh migrate` to B) was refused before B's QEMU started: libvirt's own CPU
+    /// check never ran, and the guest is still on A only.
+    pub fn assert_refused_before_b_started(&self, name: &str, run: &Run) {
+        assert!(!run.success, "the migration of {name} to B was not refused");
+        assert!(
+            !run.stderr.contains("guest CPU doesn't match specification"),
+            "libvirt's own check ran, so B's QEMU was started before the refusal:\n{}",
+            run.stderr
+        );
+        self.assert_still_on_a(name);
+    }
+
+    /// The audit line `phase=PHASE action=ACTION domain=NAME` after `mark`, waited for; fails
+    /// with every line logged since `mark` when it does not come.
+    pub fn expect_audit(&self, mark: u64, phase: &str, action: &str, name: &str) -> String {
+        let fields = [
+            format!("phase={phase}"),
+            format!("action={action}"),
+            format!("domain={name}"),
+        ];
+        let fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        self.wait_audit(mark, &fields, AUDIT_WAIT)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `{}` audit line; lines since:\n{}",
+                    fields.join(" "),
+                    self.audit_lines_since(mark).join("\n")
+                )
+            })
+    }
+}
+
 impl Drop for Bed {
     fn drop(&mut self) {
         for name in &self.guests {
