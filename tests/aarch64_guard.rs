@@ -4,6 +4,10 @@
 //! `diff` and `matrix` explain a destination whose QEMU withholds the PMU by register field. The
 //! destination's emulator is a wrapper that appends `,pmu=off` to `-cpu`.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::Path;
 
 use cpuguard::fingerprint::Fingerprint;
@@ -51,12 +55,7 @@ fn stamp(fingerprint: &Fingerprint) -> String {
 
 #[test]
 fn aarch64_domains_are_probed_stamped_checked_diffed_and_matrixed() {
-    if !Path::new(QEMU).exists() {
-        eprintln!("skipped: {QEMU} missing (apt-get install qemu-system-arm)");
-        return;
-    }
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators");
+    if !gate::require(&[Need::Qemu("aarch64"), Need::Root]) {
         return;
     }
     let dir = scratch_dir();

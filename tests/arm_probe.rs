@@ -4,6 +4,10 @@
 //! Needs `qemu-system-aarch64` (Debian package qemu-system-arm) and, for the x86 timing line,
 //! `qemu-system-x86_64`.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,10 +18,6 @@ const QEMU_ARM: &str = "/usr/bin/qemu-system-aarch64";
 const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
 
 fn options() -> ArmProbeOptions {
-    assert!(
-        std::path::Path::new(QEMU_ARM).exists(),
-        "{QEMU_ARM} is missing: apt-get install qemu-system-arm"
-    );
     ArmProbeOptions {
         timeout: Duration::from_secs(30),
         allowed_emulators: vec![PathBuf::from(QEMU_ARM)],
@@ -61,6 +61,9 @@ fn field(table: &ArmIdTable, reg: &str, name: &str) -> u64 {
 
 #[test]
 fn models_are_stable_identified_and_differ_by_field() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let a57 = stable(&model("cortex-a57"));
     let a72 = stable(&model("cortex-a72"));
     let a53 = stable(&model("cortex-a53"));
@@ -176,6 +179,9 @@ fn models_are_stable_identified_and_differ_by_field() {
 
 #[test]
 fn smp_changes_only_the_masked_affinity_fields_of_vcpu0() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let one = stable(&model("cortex-a72"));
     let mut four = model("cortex-a72");
     four.vcpus = 4;
@@ -186,6 +192,9 @@ fn smp_changes_only_the_masked_affinity_fields_of_vcpu0() {
 
 #[test]
 fn a_model_qemu_does_not_know_is_an_emulator_error_naming_it() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let err = arm::probe(&model("cortex-z99"), &options()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("cortex-z99"), "{text}");
@@ -193,6 +202,9 @@ fn a_model_qemu_does_not_know_is_an_emulator_error_naming_it() {
 
 #[test]
 fn an_emulator_outside_the_allow_list_is_refused() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let mut opts = options();
     opts.allowed_emulators.clear();
     let err = arm::probe(&model("cortex-a57"), &opts).unwrap_err();
@@ -201,6 +213,9 @@ fn an_emulator_outside_the_allow_list_is_refused() {
 
 #[test]
 fn probe_time_beside_the_x86_probe() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let mut arm_times = Vec::new();
     for cpu in ["cortex-a57", "cortex-a72", "cortex-a53", "max"] {
         let cfg = if cpu == "max" {
@@ -211,7 +226,7 @@ fn probe_time_beside_the_x86_probe() {
         let run = arm::probe_run(&cfg, &options()).unwrap();
         arm_times.push((cpu, run.wall_time));
     }
-    let x86 = if std::path::Path::new(QEMU_X86).exists() {
+    let x86 = if gate::require_part("the x86 probe beside it", &[Need::Qemu("x86_64")]) {
         let xml = format!(
             "<domain type='qemu'><name>t</name><memory unit='KiB'>65536</memory>\
              <os><type arch='x86_64' machine='pc'>hvm</type></os>\
@@ -251,6 +266,9 @@ fn probe_time_beside_the_x86_probe() {
 /// reported as absent and the probe carries on to the next read and a clean power-off.
 #[test]
 fn a_trapping_read_is_reported_absent_and_the_probe_continues() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     use arm::firmware::{program, SysReg, HEADER};
     const HCR_EL2: SysReg = SysReg::new("HCR_EL2", 3, 4, 1, 1, 0);
     let regs = [
@@ -289,6 +307,9 @@ fn a_trapping_read_is_reported_absent_and_the_probe_continues() {
 /// The path the later wiring takes: a domain XML, its GuestCpuConfig, the probe config.
 #[test]
 fn a_domain_xml_probes_like_the_model() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let xml = format!(
         "<domain type='qemu'><name>arm1</name><memory unit='KiB'>65536</memory><vcpu>2</vcpu>\
          <os><type arch='aarch64' machine='virt-7.2'>hvm</type></os>\
@@ -308,6 +329,9 @@ fn a_domain_xml_probes_like_the_model() {
 /// sees their effect: SVE and the PMU disappear from the ID registers.
 #[test]
 fn domain_features_and_pmu_switch_change_what_the_probe_sees() {
+    if !gate::require(&[Need::Qemu("aarch64")]) {
+        return;
+    }
     let xml = |features: &str, cpu_children: &str| {
         format!(
             "<domain type='qemu'><name>arm1</name><memory unit='KiB'>65536</memory><vcpu>1</vcpu>\

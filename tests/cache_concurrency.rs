@@ -1,8 +1,13 @@
 //! The fingerprint cache under concurrency and on an unwritable directory, through the public API.
 //!
-//! Process tests re-run this test binary in a helper mode: an `#[ignore]`d test selected with
-//! `--ignored --exact NAME`, parameterized through environment variables, so the helpers never
-//! run as part of the ordinary suite.
+//! Process tests re-run this test binary on their own test (`--exact NAME`) with
+//! `CPUGUARD_CACHE_TEST_ROLE` set: the re-run test then plays one helper process, parameterized
+//! through environment variables, instead of the parent. The helpers are therefore no tests of
+//! their own (nothing to skip or ignore), and the ordinary suite never runs them alone.
+
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -17,6 +22,8 @@ use cpuguard::cpuid::table::{CpuidEntry, CpuidTable};
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::fingerprint::{Fingerprint, HostFacts};
 
+/// Set (to a helper's name) in a helper process; see the module comment.
+const ENV_ROLE: &str = "CPUGUARD_CACHE_TEST_ROLE";
 const ENV_DIR: &str = "CPUGUARD_CACHE_TEST_DIR";
 const ENV_MODEL: &str = "CPUGUARD_CACHE_TEST_MODEL";
 const ENV_GO: &str = "CPUGUARD_CACHE_TEST_GO";
@@ -182,10 +189,9 @@ fn two_keys_measure_twice_and_in_parallel() {
     );
 }
 
-/// Helper mode (see the module comment): waits for the go file, then asks for
-/// `$CPUGUARD_CACHE_TEST_MODEL`, logging each measurement as a line in `measurements.log`.
-#[test]
-#[ignore = "helper process for processes_measure_once_per_key"]
+/// The helper of `processes_measure_once_per_key` (see the module comment): waits for the go
+/// file, then asks for `$CPUGUARD_CACHE_TEST_MODEL`, logging each measurement as a line in
+/// `measurements.log`.
 fn process_helper() {
     let (Some(dir), Some(model), Some(go)) = (
         std::env::var_os(ENV_DIR),
@@ -229,6 +235,9 @@ fn process_helper() {
 
 #[test]
 fn processes_measure_once_per_key() {
+    if std::env::var(ENV_ROLE).is_ok_and(|role| role == "process_helper") {
+        return process_helper();
+    }
     let tmp = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("current exe");
     let go = tmp.path().join("go");
@@ -237,7 +246,8 @@ fn processes_measure_once_per_key() {
         .iter()
         .map(|model| {
             Command::new(&exe)
-                .args(["--ignored", "--exact", "process_helper", "--nocapture"])
+                .args(["--exact", "processes_measure_once_per_key", "--nocapture"])
+                .env(ENV_ROLE, "process_helper")
                 .env(ENV_DIR, tmp.path())
                 .env(ENV_MODEL, model)
                 .env(ENV_GO, &go)
@@ -302,11 +312,9 @@ fn processes_measure_once_per_key() {
     assert!(leftovers(&tmp.path().join("cache")).is_empty());
 }
 
-/// Helper mode: runs inside a private mount namespace, opens the cache, then makes
-/// `$CPUGUARD_CACHE_TEST_DIR` a read-only bind mount (as a full or remounted file system would
-/// be) and checks every operation.
-#[test]
-#[ignore = "helper process for read_only_cache_directory"]
+/// The helper of `read_only_cache_directory`: runs inside a private mount namespace, opens the
+/// cache, then makes `$CPUGUARD_CACHE_TEST_DIR` a read-only bind mount (as a full or remounted
+/// file system would be) and checks every operation.
 fn read_only_helper() {
     let dir = PathBuf::from(std::env::var_os(ENV_DIR).expect("helper mode needs the dir"));
     let cache = Cache::open(&dir).expect("open while writable");
@@ -365,10 +373,11 @@ fn read_only_helper() {
 
 #[test]
 fn read_only_cache_directory() {
-    let root = nix::unistd::geteuid().is_root();
-    let unshare = Path::new("/usr/bin/unshare").exists();
-    if !root || !unshare {
-        eprintln!("skipping: needs root and unshare(1) for a read-only bind mount");
+    if std::env::var(ENV_ROLE).is_ok_and(|role| role == "read_only_helper") {
+        return read_only_helper();
+    }
+    // A read-only bind mount in a private mount namespace.
+    if !gate::require(&[Need::Root, Need::Tool("unshare")]) {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -381,14 +390,16 @@ fn read_only_cache_directory() {
     let out = Command::new("/usr/bin/unshare")
         .args(["-m", "--propagation", "private", "--"])
         .arg(&exe)
-        .args(["--ignored", "--exact", "read_only_helper", "--nocapture"])
+        .args(["--exact", "read_only_cache_directory", "--nocapture"])
+        .env(ENV_ROLE, "read_only_helper")
         .env(ENV_DIR, &dir)
         .output()
         .expect("run unshare");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() && stderr.contains("unshare failed") {
-        eprintln!("skipping: no mount namespace here: {stderr}");
+    let no_namespace = (!out.status.success() && stderr.contains("unshare failed"))
+        .then(|| stderr.trim().to_string());
+    if !gate::require(&[Need::MountNamespace(no_namespace)]) {
         return;
     }
     assert!(out.status.success(), "{stdout}{stderr}");

@@ -1,7 +1,11 @@
 //! The cache in front of the real probe (TCG): the first request probes, the next is a hit that
 //! returns the same fingerprint, much faster; a corrupted entry is probed again.
 
-use std::path::{Path, PathBuf};
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cpuguard::cache::{Cache, CacheKey, CacheWarning, Source};
@@ -14,8 +18,7 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 #[test]
 fn probe_once_then_hit() {
-    if !Path::new(QEMU).exists() {
-        eprintln!("skipping: {QEMU} not installed");
+    if !gate::require(&[Need::Qemu("x86_64")]) {
         return;
     }
     let xml = std::fs::read_to_string("tests/fixtures/domains/tcg-haswell-features.xml")

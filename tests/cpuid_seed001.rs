@@ -5,6 +5,10 @@
 //! Fixtures in tests/fixtures/cpuid/ are the diff hunks pasted in seeds 001/002 (`*.diff`) and
 //! each side of them (`*-src.txt`, `*-dst.txt`): the lines shown, nothing invented.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -170,26 +174,24 @@ fn diff_inputs_on_seed_files() {
     assert!(same.is_equivalent());
 }
 
-/// Runs the Debian `cpuid` tool; `None` (with a note) where it is not installed.
-fn cpuid_tool(args: &[&str]) -> Option<String> {
+/// Runs the Debian `cpuid` tool (the caller has passed `Need::Tool("cpuid")`).
+fn cpuid_tool(args: &[&str]) -> String {
     match Command::new("cpuid").args(args).output() {
-        Ok(out) if out.status.success() => Some(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
         Ok(out) => panic!(
             "cpuid {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) => {
-            eprintln!("skipping: cannot run cpuid ({e}); apt install cpuid");
-            None
-        }
+        Err(e) => panic!("cannot run cpuid {args:?}: {e}"),
     }
 }
 
 #[test]
 fn parses_this_machines_cpuid_r() {
-    let Some(single) = cpuid_tool(&["-r", "-1"]) else {
+    if !gate::require(&[Need::Tool("cpuid")]) {
         return;
-    };
+    }
+    let single = cpuid_tool(&["-r", "-1"]);
     let table = parse_dump(&single).unwrap();
     let data_lines = single
         .lines()
@@ -210,9 +212,7 @@ fn parses_this_machines_cpuid_r() {
 
     // Every CPU of `cpuid -r` describes the same CPU: after normalization (APIC IDs, core IDs
     // masked) the first and the second must be identical.
-    let Some(all) = cpuid_tool(&["-r"]) else {
-        return;
-    };
+    let all = cpuid_tool(&["-r"]);
     let first = parse_dump(&all).unwrap();
     if let Some(second_start) = all.find("\nCPU 1:") {
         let second = parse_dump(&all[second_start + 1..]).unwrap();

@@ -16,6 +16,10 @@
 //! root); without them the test says so and skips (testbed/run-tests.sh provides both).
 //! Run: `cargo test --test fidelity_arm -- --nocapture` (prints times and features per model).
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 #[path = "support/guest_boot.rs"]
 mod guest_boot;
 #[path = "support/linux_guest_arm.rs"]
@@ -375,17 +379,17 @@ fn check_case(
 
 #[test]
 fn linux_guest_cpuinfo_and_sysfs_agree_with_the_probe() {
-    if !Path::new(QEMU).exists() {
-        eprintln!("SKIP: {QEMU} is missing (apt-get install qemu-system-arm)");
+    let guest = ArmLinuxGuest::locate();
+    if !gate::require(&[
+        Need::Qemu("aarch64"),
+        Need::Fetched(
+            "testbed/fetch-linux-guest-arm64.sh",
+            guest.as_ref().err().map(ToString::to_string),
+        ),
+    ]) {
         return;
     }
-    let guest = match ArmLinuxGuest::locate() {
-        Ok(guest) => guest,
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            return;
-        }
-    };
+    let guest = guest.unwrap_or_else(|e| panic!("{e}"));
     let kconfig = std::fs::read_to_string(&guest.config)
         .unwrap_or_else(|e| panic!("{}: {e}", guest.config.display()));
     let kernel = KernelConfig::from_kconfig(&kconfig);

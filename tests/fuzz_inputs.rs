@@ -9,6 +9,10 @@
 //! is reproducible: the failing input is written beside the test's scratch directory and its
 //! path printed.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 #[path = "support/operator.rs"]
 mod operator;
 
@@ -214,15 +218,7 @@ fn keep_dir() -> PathBuf {
 /// The probe runs only root-owned emulators as root; without QEMU or root there is no real
 /// fingerprint to start from.
 fn prerequisites() -> bool {
-    assert!(
-        Path::new(QEMU).exists(),
-        "{QEMU} missing: apt-get install qemu-system-x86 (testbed/install-deps.sh)"
-    );
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators (run as root)");
-        return false;
-    }
-    true
+    gate::require(&[Need::Qemu("x86_64"), Need::Root])
 }
 
 /// A real fingerprint of the test domain (TCG probe through the cache, so the prepare cases

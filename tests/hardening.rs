@@ -2,6 +2,10 @@
 //! performed against the built `cpuguard` binary with real QEMU (TCG) and, for the audit trail,
 //! the test bed's real rsyslogd; each test asserts the defence.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -35,12 +39,7 @@ fn domain(name: &str, uuid: &str, emulator: &str, metadata: &str) -> String {
 }
 
 fn root_only() -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators, and chown needs root");
-        return false;
-    }
-    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
-    true
+    gate::require(&[Need::Root, Need::Qemu("x86_64")])
 }
 
 /// A stamp holding what `config`'s host measures for the domain (as the source's hook would

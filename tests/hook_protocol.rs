@@ -2,6 +2,10 @@
 //! stdin, replacement XML on stdout, exit status. No libvirt needed here; the live-migration test
 //! with real daemons is tests/testbed_migration.rs.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::symlink;
@@ -410,12 +414,7 @@ fn unwritable_runtime_dir_refuses_the_migration() {
 /// Needs root (a private mount namespace hides /dev/log).
 #[test]
 fn works_without_syslog() {
-    if !nix::unistd::Uid::effective().is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the test suite must run as root in CI"
-        );
-        eprintln!("skipped: needs root for a private mount namespace");
+    if !gate::require(&[Need::Root, Need::Tool("unshare")]) {
         return;
     }
     let env = Env::new("");

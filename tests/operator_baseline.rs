@@ -3,6 +3,10 @@
 //! (tests/fixtures/domcaps/README.md). libvirt computes through its embedded QEMU driver
 //! (`qemu:///embed?root=DIR`: no daemon is started or touched) under TCG.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");
@@ -66,15 +70,11 @@ fn names(v: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn root_only() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 /// One embedded driver root for every scenario: libvirt probes QEMU once per root (~4 s).
 #[test]
 fn baseline_of_real_hosts() {
-    if !root_only() {
-        eprintln!("skipped: the embedded QEMU driver needs root here");
+    // libvirt's embedded QEMU driver needs root here.
+    if !gate::require(&[Need::Root, Need::Qemu("x86_64")]) {
         return;
     }
     let root = tempfile::tempdir().expect("tempdir");

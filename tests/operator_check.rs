@@ -2,6 +2,10 @@
 //! measured (TCG) on the "source"; `check` runs as the candidate destination would. The second
 //! host's emulator is a wrapper that takes `avx2` away from every `-cpu`.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::Path;
 
 use cpuguard::fingerprint::Fingerprint;
@@ -46,9 +50,7 @@ fn stamped(config: &Path, emulator: &str, dir: &Path) -> String {
 
 #[test]
 fn check_gives_the_hooks_verdict_without_migrating() {
-    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators");
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Root]) {
         return;
     }
     let dir = scratch_dir();
@@ -142,9 +144,7 @@ fn check_gives_the_hooks_verdict_without_migrating() {
 /// refusal (the source's stamp is that of a host with VMX: its measured table with the bit set).
 #[test]
 fn probe_and_check_name_the_features_qemu_dropped() {
-    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators");
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Root]) {
         return;
     }
     const VMX_CPU: &str =

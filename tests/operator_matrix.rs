@@ -3,6 +3,10 @@
 //! away from every `-cpu` (how the test bed makes a different destination on one machine), so a
 //! guest moving from A to B would lose it.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::{Path, PathBuf};
 
 #[path = "support/operator.rs"]
@@ -45,9 +49,7 @@ fn cpuguard(host: &Host, args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn matrix_of_two_hosts_from_real_probes() {
-    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators");
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Root]) {
         return;
     }
     let dir = scratch_dir();

@@ -8,6 +8,10 @@
 //! path itself reads a domain defined in libvirt's embedded QEMU driver. Destinations: hv-a itself,
 //! hv-b whose QEMU withholds avx2 (an emulator wrapper), hv-c that measured only Nehalem.
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -51,9 +55,7 @@ fn stamp_for(config: &Path, dir: &Path, name: &str, model: &str) -> String {
 
 #[test]
 fn plan_of_three_vms_on_three_destinations_from_real_probes() {
-    assert!(Path::new(QEMU).exists(), "apt-get install qemu-system-x86");
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: the probe runs only root-owned emulators");
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Root, Need::Chromium]) {
         return;
     }
     let dir = scratch_dir();
@@ -240,10 +242,6 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
 /// Renders the page in headless Chromium: a screenshot of a sensible size, and a DOM with one
 /// coloured cell per VM and destination.
 fn render_in_chromium(html: &Path, dir: &Path) {
-    assert!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: apt-get install chromium (testbed/install-deps.sh)"
-    );
     let page = std::fs::read_to_string(html).expect("read page");
     assert!(!page.contains("<script"), "no scripts needed to read it");
     assert!(

@@ -19,6 +19,10 @@
 //!   differently (a machine alias, say), the probe is booted with both and the CPUID tables must be
 //!   equal ("match by probe").
 
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
+
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -468,6 +472,14 @@ fn answer_of(daemon: &PrivateLibvirtd, file: &Path) -> Answer {
 
 #[test]
 fn fixtures_match_virsh_domxml_to_native() {
+    if !gate::require(&[
+        Need::Root,
+        Need::Libvirt,
+        Need::Tool("unshare"),
+        Need::Qemu("x86_64"),
+    ]) {
+        return;
+    }
     let files = fixtures();
     assert!(files.len() >= 8, "fixture corpus shrank: {files:?}");
     let daemon = PrivateLibvirtd::start().unwrap_or_else(|e| panic!("{e}"));
@@ -542,6 +554,14 @@ fn generated_corpus_matches_the_stored_libvirt_answers() {
 
 #[test]
 fn generated_corpus_matches_live_libvirt() {
+    if !gate::require(&[
+        Need::Root,
+        Need::Libvirt,
+        Need::Tool("unshare"),
+        Need::Qemu("x86_64"),
+    ]) {
+        return;
+    }
     let corpus = domain_corpus::corpus();
     let record = std::env::var_os("CPUGUARD_RECORD_LIBVIRT_ARGV").is_some_and(|v| v == "1");
     let daemon = PrivateLibvirtd::start().unwrap_or_else(|e| panic!("{e}"));
@@ -641,6 +661,14 @@ fn running_qemu_argv(name: &str) -> Option<Vec<String>> {
 /// spelled differently, the same CPUID through the probe).
 #[test]
 fn live_xml_of_every_refused_definition_libvirt_starts_is_probed_as_it_runs() {
+    if !gate::require(&[
+        Need::Root,
+        Need::Libvirt,
+        Need::Tool("unshare"),
+        Need::Qemu("x86_64"),
+    ]) {
+        return;
+    }
     let corpus = domain_corpus::corpus();
     // No virtlogd in the daemon's namespace, no security driver to set up for diskless guests.
     let conf =

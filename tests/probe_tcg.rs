@@ -10,16 +10,13 @@ use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::probe::{self, Firmware, ProbeError, ProbeOptions};
 
-#[path = "support/kvm.rs"]
-mod kvm;
+#[path = "support/gate.rs"]
+mod gate;
+use gate::Need;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
 fn options() -> ProbeOptions {
-    assert!(
-        std::path::Path::new(QEMU).exists(),
-        "{QEMU} is missing: apt-get install qemu-system-x86"
-    );
     ProbeOptions {
         timeout: Duration::from_secs(30),
         allowed_emulators: vec![PathBuf::from(QEMU)],
@@ -114,6 +111,9 @@ fn assert_ranges_complete(t: &CpuidTable) {
 
 #[test]
 fn five_models_report_their_vendor_and_brand() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let cases = [
         ("qemu64", "AuthenticAMD", "QEMU Virtual CPU"),
         ("Nehalem", "GenuineIntel", "Nehalem"),
@@ -132,6 +132,9 @@ fn five_models_report_their_vendor_and_brand() {
 
 #[test]
 fn feature_bits_follow_the_model_and_the_policies() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let qemu64 = run(&model("qemu64", ""));
     let skylake = run(&model("Skylake-Server", ""));
     // AVX2 (7.0:EBX[5]) and CLWB (7.0:EBX[24]): Skylake-Server has them (TCG emulates both).
@@ -164,6 +167,9 @@ fn feature_bits_follow_the_model_and_the_policies() {
 
 #[test]
 fn two_runs_give_the_same_table() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let config = model("EPYC", "");
     let a = run(&config);
     let b = run(&config);
@@ -176,6 +182,9 @@ fn two_runs_give_the_same_table() {
 
 #[test]
 fn an_i686_domain_runs_its_own_emulator() {
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Qemu("i386")]) {
+        return;
+    }
     let xml = std::fs::read_to_string("tests/fixtures/domains/tcg-i686-opteron-g3.xml").unwrap();
     let config = GuestCpuConfig::from_domain_xml(&xml).unwrap();
     let i386 = "/usr/bin/qemu-system-i386";
@@ -211,6 +220,9 @@ fn run_with(config: &GuestCpuConfig, opts: &ProbeOptions) -> CpuidTable {
 
 #[test]
 fn topology_shows_in_the_topology_leaf() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let config = domain(
         "<cpu mode='custom'><model>Skylake-Server</model>\
          <topology sockets='1' dies='1' cores='2' threads='2'/></cpu>",
@@ -238,6 +250,9 @@ fn topology_shows_in_the_topology_leaf() {
 
 #[test]
 fn the_libvirt_prepare_sample_runs_under_tcg() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let xml = std::fs::read_to_string("tests/fixtures/domains/libvirt9-prepare-begin.xml").unwrap();
     let config = GuestCpuConfig::from_domain_xml(&xml).unwrap();
     assert_eq!(config.accel, Accel::Kvm);
@@ -258,10 +273,13 @@ fn the_libvirt_prepare_sample_runs_under_tcg() {
 /// and under KVM where it is usable.
 #[test]
 fn the_ram_result_equals_the_previous_text_format() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     use cpuguard::cpuid::dump::write_dump;
     use cpuguard::guest_view::GuestView;
     let mut accels = vec![(Accel::Tcg, "tcg")];
-    if kvm::usable_or_skip("the KVM half of the_ram_result_equals_the_previous_text_format") {
+    if gate::require_part("its KVM half", &[Need::Kvm]) {
         accels.push((Accel::Kvm, "kvm"));
     }
     for (accel, accel_name) in accels {
@@ -331,6 +349,9 @@ fn assert_long_mode_kernel_is_the_table(run: &probe::ProbeRun, accel: &str) {
 /// leaf is not the kernel's. The test prints which kind of host this is.
 #[test]
 fn user_mode_cpuid_is_compared_with_the_kernels() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let tcg = probe::probe_run(&model("Haswell-noTSX", ""), &options()).unwrap();
     assert_long_mode_kernel_is_the_table(&tcg, "tcg");
     let user = tcg.user_mode.expect("the probe runs the user-mode pass");
@@ -340,7 +361,7 @@ fn user_mode_cpuid_is_compared_with_the_kernels() {
     );
     assert!(!user.differs(), "TCG: {:?}", user.lines());
 
-    if !kvm::usable_or_skip("the KVM half of user_mode_cpuid_is_compared_with_the_kernels") {
+    if !gate::require_part("its KVM half", &[Need::Kvm]) {
         return;
     }
     let opts = ProbeOptions {
@@ -386,6 +407,9 @@ fn user_mode_cpuid_is_compared_with_the_kernels() {
 
 #[test]
 fn msr_lines_reach_the_table() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let opts = ProbeOptions {
         firmware: Firmware::MsrSelftest,
         ..options()
@@ -403,27 +427,26 @@ fn msr_lines_reach_the_table() {
 
 #[test]
 fn absent_msrs_are_survived_under_kvm_when_available() {
-    // TCG answers every RDMSR, so only KVM raises #GP; skip (saying so) where KVM is unusable.
+    if !gate::require(&[Need::Qemu("x86_64"), Need::Kvm]) {
+        return;
+    }
+    // TCG answers every RDMSR, so only KVM raises #GP.
     let opts = ProbeOptions {
         firmware: Firmware::MsrSelftest,
         accel_override: Some(Accel::Kvm),
         timeout: Duration::from_secs(20),
         ..options()
     };
-    let run = match probe::probe_run(&model("qemu64", ""), &opts) {
-        Ok(run) => run,
-        Err(e @ ProbeError::EmulatorFailed { .. }) => {
-            println!("skipping: KVM unusable here: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
-    };
+    let run = probe::probe_run(&model("qemu64", ""), &opts).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(run.absent_msrs, vec![0x480, 0x4D00_0000]);
     assert!(run.table.msr(0x1B).is_some());
 }
 
 #[test]
 fn a_hanging_guest_is_killed_at_the_timeout() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let opts = ProbeOptions {
         firmware: Firmware::Heartbeat,
         timeout: Duration::from_secs(1),
@@ -444,6 +467,9 @@ fn a_hanging_guest_is_killed_at_the_timeout() {
 
 #[test]
 fn emulators_outside_the_allow_list_are_not_run() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let opts = ProbeOptions {
         allowed_emulators: vec![PathBuf::from("/usr/bin/qemu-system-i386")],
         ..options()
@@ -454,6 +480,9 @@ fn emulators_outside_the_allow_list_are_not_run() {
 
 #[test]
 fn qemu_refusing_the_configuration_is_reported_with_its_message() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let err = probe::probe(&model("NoSuchModel", ""), &options()).unwrap_err();
     match &err {
         ProbeError::EmulatorFailed { stderr, .. } => {
@@ -465,6 +494,9 @@ fn qemu_refusing_the_configuration_is_reported_with_its_message() {
 
 #[test]
 fn emulator_version_is_read() {
+    if !gate::require(&[Need::Qemu("x86_64")]) {
+        return;
+    }
     let version = probe::emulator_version(QEMU, &[PathBuf::from(QEMU)]).unwrap();
     assert!(version.starts_with("QEMU emulator version "), "{version}");
 }

@@ -41,20 +41,6 @@ const CORTEX_A57: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>";
 const MAXIMUM: &str = "<cpu mode='maximum'/>";
 
-/// qemu-system-aarch64 is installed, else (outside CI) the test is skipped with a note.
-fn qemu_arm_present() -> bool {
-    if Path::new(QEMU_ARM).exists() {
-        return true;
-    }
-    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(
-        !in_ci,
-        "{QEMU_ARM} is missing: apt-get install qemu-system-arm (testbed/install-deps.sh)"
-    );
-    eprintln!("*** SKIPPED: {QEMU_ARM} is missing (apt-get install qemu-system-arm)");
-    false
-}
-
 /// What the src/arm probe says a guest of `cpu` loses, gains or changes when its emulator adds
 /// `,cpu_options` to `-cpu` (as `bed.sh emulator-b set` does on B): probed through a wrapper of
 /// this test's own, independent of the hook's code path.
@@ -344,7 +330,7 @@ fn without_cpuguard_qemu_fails_a_changed_aarch64_destination_late_and_unexplaine
 /// (never faster than one line per period).
 #[test]
 fn aarch64_heartbeat_firmware_counts_on_the_pl011() {
-    if !qemu_arm_present() {
+    if !bed::gate::require(&[bed::gate::Need::Qemu("aarch64")]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

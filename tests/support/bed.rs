@@ -10,6 +10,10 @@
 // must not repeat `#[allow(dead_code)]` on its `mod bed;`: clippy rejects the duplicate.)
 #![allow(dead_code)]
 
+#[path = "gate.rs"]
+pub mod gate;
+use gate::Need;
+
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -154,48 +158,16 @@ pub fn bed_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/bed.sh")
 }
 
-/// The bed needs root (daemons, mount namespaces) and libvirt. A missing prerequisite fails the
-/// test with the reason, so that CI can never pass by skipping; a developer without root can opt
-/// out explicitly with CPUGUARD_SKIP_TESTBED=1 (returns false, printed loudly).
+/// The bed needs root (daemons, mount namespaces), libvirt, rsyslog and both emulators: a
+/// missing one skips the test saying so, or fails it under `CI=true` (tests/support/gate.rs).
 pub fn prerequisites_met() -> bool {
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push(
-            "root (run as root: the bed starts libvirtd and uses mount namespaces)".to_string(),
-        );
-    }
-    for tool in [
-        "/usr/sbin/libvirtd",
-        "/usr/sbin/virtlogd",
-        "/usr/bin/virsh",
-        "/usr/sbin/rsyslogd",
-        "/usr/bin/qemu-system-x86_64",
-        "/usr/bin/qemu-system-aarch64",
-    ] {
-        if !Path::new(tool).exists() {
-            missing.push(format!("{tool} (run testbed/install-deps.sh as root)"));
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let in_ci = std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false);
-    let opted_out = std::env::var("CPUGUARD_SKIP_TESTBED")
-        .map(|v| v == "1")
-        .unwrap_or(false);
-    if opted_out && !in_ci {
-        eprintln!(
-            "*** test bed SKIPPED (CPUGUARD_SKIP_TESTBED=1); missing: {}",
-            missing.join("; ")
-        );
-        return false;
-    }
-    panic!(
-        "the libvirt test bed cannot run; missing: {}. (Outside CI, CPUGUARD_SKIP_TESTBED=1 skips it.)",
-        missing.join("; ")
-    );
+    gate::require(&[
+        Need::Root,
+        Need::Libvirt,
+        Need::Rsyslog,
+        Need::Qemu("x86_64"),
+        Need::Qemu("aarch64"),
+    ])
 }
 
 /// Runs `testbed/bed.sh ARGS`, with the cpuguard binary under test available to it (it writes the
@@ -245,8 +217,8 @@ pub struct Bed {
 }
 
 impl Bed {
-    /// Brings the bed up (both hosts, syslog) without any hook installed. None when the test bed
-    /// was explicitly skipped (see `prerequisites_met`).
+    /// Brings the bed up (both hosts, syslog) without any hook installed. None when a
+    /// prerequisite is missing outside CI (see `prerequisites_met`).
     pub fn up() -> Option<Bed> {
         // A test that panicked while holding the lock has already taken its bed down (Drop).
         let lock = BED_LOCK

@@ -1,10 +1,8 @@
 //! Whether this machine's KVM can run a firmware guest, for tests that need it.
 //!
-//! Include it with `#[path = "support/kvm.rs"] mod kvm;`. Usability is detected by doing what the
-//! tests do, not by looking at permissions: a QEMU with `-accel kvm` boots cpuguard's exit
-//! firmware and must end with its exit status. A test calls [`usable_or_skip`] and returns when
-//! it says no: the reason is printed, and under `CI=true` a `/dev/kvm` that exists but cannot be
-//! used fails the test instead (a CI machine that has KVM must run the KVM tests).
+//! Tests gate on it through `Need::Kvm` (tests/support/gate.rs); benches/probe.rs includes it
+//! directly. Usability is detected by doing what the tests do, not by looking at permissions: a
+//! QEMU with `-accel kvm` boots cpuguard's exit firmware and must end with its exit status.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::Path;
@@ -51,18 +49,4 @@ pub fn unusable_reason() -> Option<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         )),
     }
-}
-
-/// True when KVM is usable; otherwise prints why `test` is skipped and returns false, or panics
-/// under `CI=true` when `/dev/kvm` exists but could not be used.
-pub fn usable_or_skip(test: &str) -> bool {
-    let Some(reason) = unusable_reason() else {
-        return true;
-    };
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if ci && Path::new("/dev/kvm").exists() {
-        panic!("{test}: /dev/kvm exists but KVM is unusable under CI=true: {reason}");
-    }
-    println!("skipping {test}: KVM is unusable here: {reason}");
-    false
 }
