@@ -2,9 +2,9 @@
 //! sees under KVM is QEMU's model filtered by KVM's supported CPUID, plus KVM's paravirtual leaves
 //! (0x40000000+), which TCG guests never have.
 //!
-//! Each test gates on KVM first (tests/support/kvm.rs boots a firmware under `-accel kvm` as
-//! root, which is who the bed's libvirt runs QEMU as: testbed/bed.sh sets `user = "root"`); where
-//! KVM is unusable it prints why and runs nothing (testbed_guard.rs covers the same refusals
+//! Each test gates on KVM first (the shared gate, tests/support/gate.rs, boots a firmware under
+//! `-accel kvm` as root, which is who the bed's libvirt runs QEMU as: testbed/bed.sh sets
+//! `user = "root"`); where KVM is unusable it prints why and runs nothing (testbed_guard.rs covers the same refusals
 //! under TCG). The guests are firmware guests (cpuguard's heartbeat): a Linux guest does not boot
 //! under every nested KVM.
 //!
@@ -16,8 +16,6 @@
 
 #[path = "support/bed.rs"]
 mod bed;
-#[path = "support/kvm.rs"]
-mod kvm;
 
 use std::path::Path;
 
@@ -38,21 +36,10 @@ const PASSTHROUGH_NO_ARCH_CAPABILITIES: &str = "<cpu mode='host-passthrough' che
 /// Both hosts let a user-mode CPUID difference through, so that the verdict is the comparison's.
 const ALLOW_USER_MODE: &str = "[policy]\nuser_mode_cpuid = \"allow\"\n";
 
-/// Whether this machine's KVM runs a guest; when not, the test (named by libtest's thread name)
-/// is skipped with the reason printed, or fails under CI=true where /dev/kvm exists (the shared
-/// KVM gate, tests/support/kvm.rs).
-fn kvm_usable() -> bool {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("testbed_kvm")
-        .to_string();
-    kvm::usable_or_skip(&test)
-}
-
 /// The bed with cpuguard as both hooks, or None when KVM (or the bed, see `Bed::up`) cannot be
 /// used here. `destination_cpu_options`: what B's guests get appended to their `-cpu`.
 fn kvm_bed(destination_cpu_options: Option<&str>, allow_user_mode: bool) -> Option<Bed> {
-    if !kvm_usable() {
+    if !bed::gate::require(&[bed::gate::Need::Kvm]) {
         return None;
     }
     let bed = Bed::up()?;
@@ -197,7 +184,7 @@ fn kvm_default_policy_refuses_a_destination_whose_guest_user_space_sees_the_host
             "--virttype",
             "kvm",
             "--emulatorbin",
-            kvm::QEMU,
+            "/usr/bin/qemu-system-x86_64",
         ],
     )
     .ok();
