@@ -6,8 +6,9 @@
 //! generations withholds one more leaf-7 feature, each configuration (vCPU count 1..=50) adds its
 //! own topology bits, so the 10,000 destination fingerprints and the 2,000 stamps are distinct,
 //! verified and compared like real ones. The files are written pretty-printed, as `cpuguard
-//! fingerprint export` writes them. The plan runs as the real binary (`--json` to /dev/null,
-//! then the text form); peak RSS is the child's `ru_maxrss`.
+//! fingerprint export` writes them, each with its host's CPU (one of four generations) so that
+//! the baseline of every blocked group is computed too. The plan runs as the real binary (`--json` to /dev/null,
+//! then the text form); peak RSS is the child's `ru_maxrss`, CPU time its user + system time.
 //!
 //! Run: `cargo bench --bench plan` (as root: the template probe runs only root-owned emulators).
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cpuguard::baseline::{CpuDef, HostCpu, HostSource};
 use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::fingerprint::{Fingerprint, HostFacts};
@@ -74,10 +76,38 @@ fn host(name: &str) -> HostFacts {
     }
 }
 
-fn peak_rss_mb_of_children() -> f64 {
+/// The host CPU (libvirt's host-model, as `cpuguard fingerprint export` records it) of a host
+/// of `generation`: each older generation lacks one more feature, so every blocked group's
+/// baseline is computed from four distinct CPUs.
+fn host_cpu(name: &str, generation: usize) -> HostCpu {
+    let mut required: Vec<String> = ["avx512f", "clflushopt", "pku", "invtsc", "x2apic"]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    required.drain(..generation.min(GENERATIONS - 1));
+    required.sort();
+    HostCpu {
+        origin: name.to_string(),
+        source: HostSource::DomainCapabilities,
+        arch: "x86_64".to_string(),
+        cpu: CpuDef {
+            model: Some("Skylake-Server-IBRS".to_string()),
+            vendor: Some("Intel".to_string()),
+            required,
+            disabled: vec!["hle".to_string(), "rtm".to_string()],
+        },
+    }
+}
+
+/// Peak RSS (MB) and CPU time (user + system, s) of the finished children.
+fn children_usage() -> (f64, f64) {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
         .expect("getrusage");
-    usage.max_rss() as f64 / 1024.0
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    (
+        usage.max_rss() as f64 / 1024.0,
+        secs(usage.user_time()) + secs(usage.system_time()),
+    )
 }
 
 const CHILD_ENV: &str = "CPUGUARD_PLAN_BENCH_CHILD";
@@ -96,7 +126,8 @@ fn measure_child() {
     let took = start.elapsed().as_secs_f64();
     // Generations differ, so some VMs cannot go everywhere: exit 1 is the expected verdict.
     assert_eq!(status.code(), Some(1), "cpuguard plan failed");
-    println!("{took} {}", peak_rss_mb_of_children());
+    let (rss, cpu) = children_usage();
+    println!("{took} {rss} {cpu}");
 }
 
 fn main() {
@@ -150,6 +181,7 @@ fn main() {
             format: BUNDLE_FORMAT.into(),
             version: BUNDLE_VERSION,
             hostname: name.clone(),
+            host_cpu: Some(host_cpu(&name, i % GENERATIONS)),
             entries,
         };
         let path = dir.path().join(format!("{name}.json"));
@@ -185,6 +217,7 @@ fn main() {
             version: cpuguard::plan::INVENTORY_VERSION,
             hostname: format!("old-{s:02}"),
             taken_at: "2026-11-22T05:00:00Z".into(),
+            host_cpu: Some(host_cpu(&format!("old-{s:02}"), g)),
             domains,
         };
         let path = dir.path().join(format!("old-{s:02}-vms.json"));
@@ -227,11 +260,15 @@ fn main() {
             .expect("run the measuring child");
         let text = String::from_utf8_lossy(&out.stdout);
         let mut numbers = text.split_whitespace().map(|n| n.parse::<f64>());
-        let (Some(Ok(took)), Some(Ok(rss))) = (numbers.next(), numbers.next()) else {
+        let (Some(Ok(took)), Some(Ok(rss)), Some(Ok(cpu))) =
+            (numbers.next(), numbers.next(), numbers.next())
+        else {
             panic!("measuring child: {text}");
         };
+        // CPU time beside the wall clock: on a machine shared with other work the wall clock
+        // also counts waiting for a core.
         println!(
-            "plan ({form}): {took:.2} s (target < {TARGET_SECS} s), peak RSS {rss:.0} MB (target < {TARGET_MB} MB) — {}",
+            "plan ({form}): {took:.2} s (target < {TARGET_SECS} s; CPU time {cpu:.2} s), peak RSS {rss:.0} MB (target < {TARGET_MB} MB) — {}",
             if took < TARGET_SECS && rss < TARGET_MB {
                 "within target"
             } else {

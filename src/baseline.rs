@@ -68,6 +68,13 @@ pub enum BaselineError {
         model: String,
         map: String,
     },
+    #[error("{origin}: CPU vendor {found}, but {first} is {expected}: CPU vendors do not match")]
+    VendorMismatch {
+        origin: String,
+        found: String,
+        first: String,
+        expected: String,
+    },
     #[error("CPU map {path}: {reason}")]
     CpuMap { path: PathBuf, reason: String },
     #[error("cannot connect to {uri}: {reason}")]
@@ -356,6 +363,14 @@ pub fn common_arch(hosts: &[HostCpu]) -> Result<String, BaselineError> {
 pub struct CpuMap {
     dir: PathBuf,
     models: BTreeMap<String, BTreeSet<String>>,
+    /// Each model's `<vendor name=…/>` (generic models such as qemu64 have none).
+    vendors: BTreeMap<String, String>,
+    /// Models libvirt never gives a guest (`<decode guest='off'/>`): host-only descriptions.
+    host_only: BTreeSet<String>,
+    /// Features of `x86_features.xml` marked `migratable='no'`.
+    non_migratable: BTreeSet<String>,
+    /// Every feature `x86_features.xml` names (a domain may name no other).
+    known: BTreeSet<String>,
 }
 
 impl CpuMap {
@@ -368,7 +383,7 @@ impl CpuMap {
         let entries = std::fs::read_dir(dir).map_err(|e| map_error(e.to_string()))?;
         let mut map = CpuMap {
             dir: dir.to_path_buf(),
-            models: BTreeMap::new(),
+            ..CpuMap::default()
         };
         let mut parents = Vec::new();
         for entry in entries {
@@ -387,10 +402,25 @@ impl CpuMap {
                 path: path.clone(),
                 reason,
             })?;
+            for feature in root.children_named("feature") {
+                if let Some(name) = feature.attr("name") {
+                    map.known.insert(name.to_string());
+                    if feature.attr("migratable") == Some("no") {
+                        map.non_migratable.insert(name.to_string());
+                    }
+                }
+            }
             for model in root.children_named("model") {
                 let Some(model_name) = model.attr("name") else {
                     continue;
                 };
+                if let Some(vendor) = model.child("vendor").and_then(|v| v.attr("name")) {
+                    map.vendors
+                        .insert(model_name.to_string(), vendor.to_string());
+                }
+                if model.child("decode").and_then(|d| d.attr("guest")) == Some("off") {
+                    map.host_only.insert(model_name.to_string());
+                }
                 let features = model
                     .children_named("feature")
                     .filter_map(|f| f.attr("name").map(str::to_string))
@@ -410,8 +440,94 @@ impl CpuMap {
             if let Some(features) = map.models.get_mut(&model) {
                 features.extend(inherited);
             }
+            if let Some(vendor) = map.vendors.get(&parent).cloned() {
+                map.vendors.entry(model).or_insert(vendor);
+            }
         }
         Ok(map)
+    }
+
+    /// The directory it was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The migratable CPU every host can run, computed from the map alone (no hypervisor): the
+    /// features all hosts give a guest, non-migratable ones left out, expressed as the guest
+    /// model of the hosts' vendor that needs the fewest feature changes (then the fewest
+    /// disabled; then by name, so the answer is stable), as libvirt's x86 baseline chooses.
+    pub fn baseline(&self, hosts: &[HostCpu]) -> Result<CpuDef, BaselineError> {
+        common_arch(hosts)?;
+        let mut vendor: Option<(&str, &str)> = None;
+        let mut common: Option<BTreeSet<String>> = None;
+        for host in hosts {
+            let own = self.expand(&host.cpu, &host.origin)?;
+            let host_vendor = host.cpu.vendor.as_deref().or_else(|| {
+                host.cpu
+                    .model
+                    .as_ref()
+                    .and_then(|m| self.vendors.get(m))
+                    .map(String::as_str)
+            });
+            if let Some(found) = host_vendor {
+                match vendor {
+                    Some((first, expected)) if expected != found => {
+                        return Err(BaselineError::VendorMismatch {
+                            origin: host.origin.clone(),
+                            found: found.to_string(),
+                            first: first.to_string(),
+                            expected: expected.to_string(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => vendor = Some((&host.origin, found)),
+                }
+            }
+            common = Some(match common {
+                None => own,
+                Some(c) => c.intersection(&own).cloned().collect(),
+            });
+        }
+        let mut common = common.ok_or(BaselineError::NoHosts)?;
+        // Features the map does not name (a host CPU saved by another libvirt) cannot be put
+        // in a domain; non-migratable ones would block the migrations the baseline is for.
+        common.retain(|f| {
+            (self.known.is_empty() || self.known.contains(f))
+                && !self.non_migratable.contains(f)
+                && !MIGRATION_BLOCKERS.contains(&f.as_str())
+        });
+        let vendor = vendor.map(|(_, v)| v);
+        let best = self
+            .models
+            .iter()
+            .filter(|(name, _)| !self.host_only.contains(*name))
+            .filter_map(|(name, features)| {
+                let own_vendor = self.vendors.get(name).map(String::as_str);
+                if own_vendor.is_some() && vendor.is_some() && own_vendor != vendor {
+                    return None;
+                }
+                let required = common.difference(features).count();
+                let disabled = features.difference(&common).count();
+                Some((
+                    (required + disabled, disabled, own_vendor.is_none()),
+                    name,
+                    features,
+                ))
+            })
+            .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        let (_, model, features) = best.ok_or_else(|| BaselineError::CpuMap {
+            path: self.dir.clone(),
+            reason: format!(
+                "no guest CPU model for vendor {}",
+                vendor.unwrap_or("(none)")
+            ),
+        })?;
+        Ok(CpuDef {
+            model: Some(model.clone()),
+            vendor: None,
+            required: common.difference(features).cloned().collect(),
+            disabled: features.difference(&common).cloned().collect(),
+        })
     }
 
     /// Every feature a CPU definition gives a guest: its model's, plus required, minus disabled.
@@ -554,6 +670,15 @@ pub fn compute(
         cpu,
         blockers_disabled,
         hosts: costs,
+    })
+}
+
+/// [`compute`] without a hypervisor: the common CPU from [`CpuMap::baseline`] (what `cpuguard
+/// plan` gives, offline, from the host CPUs the bundles carry).
+pub fn compute_offline(hosts: &[HostCpu], map: &CpuMap) -> Result<Report, BaselineError> {
+    let by = format!("libvirt's CPU map {}", map.dir.display());
+    compute(hosts, &by, map, |_, _| {
+        map.baseline(hosts).map(|cpu| cpu.to_domain_xml())
     })
 }
 
@@ -874,6 +999,61 @@ mod tests {
         assert!(
             e.to_string().starts_with("u: CPU model Nope is not in"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn offline_baseline_is_the_common_cpu_as_the_closest_guest_model() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("x86_features.xml"),
+            "<cpus><feature name='sse2'/><feature name='pni'/><feature name='avx'/>\
+             <feature name='vmx'/><feature name='invtsc' migratable='no'/></cpus>",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("x86_models.xml"),
+            "<cpus><model name='Small'><vendor name='Intel'/><feature name='sse2'/>\
+             <feature name='pni'/></model>\
+             <model name='Big'><model name='Small'/><feature name='avx'/></model>\
+             <model name='HostOnly'><decode host='on' guest='off'/><vendor name='Intel'/>\
+             <feature name='sse2'/><feature name='pni'/><feature name='vmx'/></model>\
+             <model name='Opteron'><vendor name='AMD'/><feature name='sse2'/></model></cpus>",
+        )
+        .expect("write");
+        let map = CpuMap::load(dir.path()).expect("load");
+        let host = |origin: &str, model: &str, required: &[&str]| HostCpu {
+            origin: origin.into(),
+            source: HostSource::HostCpu,
+            arch: "x86_64".into(),
+            cpu: CpuDef {
+                model: Some(model.into()),
+                vendor: None,
+                required: required.iter().map(|f| f.to_string()).collect(),
+                disabled: vec![],
+            },
+        };
+        // Both have vmx and invtsc; only one has avx. The host-only model is never chosen, and
+        // the non-migratable invtsc is left out.
+        let hosts = [
+            host("a", "Big", &["vmx", "invtsc", "unknown-here"]),
+            host("b", "Small", &["vmx", "invtsc", "unknown-here"]),
+        ];
+        let cpu = map.baseline(&hosts).expect("baseline");
+        assert_eq!(cpu.model.as_deref(), Some("Small"));
+        assert_eq!(cpu.required, vec!["vmx"]);
+        assert!(cpu.disabled.is_empty());
+        let report = compute_offline(&hosts, &map).expect("report");
+        assert_eq!(report.cpu.disabled, vec!["invtsc"]);
+        assert_eq!(report.hosts[0].gives_up, vec!["avx", "unknown-here"]);
+        assert!(report.hypervisor.starts_with("libvirt's CPU map "));
+        // Intel and AMD share no model.
+        let e = map
+            .baseline(&[host("a", "Big", &[]), host("o", "Opteron", &[])])
+            .expect_err("vendors");
+        assert_eq!(
+            e.to_string(),
+            "o: CPU vendor AMD, but a is Intel: CPU vendors do not match"
         );
     }
 

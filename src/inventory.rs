@@ -38,12 +38,27 @@ pub fn take(uri: &str, all: bool, hostname: &str) -> Result<(Inventory, Vec<Stri
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    // The source's own CPU, for the baseline `cpuguard plan` computes for VMs that cannot move.
+    let host_cpu = conn
+        .domain_capabilities(None, None, None, None, 0)
+        .map_err(|e| e.to_string())
+        .and_then(|xml| crate::baseline::parse_host(&xml, uri).map_err(|e| e.to_string()));
+    let host_cpu = match host_cpu {
+        Ok(cpu) => Some(cpu),
+        Err(e) => {
+            warnings.push(format!(
+                "no host CPU recorded ({uri}: domain capabilities: {e}): `cpuguard plan` will print the baseline command instead"
+            ));
+            None
+        }
+    };
     Ok((
         Inventory {
             format: INVENTORY_FORMAT.to_string(),
             version: INVENTORY_VERSION,
             hostname: hostname.to_string(),
             taken_at: crate::stamp::rfc3339_now(),
+            host_cpu,
             domains: out,
         },
         warnings,

@@ -19,7 +19,9 @@ use crate::cpuid::features::FeatureMap;
 use crate::fingerprint::{compare, Fingerprint};
 
 pub const BUNDLE_FORMAT: &str = "cpuguard-fingerprints";
-pub const BUNDLE_VERSION: u32 = 1;
+/// Version 2 added `host_cpu`; version 1 bundles (without it) are still read.
+pub const BUNDLE_VERSION: u32 = 2;
+pub const OLDEST_BUNDLE_VERSION: u32 = 1;
 const MAX_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
 
 #[derive(Debug, Error)]
@@ -32,7 +34,7 @@ pub enum MatrixError {
     Read { path: PathBuf, reason: String },
     #[error("{path}: not a cpuguard fingerprint bundle: {reason}")]
     NotABundle { path: PathBuf, reason: String },
-    #[error("{path}: bundle version {found}, this cpuguard reads version {BUNDLE_VERSION}")]
+    #[error("{path}: bundle version {found}, this cpuguard reads versions {OLDEST_BUNDLE_VERSION} to {BUNDLE_VERSION}")]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: entry {index}: {reason}")]
     BadEntry {
@@ -67,7 +69,17 @@ pub struct Bundle {
     pub format: String,
     pub version: u32,
     pub hostname: String,
+    /// The host's CPU as libvirt describes it (host-model of its domain capabilities, or a saved
+    /// host CPU), for the baseline `cpuguard plan` computes. Absent in version 1 bundles and
+    /// when the exporting host could not read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cpu: Option<crate::baseline::HostCpu>,
     pub entries: Vec<BundleEntry>,
+}
+
+/// The versions this cpuguard reads.
+fn readable_version(version: u64) -> bool {
+    (u64::from(OLDEST_BUNDLE_VERSION)..=u64::from(BUNDLE_VERSION)).contains(&version)
 }
 
 /// This host's name as the kernel has it.
@@ -80,7 +92,11 @@ pub fn this_hostname() -> String {
 
 /// Every verified entry of the cache (entries with a problem are skipped and named in the
 /// returned warnings: a lookup would discard them too).
-pub fn export(cache: &Cache, hostname: &str) -> Result<(Bundle, Vec<String>), MatrixError> {
+pub fn export(
+    cache: &Cache,
+    hostname: &str,
+    host_cpu: Option<crate::baseline::HostCpu>,
+) -> Result<(Bundle, Vec<String>), MatrixError> {
     let mut entries = Vec::new();
     let mut warnings = Vec::new();
     for summary in cache.list()? {
@@ -122,6 +138,7 @@ pub fn export(cache: &Cache, hostname: &str) -> Result<(Bundle, Vec<String>), Ma
             format: BUNDLE_FORMAT.to_string(),
             version: BUNDLE_VERSION,
             hostname: hostname.to_string(),
+            host_cpu,
             entries,
         },
         warnings,
@@ -164,11 +181,13 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
         format: String,
         version: u32,
         hostname: String,
+        #[serde(default)]
+        host_cpu: Option<crate::baseline::HostCpu>,
         entries: Vec<Entry>,
     }
     let fast: Fast = serde_json::from_str(text).ok()?;
     if fast.format != BUNDLE_FORMAT
-        || fast.version != BUNDLE_VERSION
+        || !readable_version(fast.version.into())
         || fast.entries.iter().any(|e| e.fingerprint.arch != "x86_64")
     {
         return None;
@@ -177,6 +196,7 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
         format: fast.format,
         version: fast.version,
         hostname: fast.hostname,
+        host_cpu: fast.host_cpu,
         entries: fast
             .entries
             .into_iter()
@@ -223,7 +243,7 @@ fn load_bundle_with(path: &Path, memo: &mut Verified) -> Result<Bundle, MatrixEr
         return verified(path, bundle, memo);
     }
     if let Ok(bundle) = serde_json::from_str::<Bundle>(&text) {
-        if bundle.format == BUNDLE_FORMAT && bundle.version == BUNDLE_VERSION {
+        if bundle.format == BUNDLE_FORMAT && readable_version(bundle.version.into()) {
             return verified(path, bundle, memo);
         }
     }
@@ -239,7 +259,7 @@ fn load_bundle_with(path: &Path, memo: &mut Verified) -> Result<Bundle, MatrixEr
         });
     }
     let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
-    if version != u64::from(BUNDLE_VERSION) {
+    if !readable_version(version) {
         return Err(MatrixError::Version {
             path: path.to_path_buf(),
             found: u32::try_from(version).unwrap_or(u32::MAX),
@@ -348,6 +368,8 @@ fn fast_host_views(
         format: String,
         version: u32,
         hostname: String,
+        #[serde(default)]
+        host_cpu: Option<crate::baseline::HostCpu>,
         entries: Vec<Entry>,
     }
     let text =
@@ -360,7 +382,7 @@ fn fast_host_views(
     };
     drop(text);
     if fast.format != BUNDLE_FORMAT
-        || fast.version != BUNDLE_VERSION
+        || !readable_version(fast.version.into())
         || fast.entries.iter().any(|e| {
             e.fingerprint.arch != "x86_64"
                 || e.fingerprint.format_version != crate::fingerprint::FORMAT_VERSION
@@ -394,6 +416,7 @@ fn fast_host_views(
     }
     Ok(Some(crate::plan::HostViews {
         hostname: fast.hostname,
+        host_cpu: fast.host_cpu,
         views,
     }))
 }
@@ -664,6 +687,7 @@ mod tests {
             format: BUNDLE_FORMAT.into(),
             version: BUNDLE_VERSION,
             hostname: host.into(),
+            host_cpu: None,
             entries: vec![BundleEntry {
                 key: serde_json::json!({
                     "config": {"emulator": emulator, "machine": "pc", "vcpus": 2,
@@ -766,5 +790,27 @@ mod tests {
         ));
         let e = load_bundle(&dir.path().join("missing")).expect_err("missing");
         assert!(e.to_string().contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn version_1_bundles_load_without_a_host_cpu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("b.json");
+        let mut v = serde_json::to_value(bundle("a", "/q", 0x20)).expect("json");
+        assert!(v.get("host_cpu").is_none(), "absent, not null: {v}");
+        v["version"] = serde_json::json!(1);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let loaded = load_bundle(&path).expect("version 1");
+        assert_eq!((loaded.version, loaded.host_cpu), (1, None));
+        let views = load_host_views(&[path.clone()]).expect("views");
+        assert!(views[0].1.host_cpu.is_none());
+        v["version"] = serde_json::json!(BUNDLE_VERSION + 1);
+        std::fs::write(&path, v.to_string()).expect("write");
+        let e = load_bundle(&path).expect_err("newer");
+        assert!(
+            e.to_string()
+                .ends_with("this cpuguard reads versions 1 to 2"),
+            "{e}"
+        );
     }
 }

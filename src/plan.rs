@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::baseline::{CpuMap, HostCpu, Report};
 use crate::cpuid::FeatureMap;
 use crate::domain::document::DomainDocument;
 use crate::domain::guest::GuestCpuConfig;
@@ -58,6 +59,10 @@ pub struct Inventory {
     pub version: u32,
     pub hostname: String,
     pub taken_at: String,
+    /// The source's CPU (host-model of its domain capabilities), for the plan's baseline;
+    /// absent in inventories taken before cpuguard recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cpu: Option<HostCpu>,
     pub domains: Vec<InventoryDomain>,
 }
 
@@ -230,8 +235,13 @@ pub struct Blocked {
     pub not_measured_on: Vec<String>,
     /// VMs without a stamp.
     pub unstamped: Vec<String>,
-    /// The command that gives the CPU (libvirt's baseline of the source and every
-    /// destination) these VMs could be restarted with to go anywhere.
+    /// The CPU these VMs could be restarted with to go anywhere: the baseline of the source and
+    /// every destination, from the host CPUs the inventory and bundles carry (None: see
+    /// `baseline_unavailable`).
+    pub baseline: Option<Report>,
+    /// Why `baseline` could not be computed here (a host CPU missing, no CPU map, …).
+    pub baseline_unavailable: Option<String>,
+    /// The command that computes the same baseline through libvirt on the hosts themselves.
     pub baseline_command: String,
 }
 
@@ -259,6 +269,8 @@ pub struct Plan {
 /// A destination's fingerprints, reduced to what the plan compares.
 pub struct HostViews {
     pub hostname: String,
+    /// What the bundle says of the host's CPU (None in version 1 bundles).
+    pub host_cpu: Option<HostCpu>,
     /// configuration (canonical JSON text) -> (digest, raw view) of the newest measurement.
     pub views: HashMap<String, (String, u64, GuestView)>,
 }
@@ -282,16 +294,21 @@ impl HostViews {
         }
         HostViews {
             hostname: bundle.hostname,
+            host_cpu: bundle.host_cpu,
             views,
         }
     }
 }
 
 /// Builds the plan of every inventory's VMs against every destination.
+///
+/// `cpu_map` (libvirt's `cpu_map/` directory) is read only when some VMs are blocked: it gives
+/// the baseline CPU that would free them.
 pub fn build(
     inventories: &[(PathBuf, Inventory)],
     destinations: &[(PathBuf, HostViews)],
     features: &FeatureMap,
+    cpu_map: &Path,
 ) -> Result<Plan, PlanError> {
     if inventories.is_empty() {
         return Err(PlanError::NoInventories);
@@ -404,7 +421,8 @@ pub fn build(
             });
         }
     }
-    let summary = summarize(&hosts, &vms, &interner.outcomes);
+    let mut summary = summarize(&hosts, &vms, &interner.outcomes);
+    add_baselines(&mut summary.blocked, inventories, destinations, cpu_map);
     Ok(Plan {
         schema_version: crate::report::SCHEMA_VERSION,
         command: "plan".to_string(),
@@ -514,6 +532,8 @@ fn summarize(hosts: &[String], vms: &[VmPlan], outcomes: &[Outcome]) -> Summary 
             blocking: BTreeMap::new(),
             not_measured_on: Vec::new(),
             unstamped: Vec::new(),
+            baseline: None,
+            baseline_unavailable: None,
             baseline_command: baseline_command(&vm.source_host, hosts),
         });
         b.vms.push(vm.name.clone());
@@ -560,8 +580,81 @@ fn summarize(hosts: &[String], vms: &[VmPlan], outcomes: &[Outcome]) -> Summary 
     }
 }
 
-/// `cpuguard baseline qemu+ssh://SRC/system qemu+ssh://DST1/system …`: computing it needs each
-/// host's domain capabilities through libvirt, which bundles do not carry.
+/// Each blocked group's baseline (its source and every destination), offline: from the host
+/// CPUs its inventory and the bundles carry and libvirt's CPU map, with `cpuguard baseline`'s
+/// own computation. Groups over the same hosts share one computation.
+fn add_baselines(
+    blocked: &mut [Blocked],
+    inventories: &[(PathBuf, Inventory)],
+    destinations: &[(PathBuf, HostViews)],
+    cpu_map: &Path,
+) {
+    if blocked.is_empty() {
+        return;
+    }
+    let mut cpus: BTreeMap<&str, &HostCpu> = BTreeMap::new();
+    for (_, d) in destinations {
+        if let Some(cpu) = &d.host_cpu {
+            cpus.insert(&d.hostname, cpu);
+        }
+    }
+    for (_, inv) in inventories {
+        if let Some(cpu) = &inv.host_cpu {
+            cpus.insert(&inv.hostname, cpu);
+        }
+    }
+    let map = CpuMap::load(cpu_map).map_err(|e| {
+        format!("{e} (libvirt's CPU map: install libvirt there or give --cpu-map DIR)")
+    });
+    let mut sorted: Vec<&str> = destinations
+        .iter()
+        .map(|(_, d)| d.hostname.as_str())
+        .collect();
+    sorted.sort_unstable();
+    let mut done: HashMap<Vec<String>, Result<Report, String>> = HashMap::new();
+    for b in blocked.iter_mut() {
+        let mut names: Vec<String> = vec![b.source_host.clone()];
+        names.extend(
+            sorted
+                .iter()
+                .filter(|h| **h != b.source_host)
+                .map(|h| h.to_string()),
+        );
+        let result = done
+            .entry(names.clone())
+            .or_insert_with(|| {
+                let missing: Vec<&str> = names
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|h| !cpus.contains_key(h))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(format!(
+                        "no host CPU for {} (an inventory or bundle written before cpuguard recorded it, \
+                         or without libvirt: take it again, or export with --host-cpu FILE)",
+                        missing.join(", ")
+                    ));
+                }
+                let map = map.as_ref().map_err(Clone::clone)?;
+                let hosts: Vec<HostCpu> = names
+                    .iter()
+                    .filter_map(|h| cpus.get(h.as_str()).map(|c| HostCpu {
+                        origin: h.clone(),
+                        ..(*c).clone()
+                    }))
+                    .collect();
+                crate::baseline::compute_offline(&hosts, map).map_err(|e| e.to_string())
+            })
+            .clone();
+        match result {
+            Ok(report) => b.baseline = Some(report),
+            Err(why) => b.baseline_unavailable = Some(why),
+        }
+    }
+}
+
+/// `cpuguard baseline qemu+ssh://SRC/system qemu+ssh://DST1/system …`: the same baseline
+/// computed by libvirt on the hosts themselves.
 fn baseline_command(source: &str, hosts: &[String]) -> String {
     let mut all: Vec<&str> = vec![source];
     all.extend(hosts.iter().map(String::as_str).filter(|h| *h != source));
@@ -582,8 +675,9 @@ impl Plan {
         &self.outcomes[cell.outcome as usize]
     }
 
-    /// Per VM each destination's verdict and reason, then the summary.
-    pub fn to_text(&self) -> String {
+    /// Per VM each destination's verdict and reason, then the summary; `verbose` adds each
+    /// baseline's `<cpu>` element and what every host's VMs give up for it.
+    pub fn to_text(&self, verbose: bool) -> String {
         let mut out = String::with_capacity(40 * self.vms.len() * (self.hosts.len() + 1));
         for vm in &self.vms {
             out.push_str(&format!(
@@ -650,10 +744,49 @@ impl Plan {
                     b.source_host
                 ));
             }
-            out.push_str(&format!(
-                "    the CPU that frees them after a restart: {}\n",
-                b.baseline_command
-            ));
+            match (&b.baseline, &b.baseline_unavailable) {
+                (Some(report), _) => {
+                    out.push_str(&format!(
+                        "    the CPU that frees them after a restart: {}\n",
+                        compact_cpu(&report.cpu)
+                    ));
+                    let costs: Vec<String> = report
+                        .hosts
+                        .iter()
+                        .filter(|h| !h.gives_up.is_empty())
+                        .map(|h| format!("{} {}", h.origin, h.gives_up.len()))
+                        .collect();
+                    if costs.is_empty() {
+                        out.push_str("      no host's VMs give up a feature for it\n");
+                    } else {
+                        out.push_str(&format!(
+                            "      features given up, per host: {}\n",
+                            costs.join(", ")
+                        ));
+                    }
+                    if verbose {
+                        for h in report.hosts.iter().filter(|h| !h.gives_up.is_empty()) {
+                            out.push_str(&format!(
+                                "      {} gives up: {}\n",
+                                h.origin,
+                                h.gives_up.join(" ")
+                            ));
+                        }
+                        for line in report.cpu_xml.lines() {
+                            out.push_str("      ");
+                            out.push_str(line);
+                            out.push('\n');
+                        }
+                    }
+                }
+                (None, why) => {
+                    out.push_str(&format!(
+                        "    the CPU that frees them after a restart: not computed here ({}); libvirt computes it: {}\n",
+                        why.as_deref().unwrap_or("unknown reason"),
+                        b.baseline_command
+                    ));
+                }
+            }
         }
         out
     }
@@ -737,17 +870,59 @@ impl Plan {
                 .iter()
                 .map(|(f, n)| format!("{f} ({n})"))
                 .collect();
+            let cpu = match (&b.baseline, &b.baseline_unavailable) {
+                (Some(report), _) => {
+                    let costs: Vec<String> = report
+                        .hosts
+                        .iter()
+                        .map(|h| {
+                            if h.gives_up.is_empty() {
+                                format!("{}: nothing", h.origin)
+                            } else {
+                                format!("{}: {}", h.origin, h.gives_up.join(" "))
+                            }
+                        })
+                        .collect();
+                    format!(
+                        "<code class=\"baseline\">{}</code><pre class=\"baseline-xml\">{}</pre>what each host's VMs give up: {}",
+                        esc(&compact_cpu(&report.cpu)),
+                        esc(&report.cpu_xml),
+                        esc(&costs.join("; "))
+                    )
+                }
+                (None, why) => format!(
+                    "not computed here ({}); libvirt computes it: <code>{}</code>",
+                    esc(why.as_deref().unwrap_or("unknown reason")),
+                    esc(&b.baseline_command)
+                ),
+            };
             out.push_str(&format!(
-                "<li>on {}: {}<br>blocked by: {}<br>the CPU that frees them after a restart: <code>{}</code></li>\n",
+                "<li>on {}: {}<br>blocked by: {}<br>the CPU that frees them after a restart: {cpu}</li>\n",
                 esc(&b.source_host),
                 esc(&b.vms.join(", ")),
                 esc(&list.join(", ")),
-                esc(&b.baseline_command)
             ));
         }
         out.push_str("</ul>\n</body></html>\n");
         out
     }
+}
+
+/// `Haswell-noTSX +pcid +spec-ctrl -avx2 -invtsc`: the model, then required and disabled features.
+fn compact_cpu(cpu: &crate::baseline::CpuDef) -> String {
+    let mut out = cpu
+        .model
+        .clone()
+        .unwrap_or_else(|| "(no model)".to_string());
+    for f in &cpu.required {
+        out.push_str(" +");
+        out.push_str(f);
+    }
+    for f in &cpu.disabled {
+        out.push_str(" -");
+        out.push_str(f);
+    }
+    out
 }
 
 /// HTML text and attribute escaping.
@@ -770,6 +945,17 @@ mod tests {
             baseline_command("hv-a", &["hv-b".into(), "hv-a".into()]),
             "cpuguard baseline qemu+ssh://hv-a/system qemu+ssh://hv-b/system"
         );
+    }
+
+    #[test]
+    fn compact_cpu_lists_required_then_disabled() {
+        let cpu = crate::baseline::CpuDef {
+            model: Some("Haswell-noTSX".into()),
+            vendor: None,
+            required: vec!["pcid".into()],
+            disabled: vec!["avx2".into(), "invtsc".into()],
+        };
+        assert_eq!(compact_cpu(&cpu), "Haswell-noTSX +pcid -avx2 -invtsc");
     }
 
     #[test]

@@ -64,6 +64,10 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     let a = host_config(d, "a", QEMU);
     let b = host_config(d, "b", &wrapper);
     let c = host_config(d, "c", QEMU);
+    // hv-c has no libvirt to ask for its CPU.
+    let mut config = std::fs::read_to_string(&c).expect("config");
+    config.push_str("[stamp]\nuri = \"qemu+unix:///system?socket=/nonexistent\"\n");
+    std::fs::write(&c, config).expect("write config");
 
     // hv-a's inventory.
     let domains = vec![
@@ -88,6 +92,8 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
         version: INVENTORY_VERSION,
         hostname: "hv-a".to_string(),
         taken_at: "2026-11-22T05:00:00Z".to_string(),
+        // hv-a's CPU comes from its own bundle (it is a destination too).
+        host_cpu: None,
         domains,
     };
     let inv = d.join("hv-a-vms.json");
@@ -98,6 +104,8 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     .expect("write");
 
     // `fingerprint measure` on each destination: two configurations, probed once, then cached.
+    // hv-b's CPU is a saved host CPU (AMD EPYC 7601, Zen 1; offline use).
+    let epyc_7601 = fixture("epyc-7601-host.xml");
     let (code, out, err) = run(
         &b,
         &[
@@ -110,6 +118,8 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
             "hv-b",
             "--emulator",
             &wrapper,
+            "--host-cpu",
+            &epyc_7601,
         ],
     );
     assert_eq!(code, Some(0), "{err}");
@@ -135,18 +145,42 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(err.matches("already measured").count(), 2, "{err}");
 
-    let (code, out, err) = run(&a, &["fingerprint", "measure", s(&inv), "--host", "hv-a"]);
+    // hv-a's CPU from a live libvirt (through cpuguard-libvirt): the embedded QEMU driver's
+    // domain capabilities, i.e. this machine's host-model CPU.
+    let root = d.join("embed");
+    let live = format!("qemu:///embed?root={}", root.display());
+    let (code, out, err) = run(
+        &a,
+        &[
+            "fingerprint",
+            "measure",
+            s(&inv),
+            "--host",
+            "hv-a",
+            "--host-cpu",
+            &live,
+        ],
+    );
     assert_eq!(code, Some(0), "{err}");
+    let bundle: serde_json::Value = serde_json::from_str(&out).expect("bundle");
+    assert_eq!(bundle["version"], 2);
+    assert_eq!(bundle["host_cpu"]["source"], "domain-capabilities", "{out}");
     let hv_a = d.join("hv-a.json");
     std::fs::write(&hv_a, &out).expect("write");
     // hv-c measured only what its own Nehalem VM needed.
     let nehalem = d.join("db1-bare.xml");
     let (code, _, err) = run(&c, &["probe", "--cached", "--xml", s(&nehalem)]);
     assert_eq!(code, Some(0), "{err}");
+    // hv-c's bundle is an old one (version 1, no host CPU): what a cpuguard before the baseline
+    // wrote. Without --host-cpu and without a reachable libvirt the export says so and goes on.
     let (code, out, err) = run(&c, &["fingerprint", "export", "--host", "hv-c"]);
     assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("no host CPU in the bundle"), "{err}");
+    let mut old: serde_json::Value = serde_json::from_str(&out).expect("bundle");
+    assert!(old.get("host_cpu").is_none(), "{out}");
+    old["version"] = serde_json::json!(1);
     let hv_c = d.join("hv-c.json");
-    std::fs::write(&hv_c, &out).expect("write");
+    std::fs::write(&hv_c, old.to_string()).expect("write");
 
     // The plan, as text.
     let to = [s(&hv_a), s(&hv_b), s(&hv_c)];
@@ -202,8 +236,55 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
         "{text}"
     );
     assert!(text.contains("blocked by: avx2 (1)"), "{text}");
+    // hv-c's old bundle has no host CPU: the command instead, with the reason.
+    assert!(
+        text.contains(
+            "the CPU that frees them after a restart: not computed here (no host CPU for hv-c"
+        ),
+        "{text}"
+    );
     assert!(
         text.contains("cpuguard baseline qemu+ssh://hv-a/system qemu+ssh://hv-b/system qemu+ssh://hv-c/system"),
+        "{text}"
+    );
+
+    // hv-c exports again with its CPU (a saved `virsh domcapabilities`): now the plan computes
+    // the baseline of hv-a, hv-b and hv-c.
+    let milan = fixture("this-host-epyc-milan-pvm-domcaps.xml");
+    let (code, out, err) = run(
+        &c,
+        &[
+            "fingerprint",
+            "export",
+            "--host",
+            "hv-c",
+            "--host-cpu",
+            &milan,
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(&hv_c, &out).expect("write");
+    let mut args = vec!["plan", s(&inv), "--verbose", "--to"];
+    args.extend(to);
+    let (code, text, err) = run(&a, &args);
+    assert_eq!(code, Some(1), "{text}{err}");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("    the CPU that frees them after a restart: "))
+        .expect("a baseline line");
+    assert!(!line.contains("not computed"), "{text}");
+    // This machine's host-model disables much under its nested KVM (pni among them), so the
+    // common CPU is a generic model plus what all three share.
+    assert!(
+        line.contains(" -invtsc") && line.contains(" -pni"),
+        "{line}"
+    );
+    assert!(
+        text.contains("      <cpu mode='custom' match='exact' check='full'>"),
+        "{text}"
+    );
+    assert!(
+        text.contains("      features given up, per host: "),
         "{text}"
     );
 
@@ -227,6 +308,10 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     assert_eq!(web1["cells"][0]["verdict"], "source");
     assert_eq!(web1["cells"][2]["verdict"], "not-measured");
     assert_eq!(p["summary"]["go_anywhere"], 1);
+    let blocked = &p["summary"]["blocked"][0];
+    assert_eq!(blocked["baseline_unavailable"], serde_json::Value::Null);
+    let cpu_xml = blocked["baseline"]["cpu_xml"].as_str().expect("cpu_xml");
+    runs_on_every_host(cpu_xml, &[&hv_a, &hv_b, &hv_c], &live, d);
 
     // Bad input: one line, exit 2, JSON too with --json.
     let (code, out, err) = run(&a, &["plan", s(&hv_a), "--to", s(&hv_b), "--json"]);
@@ -237,6 +322,49 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     assert!(v["error"].as_str().is_some_and(|e| e.contains("hv-a.json")));
 
     render_in_chromium(&html, d);
+}
+
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/domcaps/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// The baseline `<cpu>` really runs on each host: with libvirt's CPU map, every feature it
+/// gives a guest is one the host's CPU (as its bundle recorded it) gives; and libvirt itself,
+/// asked on hv-a (the live host whose CPU was read through the embedded driver), finds the CPU
+/// runnable there (`virsh hypervisor-cpu-compare`: identical or a subset of the host's).
+fn runs_on_every_host(cpu_xml: &str, bundles: &[&Path], live: &str, dir: &Path) {
+    use cpuguard::baseline::{parse_cpu, CpuMap, HostCpu, DEFAULT_CPU_MAP};
+    let map = CpuMap::load(Path::new(DEFAULT_CPU_MAP)).expect("libvirt's CPU map");
+    let baseline = parse_cpu(cpu_xml, "baseline").expect("baseline <cpu>");
+    let guest = map.expand(&baseline, "baseline").expect("known model");
+    assert!(
+        guest.contains("sse2") && !guest.contains("invtsc"),
+        "{guest:?}"
+    );
+    for bundle in bundles {
+        let text = std::fs::read_to_string(bundle).expect("bundle");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("bundle JSON");
+        let host: HostCpu = serde_json::from_value(v["host_cpu"].clone()).expect("host_cpu");
+        let own = map.expand(&host.cpu, &host.origin).expect("host model");
+        let missing: Vec<&String> = guest.difference(&own).collect();
+        assert!(missing.is_empty(), "{} lacks {missing:?}", bundle.display());
+    }
+    let file = dir.join("baseline-cpu.xml");
+    std::fs::write(&file, cpu_xml).expect("write");
+    let out = Command::new("virsh")
+        .args(["-c", live, "hypervisor-cpu-compare"])
+        .arg(&file)
+        .output()
+        .expect("run virsh");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && (said.contains("identical") || said.contains("superset")),
+        "hypervisor-cpu-compare: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Renders the page in headless Chromium: a screenshot of a sensible size, and a DOM with one
@@ -285,6 +413,11 @@ fn render_in_chromium(html: &Path, dir: &Path) {
         dom.matches("<tr>").count(),
         4,
         "header and three VMs: {dom}"
+    );
+    assert_eq!(dom.matches("<code class=\"baseline\">").count(), 1, "{dom}");
+    assert!(
+        dom.contains("<pre class=\"baseline-xml\">&lt;cpu mode='custom'"),
+        "{dom}"
     );
 
     let shot = dir.join("plan.png");
@@ -347,6 +480,9 @@ fn inventory_reads_domains_through_libvirt() {
     assert_eq!(d["stamp"], serde_json::Value::Null);
     assert_eq!(d["label"], "Nehalem (custom), pc-i440fx-7.2/tcg, 1 vCPUs");
     assert_eq!(d["config"]["cpu"]["model"], "Nehalem");
+    // The source's own CPU, for the plan's baseline: libvirt's host-model there.
+    assert_eq!(all["host_cpu"]["source"], "domain-capabilities", "{all}");
+    assert_eq!(all["host_cpu"]["arch"], "x86_64", "{all}");
     // It reads back as an inventory `cpuguard plan` accepts.
     let path = dir.path().join("inv.json");
     std::fs::write(&path, all.to_string()).expect("write");

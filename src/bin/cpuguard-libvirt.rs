@@ -57,6 +57,20 @@ enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// This host's CPU as libvirt describes it (the host-model of its domain capabilities), as
+    /// JSON for the bundle `cpuguard fingerprint export` writes.
+    #[command(
+        after_help = "Example: cpuguard-libvirt host-cpu --uri qemu:///system\n\
+                            Exit codes: 0 printed, 2 error."
+    )]
+    HostCpu {
+        /// libvirt connection URI (default: stamp.uri from the configuration).
+        #[arg(long)]
+        uri: Option<String>,
+        /// Virtualization type: kvm or qemu (TCG); libvirt's default when absent.
+        #[arg(long)]
+        virttype: Option<String>,
+    },
     /// The CPU to give new VMs so they can live on every listed host (libvirt's migratable
     /// hypervisor baseline of the hosts' host-model CPUs, migration blockers disabled), and what
     /// each host's VMs give up against the host's own CPU.
@@ -114,6 +128,22 @@ fn main() -> ExitCode {
                             ExitCode::from(2)
                         }
                     }
+                }
+                Err(e) => {
+                    eprintln!("cpuguard: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::HostCpu { uri, virttype } => {
+            let uri = uri.unwrap_or_else(|| config.stamp.uri.clone());
+            let cpu = cpuguard::baseline::host_from_uri(&uri, virttype.as_deref())
+                .map_err(|e| e.to_string())
+                .and_then(|cpu| serde_json::to_string(&cpu).map_err(|e| e.to_string()));
+            match cpu {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("cpuguard: {e}");

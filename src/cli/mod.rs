@@ -162,6 +162,13 @@ enum Command {
         /// libvirt's feature map (default /usr/share/libvirt/cpu_map/x86_features.xml).
         #[arg(long)]
         features: Option<PathBuf>,
+        /// libvirt's CPU map directory, for the baseline CPU of blocked VMs (without it the plan
+        /// prints the `cpuguard baseline` command instead).
+        #[arg(long, default_value = crate::baseline::DEFAULT_CPU_MAP)]
+        cpu_map: PathBuf,
+        /// Also print each baseline's <cpu> element and what every host gives up for it.
+        #[arg(short, long)]
+        verbose: bool,
     },
     /// The CPU to give new VMs so they can live on every listed host, and what each host's VMs
     /// give up (runs cpuguard-libvirt; `cpuguard baseline --help` shows its options).
@@ -283,6 +290,11 @@ enum FingerprintAction {
         /// The name to record (default: this host's hostname).
         #[arg(long)]
         host: Option<String>,
+        /// This host's CPU, for the baseline `cpuguard plan` computes: a libvirt URI (its domain
+        /// capabilities, read by cpuguard-libvirt; default: stamp.uri) or a file saved with
+        /// `virsh domcapabilities`, `virsh capabilities` or a host <cpu>.
+        #[arg(long, value_name = "URI|FILE")]
+        host_cpu: Option<String>,
     },
     /// On a candidate destination: measure every distinct CPU configuration of the inventories
     /// this host has not measured yet (progress on stderr), then print what `export` prints.
@@ -305,6 +317,9 @@ enum FingerprintAction {
         /// The name to record (default: this host's hostname).
         #[arg(long)]
         host: Option<String>,
+        /// This host's CPU, as for `export --host-cpu`.
+        #[arg(long, value_name = "URI|FILE")]
+        host_cpu: Option<String>,
     },
 }
 
@@ -355,12 +370,16 @@ pub fn main(args: Vec<OsString>) -> i32 {
             json,
             html,
             features,
+            cpu_map,
+            verbose,
         } => plan(
             &inventories,
             &to,
             json,
             html.as_deref(),
             features.as_deref(),
+            &cpu_map,
+            verbose,
         ),
         Command::Fingerprint {
             action:
@@ -369,15 +388,16 @@ pub fn main(args: Vec<OsString>) -> i32 {
                     jobs,
                     emulator,
                     host,
+                    host_cpu,
                 },
-        } => measure_inventories(&inventories, jobs, emulator, host),
+        } => measure_inventories(&inventories, jobs, emulator, host, host_cpu),
         Command::Install { hooks_dir, target } => install(&hooks_dir, target),
         Command::Key {
             action: KeyAction::Generate { file, force },
         } => generate_key(file, force),
         Command::Fingerprint {
-            action: FingerprintAction::Export { host },
-        } => export_fingerprints(host),
+            action: FingerprintAction::Export { host, host_cpu },
+        } => export_fingerprints(host, host_cpu),
         Command::Matrix {
             files,
             json,
@@ -705,11 +725,25 @@ fn generate_key(file: Option<PathBuf>, force: bool) -> Result<i32, String> {
     Ok(0)
 }
 
-fn export_fingerprints(host: Option<String>) -> Result<i32, String> {
+fn export_fingerprints(host: Option<String>, host_cpu: Option<String>) -> Result<i32, String> {
     let config = load_config()?;
     let cache = Cache::open(&config.cache_dir).map_err(|e| e.to_string())?;
     let host = host.unwrap_or_else(crate::matrix::this_hostname);
-    let (bundle, warnings) = crate::matrix::export(&cache, &host).map_err(|e| e.to_string())?;
+    let host_cpu = match read_host_cpu(&config, host_cpu) {
+        Ok(cpu) => Some(cpu),
+        Err(e) if !e.explicit => {
+            // Without libvirt the bundle still serves the plan's verdicts; only the baseline
+            // CPU is then left to `cpuguard baseline`.
+            eprintln!(
+                "cpuguard: no host CPU in the bundle ({}): `cpuguard plan` will print the baseline command instead; give --host-cpu FILE",
+                e.reason
+            );
+            None
+        }
+        Err(e) => return Err(e.reason),
+    };
+    let (bundle, warnings) =
+        crate::matrix::export(&cache, &host, host_cpu).map_err(|e| e.to_string())?;
     for w in &warnings {
         eprintln!("cpuguard: {w}");
     }
@@ -738,6 +772,40 @@ fn matrix(files: &[PathBuf], json: bool, features: Option<&Path>) -> Result<i32,
     Ok(if m.all_go() { EXIT_OK } else { EXIT_DIFFERENT })
 }
 
+struct HostCpuError {
+    /// The operator named the source: its failure is an error, not a warning.
+    explicit: bool,
+    reason: String,
+}
+
+/// This host's CPU for a bundle: from a saved file, or from libvirt through cpuguard-libvirt
+/// (`host` a URI, or stamp.uri when None).
+fn read_host_cpu(
+    config: &crate::config::Config,
+    host: Option<String>,
+) -> Result<crate::baseline::HostCpu, HostCpuError> {
+    let explicit = host.is_some();
+    let fail = |reason: String| HostCpuError { explicit, reason };
+    let source = host.unwrap_or_else(|| config.stamp.uri.clone());
+    if !crate::baseline::is_uri(&source) {
+        return crate::baseline::host_from_file(Path::new(&source))
+            .map_err(|e| fail(e.to_string()));
+    }
+    let helper = crate::helper::locate(config).map_err(fail)?;
+    let out = std::process::Command::new(&helper)
+        .args(["host-cpu", "--uri", &source])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| fail(format!("{}: {e}", helper.display())))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = err.trim().trim_start_matches("cpuguard: ");
+        return Err(fail(err.lines().next().unwrap_or("failed").to_string()));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| fail(format!("{}: host-cpu: {e}", helper.display())))
+}
+
 /// `cpuguard fingerprint measure`: every distinct configuration of the inventories through the
 /// cache (a hit costs nothing, a miss one probe), `jobs` at a time, then the export bundle.
 fn measure_inventories(
@@ -745,6 +813,7 @@ fn measure_inventories(
     jobs: u32,
     emulator: Option<String>,
     host: Option<String>,
+    host_cpu: Option<String>,
 ) -> Result<i32, String> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
@@ -803,7 +872,7 @@ fn measure_inventories(
     for f in &failures {
         eprintln!("cpuguard: {f}");
     }
-    export_fingerprints(host)?;
+    export_fingerprints(host, host_cpu)?;
     Ok(if failures.is_empty() {
         EXIT_OK
     } else {
@@ -818,6 +887,8 @@ fn plan(
     json: bool,
     html: Option<&Path>,
     features: Option<&Path>,
+    cpu_map: &Path,
+    verbose: bool,
 ) -> Result<i32, String> {
     let features = feature_map(features)?;
     let inventories = inventories
@@ -826,8 +897,8 @@ fn plan(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let destinations = crate::matrix::load_host_views(to).map_err(|e| e.to_string())?;
-    let plan =
-        crate::plan::build(&inventories, &destinations, &features).map_err(|e| e.to_string())?;
+    let plan = crate::plan::build(&inventories, &destinations, &features, cpu_map)
+        .map_err(|e| e.to_string())?;
     if let Some(path) = html {
         crate::fsutil::write_atomic(path, plan.to_html().as_bytes(), 0o644)
             .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;
@@ -838,7 +909,7 @@ fn plan(
         serde_json::to_writer_pretty(&mut out, &plan).map_err(|e| format!("stdout: {e}"))?;
         writeln!(out).map_err(|e| format!("stdout: {e}"))?;
     } else {
-        out.write_all(plan.to_text().as_bytes())
+        out.write_all(plan.to_text(verbose).as_bytes())
             .map_err(|e| format!("stdout: {e}"))?;
     }
     out.flush().map_err(|e| format!("stdout: {e}"))?;
