@@ -460,8 +460,18 @@ impl CpuMap {
         common_arch(hosts)?;
         let mut vendor: Option<(&str, &str)> = None;
         let mut common: Option<BTreeSet<String>> = None;
+        // A fleet has few distinct CPUs: each is expanded and intersected once.
+        let mut seen: Vec<&CpuDef> = Vec::new();
         for host in hosts {
-            let own = self.expand(&host.cpu, &host.origin)?;
+            let first_time = !seen.contains(&&host.cpu);
+            if first_time {
+                seen.push(&host.cpu);
+            }
+            let own = if first_time {
+                self.expand(&host.cpu, &host.origin)?
+            } else {
+                BTreeSet::new()
+            };
             let host_vendor = host.cpu.vendor.as_deref().or_else(|| {
                 host.cpu
                     .model
@@ -483,10 +493,12 @@ impl CpuMap {
                     None => vendor = Some((&host.origin, found)),
                 }
             }
-            common = Some(match common {
-                None => own,
-                Some(c) => c.intersection(&own).cloned().collect(),
-            });
+            if first_time {
+                common = Some(match common {
+                    None => own,
+                    Some(c) => c.intersection(&own).cloned().collect(),
+                });
+            }
         }
         let mut common = common.ok_or(BaselineError::NoHosts)?;
         // Features the map does not name (a host CPU saved by another libvirt) cannot be put
@@ -649,13 +661,22 @@ pub fn compute(
     let blockers_disabled = cpu.disable_migration_blockers();
     let common = map.expand(&cpu, &format!("baseline from {hypervisor}"))?;
     let mut costs = Vec::new();
+    // Hosts of one generation share a CPU: its cost is computed once.
+    let mut known: Vec<(&CpuDef, Vec<String>)> = Vec::new();
     for host in hosts {
-        let own = map.expand(&host.cpu, &host.origin)?;
-        let gives_up = own
-            .difference(&common)
-            .filter(|f| !MIGRATION_BLOCKERS.contains(&f.as_str()))
-            .cloned()
-            .collect();
+        let gives_up = match known.iter().find(|(cpu, _)| *cpu == &host.cpu) {
+            Some((_, cost)) => cost.clone(),
+            None => {
+                let own = map.expand(&host.cpu, &host.origin)?;
+                let cost: Vec<String> = own
+                    .difference(&common)
+                    .filter(|f| !MIGRATION_BLOCKERS.contains(&f.as_str()))
+                    .cloned()
+                    .collect();
+                known.push((&host.cpu, cost.clone()));
+                cost
+            }
+        };
         costs.push(HostCost {
             origin: host.origin.clone(),
             source: host.source,

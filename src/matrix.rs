@@ -802,7 +802,7 @@ mod tests {
         std::fs::write(&path, v.to_string()).expect("write");
         let loaded = load_bundle(&path).expect("version 1");
         assert_eq!((loaded.version, loaded.host_cpu), (1, None));
-        let views = load_host_views(&[path.clone()]).expect("views");
+        let views = load_host_views(std::slice::from_ref(&path)).expect("views");
         assert!(views[0].1.host_cpu.is_none());
         v["version"] = serde_json::json!(BUNDLE_VERSION + 1);
         std::fs::write(&path, v.to_string()).expect("write");

@@ -188,10 +188,6 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     args.extend(to);
     let (code, text, err) = run(&a, &args);
     assert_eq!(code, Some(1), "not every VM can go everywhere: {text}{err}");
-    // `CPUGUARD_PLAN_EXAMPLE=FILE` keeps the text for the example in docs/operator/cli.md.
-    if let Some(keep) = std::env::var_os("CPUGUARD_PLAN_EXAMPLE") {
-        std::fs::write(keep, &text).expect("write the example");
-    }
     let section = |vm: &str| -> String {
         text.split("\n\n")
             .next()
@@ -268,6 +264,10 @@ fn plan_of_three_vms_on_three_destinations_from_real_probes() {
     args.extend(to);
     let (code, text, err) = run(&a, &args);
     assert_eq!(code, Some(1), "{text}{err}");
+    // `CPUGUARD_PLAN_EXAMPLE=FILE` keeps the text for the example in docs/operator/cli.md.
+    if let Some(keep) = std::env::var_os("CPUGUARD_PLAN_EXAMPLE") {
+        std::fs::write(keep, &text).expect("write the example");
+    }
     let line = text
         .lines()
         .find_map(|l| l.strip_prefix("    the CPU that frees them after a restart: "))
