@@ -21,6 +21,7 @@ pub mod hook;
 pub mod incoming;
 pub mod install;
 pub mod inventory;
+pub mod live_vcpu;
 pub mod matrix;
 pub mod measure;
 pub mod plan;

@@ -35,7 +35,20 @@ pub enum StampError {
     Process { name: String, reason: String },
     #[error("domain {name}: not stamped: the fleet key cannot be used: {reason}")]
     Key { name: String, reason: String },
+    #[error("domain {name}: not stamped: the running vCPU differs from the probe: {}", differences.join("; "))]
+    LiveVcpu {
+        name: String,
+        differences: Vec<String>,
+    },
+    #[error("domain {name}: not stamped: cannot read the running vCPU: {reason}")]
+    LiveVcpuUnreadable { name: String, reason: String },
 }
+
+/// Checks the running guest against the probe's fingerprint before its stamp is written:
+/// `cpuguard-libvirt` reads the live vCPU through QEMU's monitor (see [`crate::live_vcpu`]).
+/// A stamp is written only when it returns `Ok`.
+pub type LiveCheck<'a> =
+    &'a dyn Fn(&Domain, &str, &crate::fingerprint::Fingerprint) -> Result<(), StampError>;
 
 /// What was stamped, or kept.
 #[derive(Debug, Clone)]
@@ -123,11 +136,12 @@ pub fn stamp_domain(
     name: &str,
     config: &Config,
     force: bool,
+    live_check: LiveCheck,
 ) -> Result<Stamped, StampError> {
     let dom = conn
         .lookup_domain_by_name(name)
         .map_err(|e| libvirt_err(name, e))?;
-    stamp(&dom, name, config, force)
+    stamp(&dom, name, config, force, live_check)
 }
 
 /// The QEMU process running `dom`: QEMU's own monitor names its vCPU threads
@@ -156,7 +170,13 @@ pub fn qemu_process(dom: &Domain, name: &str) -> Result<crate::process::QemuProc
     crate::process::QemuProcess::of(pid).map_err(err)
 }
 
-fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamped, StampError> {
+fn stamp(
+    dom: &Domain,
+    name: &str,
+    config: &Config,
+    force: bool,
+    live_check: LiveCheck,
+) -> Result<Stamped, StampError> {
     if !dom.is_active().map_err(|e| libvirt_err(name, e))? {
         return Err(StampError::NotRunning {
             name: name.to_string(),
@@ -208,6 +228,9 @@ fn stamp(dom: &Domain, name: &str, config: &Config, force: bool) -> Result<Stamp
             reason: e.to_string(),
         }
     })?;
+    // The probe rebuilt the guest's CPU from the XML and the binary; what the running QEMU was
+    // really given (a wrapper's extra options) only the running vCPU tells.
+    live_check(dom, name, &m.fingerprint)?;
     // A guest restarted while it was measured is another process: its stamp would lie.
     let after = qemu_process(dom, name)?;
     if after != process {
@@ -287,7 +310,12 @@ pub fn remove_stamp(name: &str, config: &Config) -> Result<(), StampError> {
 /// Stamps every running domain; one (name, result) per domain.
 pub type StampResults = Vec<(String, Result<Stamped, StampError>)>;
 
-pub fn stamp_all(conn: &Connect, config: &Config, force: bool) -> Result<StampResults, StampError> {
+pub fn stamp_all(
+    conn: &Connect,
+    config: &Config,
+    force: bool,
+    live_check: LiveCheck,
+) -> Result<StampResults, StampError> {
     let domains = conn
         .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         .map_err(|e| StampError::Connect {
@@ -298,7 +326,7 @@ pub fn stamp_all(conn: &Connect, config: &Config, force: bool) -> Result<StampRe
         .iter()
         .map(|dom| {
             let name = dom.name().unwrap_or_default();
-            let result = stamp(dom, &name, config, force);
+            let result = stamp(dom, &name, config, force, live_check);
             (name, result)
         })
         .collect())
@@ -306,7 +334,11 @@ pub fn stamp_all(conn: &Connect, config: &Config, force: bool) -> Result<StampRe
 
 /// The detached process after a start: retries while libvirt finishes the start job (the domain
 /// may not be visible or its job may still hold it), then stamps once. Audited either way.
-pub fn stamp_after_start(name: &str, config: &Config) -> Result<Stamped, StampError> {
+pub fn stamp_after_start(
+    name: &str,
+    config: &Config,
+    live_check: LiveCheck,
+) -> Result<Stamped, StampError> {
     let interval = Duration::from_millis(config.stamp.retry_interval_ms);
     let mut last = None;
     for attempt in 0..=config.stamp.retries {
@@ -314,12 +346,17 @@ pub fn stamp_after_start(name: &str, config: &Config) -> Result<Stamped, StampEr
             sleep(interval);
         }
         // After a start there is a new process: always measure it.
-        let result =
-            connect(&config.stamp.uri).and_then(|conn| stamp_domain(&conn, name, config, true));
+        let result = connect(&config.stamp.uri)
+            .and_then(|conn| stamp_domain(&conn, name, config, true, live_check));
         match result {
             Ok(s) => return Ok(s),
-            // A measurement failure or an unusable key will not heal by waiting.
-            Err(e @ (StampError::Measure { .. } | StampError::Key { .. })) => return Err(e),
+            // A measurement failure, an unusable key or a running vCPU that differs from the
+            // probe will not heal by waiting.
+            Err(
+                e @ (StampError::Measure { .. }
+                | StampError::Key { .. }
+                | StampError::LiveVcpu { .. }),
+            ) => return Err(e),
             Err(e) => last = Some(e),
         }
     }
@@ -335,10 +372,21 @@ pub fn audit_after_start(
     result: &Result<Stamped, StampError>,
     removal: Option<&Result<(), StampError>>,
 ) {
+    audit_with_removal(name, result, removal, "started")
+}
+
+/// One audit line for a stamp attempt that, on failure, removed (or tried to remove) any
+/// earlier stamp.
+pub fn audit_with_removal(
+    name: &str,
+    result: &Result<Stamped, StampError>,
+    removal: Option<&Result<(), StampError>>,
+    trigger: &str,
+) {
     match (result, removal) {
         (Err(e), Some(removal)) => Record::new(Severity::Error, "stamp", "failed")
             .field("domain", name)
-            .field("trigger", "started")
+            .field("trigger", trigger)
             .field("reason", &e.to_string())
             .field(
                 "earlier_stamp",
@@ -348,7 +396,7 @@ pub fn audit_after_start(
                 },
             )
             .emit(),
-        _ => audit(name, result, "started"),
+        _ => audit(name, result, trigger),
     }
 }
 

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cpuguard::config::Config;
-use cpuguard::stamp;
+use cpuguard::fingerprint::Fingerprint;
+use cpuguard::live_vcpu;
+use cpuguard::stamp::{self, StampError};
+use virt::domain::Domain;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -100,6 +103,38 @@ enum Command {
     },
 }
 
+/// The live-vCPU cross-check of a stamp (issue 11): the running guest's first vCPU, read through
+/// libvirt's QEMU monitor passthrough, must agree with what the probe measured. Only this
+/// program talks to the monitor; the comparison is the library's.
+fn live_vcpu_check(dom: &Domain, name: &str, probe: &Fingerprint) -> Result<(), StampError> {
+    let mut monitor = |command: &str| {
+        dom.qemu_monitor_command(command, 0).map_err(|e| {
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+    };
+    let live = live_vcpu::read(&mut monitor).map_err(|reason| StampError::LiveVcpuUnreadable {
+        name: name.to_string(),
+        reason,
+    })?;
+    let mut check = live_vcpu::compare(&live, probe, None);
+    if check.agrees() {
+        return Ok(());
+    }
+    // Name the bits only now: loading libvirt's feature map costs more than the check.
+    if let Ok(features) = cpuguard::cpuid::features::FeatureMap::load_default() {
+        check = live_vcpu::compare(&live, probe, Some(&features));
+    }
+    let mut differences = check.differences;
+    differences.extend(check.notes);
+    Err(StampError::LiveVcpu {
+        name: name.to_string(),
+        differences,
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut config = match Config::load() {
@@ -184,7 +219,7 @@ fn main() -> ExitCode {
             if after_start {
                 let mut worst = 0;
                 for name in &names {
-                    let result = stamp::stamp_after_start(name, &config);
+                    let result = stamp::stamp_after_start(name, &config, &live_vcpu_check);
                     // No stamp rather than a stale or copied one: the destination then refuses
                     // (policy.unstamped_source) instead of trusting it.
                     let removal = result.is_err().then(|| stamp::remove_stamp(name, &config));
@@ -207,7 +242,7 @@ fn main() -> ExitCode {
                 }
             };
             let results = if all {
-                match stamp::stamp_all(&conn, &config, force) {
+                match stamp::stamp_all(&conn, &config, force, &live_vcpu_check) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("cpuguard: {e}");
@@ -217,7 +252,12 @@ fn main() -> ExitCode {
             } else {
                 names
                     .iter()
-                    .map(|n| (n.clone(), stamp::stamp_domain(&conn, n, &config, force)))
+                    .map(|n| {
+                        (
+                            n.clone(),
+                            stamp::stamp_domain(&conn, n, &config, force, &live_vcpu_check),
+                        )
+                    })
                     .collect()
             };
             let mut failed = false;
@@ -228,6 +268,14 @@ fn main() -> ExitCode {
                         failed = true;
                         eprintln!("cpuguard: not stamped: {e}");
                     }
+                }
+                // A running guest the probe cannot reproduce keeps no stamp (an earlier one
+                // was made by the same probe): the destination then refuses it by default.
+                if let Err(StampError::LiveVcpu { .. } | StampError::LiveVcpuUnreadable { .. }) = r
+                {
+                    let removal = stamp::remove_stamp(name, &config);
+                    stamp::audit_with_removal(name, r, Some(&removal), "cli");
+                    continue;
                 }
                 stamp::audit(name, r, "cli");
             }
