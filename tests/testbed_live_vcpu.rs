@@ -115,16 +115,18 @@ done"#,
     );
 
     let mark = bed.audit_mark();
+    let started = std::time::Instant::now();
     bed.virsh(Host::B, &["start", name]).ok();
     let domain = format!("domain={name}");
     let line = bed.wait_audit(
         mark,
         &["phase=stamp", "action=failed", &domain, "trigger=started"],
-        bed::AUDIT_WAIT,
+        bed::stamp_wait(),
     );
     let line = line.unwrap_or_else(|| {
         panic!(
-            "no failed stamp of {name}:\n{}",
+            "no failed stamp of {name} {:?} after its start:\n{}",
+            started.elapsed(),
             bed.audit_lines_since(mark).join("\n")
         )
     });
@@ -181,7 +183,7 @@ done"#,
     let stamped = bed.wait_audit(
         mark,
         &["phase=stamp", "action=stamped", &domain, "trigger=started"],
-        bed::AUDIT_WAIT,
+        bed::stamp_wait(),
     );
     assert!(
         stamped.is_some(),
