@@ -110,9 +110,11 @@ const NAME: &str = "bench-live-vcpu";
 fn inner(rounds: usize, label: &str) {
     let name = NAME;
     let work = tempfile::tempdir().expect("work dir");
-    let mut config = Config::default();
-    config.cache_dir = work.path().join("cache");
-    config.runtime_dir = work.path().join("run");
+    let mut config = Config {
+        cache_dir: work.path().join("cache"),
+        runtime_dir: work.path().join("run"),
+        ..Config::default()
+    };
     config.stamp.uri = Host::A.tcp_uri();
     config.stamp.key_file = work.path().join("no-fleet.key");
     config.probe.emulators = vec![PathBuf::from("/usr/bin/qemu-system-x86_64")];

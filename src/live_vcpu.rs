@@ -495,6 +495,37 @@ fn field(value: u64, shift: u32) -> u64 {
     (value >> shift) & 0xf
 }
 
+/// One aarch64 CPU property and the 4-bit ID-register field that says the same to the guest.
+struct ArmFlag {
+    property: &'static str,
+    running: Option<bool>,
+    register: &'static str,
+    name: &'static str,
+    shift: u32,
+    /// Whether the field's value means the property is on.
+    present: fn(u64) -> bool,
+}
+
+impl ArmFlag {
+    fn new(
+        property: &'static str,
+        running: Option<bool>,
+        register: &'static str,
+        name: &'static str,
+        shift: u32,
+        present: fn(u64) -> bool,
+    ) -> ArmFlag {
+        ArmFlag {
+            property,
+            running,
+            register,
+            name,
+            shift,
+            present,
+        }
+    }
+}
+
 fn compare_aarch64(live: &ArmVcpu, table: &ArmIdTable) -> CrossCheck {
     let mut out = CrossCheck::default();
     if let (Some(running), Some(probe)) = (live.midr, table.get("MIDR_EL1")) {
@@ -504,22 +535,28 @@ fn compare_aarch64(live: &ArmVcpu, table: &ArmIdTable) -> CrossCheck {
             ));
         }
     }
-    // (property, register, field, shift, "present" for the field's value)
-    type Present = fn(u64) -> bool;
-    let checks: [(&str, Option<bool>, &str, &str, u32, Present); 5] = [
-        ("sve", live.sve, "ID_AA64PFR0_EL1", "SVE", 32, |v| v != 0),
-        ("sme", live.sme, "ID_AA64PFR1_EL1", "SME", 24, |v| v != 0),
+    let checks = [
+        ArmFlag::new("sve", live.sve, "ID_AA64PFR0_EL1", "SVE", 32, |v| v != 0),
+        ArmFlag::new("sme", live.sme, "ID_AA64PFR1_EL1", "SME", 24, |v| v != 0),
         // PMUVer 0xf is an IMPLEMENTATION DEFINED PMU, not the architected one QEMU offers.
-        ("pmu", live.pmu, "ID_AA64DFR0_EL1", "PMUVer", 8, |v| {
+        ArmFlag::new("pmu", live.pmu, "ID_AA64DFR0_EL1", "PMUVer", 8, |v| {
             v != 0 && v != 0xf
         }),
         // FP and AdvSIMD say "not implemented" with 0xf.
-        ("vfp", live.vfp, "ID_AA64PFR0_EL1", "FP", 16, |v| v != 0xf),
-        ("neon", live.neon, "ID_AA64PFR0_EL1", "AdvSIMD", 20, |v| {
+        ArmFlag::new("vfp", live.vfp, "ID_AA64PFR0_EL1", "FP", 16, |v| v != 0xf),
+        ArmFlag::new("neon", live.neon, "ID_AA64PFR0_EL1", "AdvSIMD", 20, |v| {
             v != 0xf
         }),
     ];
-    for (property, running, register, name, shift, present) in checks {
+    for ArmFlag {
+        property,
+        running,
+        register,
+        name,
+        shift,
+        present,
+    } in checks
+    {
         let (Some(running), Some(value)) = (running, table.get(register)) else {
             continue;
         };
