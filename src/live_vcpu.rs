@@ -95,12 +95,15 @@ pub enum LiveVcpu {
 }
 
 /// The outcome of a comparison: every difference, one line each, worded for the operator.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrossCheck {
     pub differences: Vec<String>,
     /// Features the running QEMU filtered that the probe's QEMU did not (it asked for something
     /// the host lacks): named beside the differences, not a difference by itself.
     pub notes: Vec<String>,
+    /// False when the feature words were not compared: the probe showed that this host does not
+    /// give guests the CPUID QEMU configures (see [`compare`]).
+    pub words_compared: bool,
 }
 
 impl CrossCheck {
@@ -266,19 +269,29 @@ pub fn parse_feature_words(value: &Value, what: &str) -> Result<Vec<FeatureWord>
 
 /// Compares the running vCPU with the probe's fingerprint. `features` names CPUID bits (libvirt's
 /// feature map); without it bits are named by location only.
+///
+/// The x86 feature words are compared only where the probe shows that guests see the CPUID QEMU
+/// configures: when its user-mode pass found guest applications reading other values than the
+/// guest kernel (`policy.user_mode_cpuid`'s case: CPUID not fully virtualized, as under a
+/// paravirtualized KVM), the table is not QEMU's configuration for any guest of this host, the
+/// probe's own included, so the words would differ for every guest; the identity (vendor,
+/// family/model/stepping, model-id, levels) is still compared.
 pub fn compare(live: &LiveVcpu, probe: &Fingerprint, features: Option<&FeatureMap>) -> CrossCheck {
+    let enforced = !probe.user_mode.as_ref().is_some_and(|u| u.differs());
     match (live, probe.raw()) {
         (LiveVcpu::X86(vcpu), GuestView::X86(table)) => {
-            compare_x86(vcpu, &table, &probe.filtered, features)
+            compare_x86(vcpu, &table, &probe.filtered, features, enforced)
         }
         (LiveVcpu::Aarch64(vcpu), GuestView::Aarch64(table)) => compare_aarch64(vcpu, &table),
         (LiveVcpu::X86(_), GuestView::Aarch64(_)) => CrossCheck {
             differences: vec!["architecture: running x86_64, probe aarch64".to_string()],
             notes: Vec::new(),
+            words_compared: false,
         },
         (LiveVcpu::Aarch64(_), GuestView::X86(_)) => CrossCheck {
             differences: vec!["architecture: running aarch64, probe x86_64".to_string()],
             notes: Vec::new(),
+            words_compared: false,
         },
     }
 }
@@ -355,8 +368,13 @@ fn compare_x86(
     table: &CpuidTable,
     probe_filtered: &[String],
     features: Option<&FeatureMap>,
+    compare_words: bool,
 ) -> CrossCheck {
-    let mut out = CrossCheck::default();
+    let mut out = CrossCheck {
+        differences: Vec::new(),
+        notes: Vec::new(),
+        words_compared: compare_words,
+    };
     let mut differ = |what: String| out.differences.push(what);
     let leaf0 = table.get(0, 0);
     match leaf0 {
@@ -432,7 +450,12 @@ fn compare_x86(
     }
     let level = u32::try_from(live.level).unwrap_or(u32::MAX);
     let xlevel = u32::try_from(live.xlevel).unwrap_or(u32::MAX);
-    for word in &live.feature_words {
+    let words: &[FeatureWord] = if compare_words {
+        &live.feature_words
+    } else {
+        &[]
+    };
+    for word in words {
         let subleaf = word.subleaf.unwrap_or(0);
         // Leaves past the declared maximum are never answered with the word's bits.
         let visible = match word.leaf {
@@ -474,7 +497,8 @@ fn compare_x86(
         .iter()
         .filter_map(|l| filtered_location(l))
         .collect();
-    for word in &live.filtered {
+    let filtered: &[FeatureWord] = if compare_words { &live.filtered } else { &[] };
+    for word in filtered {
         for bit in 0..32u8 {
             if word.bits & (1 << bit) != 0
                 && !probe_filtered.contains(&(word.leaf, word.register, bit))
@@ -527,7 +551,11 @@ impl ArmFlag {
 }
 
 fn compare_aarch64(live: &ArmVcpu, table: &ArmIdTable) -> CrossCheck {
-    let mut out = CrossCheck::default();
+    let mut out = CrossCheck {
+        differences: Vec::new(),
+        notes: Vec::new(),
+        words_compared: true,
+    };
     if let (Some(running), Some(probe)) = (live.midr, table.get("MIDR_EL1")) {
         if running != probe {
             out.differences.push(format!(
@@ -789,6 +817,33 @@ mod tests {
             text.contains("pni (CPUID.0x1:ECX[0]): the running vCPU lacks it, the probe has it"),
             "{text}"
         );
+    }
+
+    /// The same capture, with the probe's user-mode pass showing what it showed on this machine:
+    /// guest applications read other CPUID values than the kernel. The words are then not
+    /// compared (no guest of this host sees QEMU's configuration); the identity still is.
+    #[test]
+    fn a_host_that_does_not_enforce_cpuid_compares_the_identity_only() {
+        let c = capture(KVM_QEMU64);
+        let mut probe = c.probe.clone();
+        probe.user_mode = Some(crate::fingerprint::UserModeCpuid {
+            compared: vec![(1, 0)],
+            differing: vec![crate::fingerprint::UserModeDifference {
+                leaf: 1,
+                subleaf: 0,
+                kernel: [0x60fb1, 0x800, 0xf6f8_3203, 0x178b_fbff],
+                user: [0xb0_0f21, 0x2_0800, 0xfffa_3203, 0x178b_fbff],
+            }],
+        });
+        let check = compare(&live_of(&c), &probe, None);
+        assert!(check.agrees(), "{:?}", check.differences);
+        assert!(!check.words_compared);
+        let LiveVcpu::X86(mut v) = live_of(&c) else {
+            panic!("not x86")
+        };
+        v.model_id = "Wrapped CPU".into();
+        let check = compare(&LiveVcpu::X86(v), &probe, None);
+        assert_eq!(check.differences.len(), 1, "{:?}", check.differences);
     }
 
     #[test]

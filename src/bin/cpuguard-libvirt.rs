@@ -121,6 +121,18 @@ fn live_vcpu_check(dom: &Domain, name: &str, probe: &Fingerprint) -> Result<(), 
     })?;
     let mut check = live_vcpu::compare(&live, probe, None);
     if check.agrees() {
+        if !check.words_compared {
+            cpuguard::audit::Record::new(cpuguard::audit::Severity::Warning, "stamp", "live-vcpu")
+                .field("domain", name)
+                .field(
+                    "reason",
+                    "feature words not compared: guest applications on this host read other \
+                     CPUID values than the guest kernel (policy.user_mode_cpuid), so guests do not \
+                     see what QEMU configures; vendor, family/model/stepping, model-id and levels \
+                     agree",
+                )
+                .emit();
+        }
         return Ok(());
     }
     // Name the bits only now: loading libvirt's feature map costs more than the check.
