@@ -35,54 +35,124 @@ pub const DEFAULT_CPU_MAP: &str = "/usr/share/libvirt/cpu_map";
 /// Larger inputs are not capabilities documents (this host's domcapabilities: ~10 KiB).
 const MAX_INPUT_BYTES: u64 = 8 * 1024 * 1024;
 
+/// Why `cpuguard baseline` (or `cpuguard plan`'s offline baseline) could not answer. Each
+/// variant prints as one line naming the input (`origin`: the URI or file a host came from).
 #[derive(Debug, Error)]
 pub enum BaselineError {
+    /// The command line named no host.
     #[error("no hosts given: name libvirt URIs or saved `virsh domcapabilities` files")]
     NoHosts,
+    /// A saved capabilities file could not be read, or is larger than 8 MiB.
     #[error("{path}: cannot read: {reason}")]
-    Read { path: PathBuf, reason: String },
+    Read {
+        /// The file named on the command line.
+        path: PathBuf,
+        /// The I/O error, or the size limit it exceeds.
+        reason: String,
+    },
+    /// A host's document is not XML cpuguard accepts (a DOCTYPE is refused too).
     #[error("{origin}: not well-formed XML: {reason}")]
-    Xml { origin: String, reason: String },
+    Xml {
+        /// The URI or file the document came from.
+        origin: String,
+        /// The parser's error.
+        reason: String,
+    },
+    /// The document is none of the three forms that carry a host CPU.
     #[error("{origin}: no host CPU in it (expected `virsh domcapabilities`, `virsh capabilities` or a <cpu> element, found <{root}>)")]
-    NoHostCpu { origin: String, root: String },
+    NoHostCpu {
+        /// The URI or file the document came from.
+        origin: String,
+        /// The name of the document's root element.
+        root: String,
+    },
+    /// The domain capabilities mark `host-model` as `supported='no'` (e.g. no KVM on that host).
     #[error("{origin}: libvirt does not support a host-model CPU there")]
-    HostModelUnsupported { origin: String },
+    HostModelUnsupported {
+        /// The URI or file the domain capabilities came from.
+        origin: String,
+    },
+    /// The host's CPU names no model, so its features cannot be expanded from the CPU map.
     #[error("{origin}: the CPU has no <model>")]
-    NoModel { origin: String },
+    NoModel {
+        /// The URI or file the CPU came from.
+        origin: String,
+    },
+    /// The document has no `<arch>` (or an empty one) for the host's CPU.
     #[error("{origin}: no architecture (<arch>) in it")]
-    NoArch { origin: String },
+    NoArch {
+        /// The URI or file the document came from.
+        origin: String,
+    },
+    /// Two hosts of the pool have different architectures.
     #[error(
         "{origin}: architecture {found}, but {first} is {expected}: a pool mixes no architectures"
     )]
     WrongArch {
+        /// The host whose architecture differs.
         origin: String,
+        /// That host's architecture (libvirt's name, e.g. `aarch64`).
         found: String,
+        /// The first host given, whose architecture the pool must share.
         first: String,
+        /// The first host's architecture.
         expected: String,
     },
+    /// The pool is not x86 (`x86_64` or `i686`): libvirt's CPU map baseline is x86-only here.
     #[error("{origin}: architecture {found}: cpuguard baselines x86 CPUs only")]
-    NotX86 { origin: String, found: String },
+    NotX86 {
+        /// The first host given.
+        origin: String,
+        /// Its architecture.
+        found: String,
+    },
+    /// A CPU names a model the CPU map does not define (a newer libvirt wrote it).
     #[error("{origin}: CPU model {model} is not in libvirt's CPU map {map}")]
     UnknownModel {
+        /// The URI or file the CPU came from, or `baseline from …` for libvirt's answer.
         origin: String,
+        /// The model name as written in the `<cpu>`.
         model: String,
+        /// The CPU map directory searched.
         map: String,
     },
+    /// Two hosts have CPUs of different vendors (Intel and AMD): no guest CPU runs on both.
     #[error("{origin}: CPU vendor {found}, but {first} is {expected}: CPU vendors do not match")]
     VendorMismatch {
+        /// The host whose vendor differs.
         origin: String,
+        /// Its vendor (`Intel`, `AMD`, …, as libvirt writes it).
         found: String,
+        /// The first host that named a vendor.
         first: String,
+        /// That host's vendor.
         expected: String,
     },
+    /// libvirt's CPU map could not be read, has no x86 model, or has no guest model for the
+    /// hosts' vendor.
     #[error("CPU map {path}: {reason}")]
-    CpuMap { path: PathBuf, reason: String },
+    CpuMap {
+        /// The CPU map directory or the model file in it.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No libvirt connection could be opened.
     #[error("cannot connect to {uri}: {reason}")]
-    Connect { uri: String, reason: String },
+    Connect {
+        /// The libvirt URI.
+        uri: String,
+        /// libvirt's error, on one line.
+        reason: String,
+    },
+    /// A libvirt call on an open connection failed.
     #[error("{uri}: {what}: {reason}")]
     Libvirt {
+        /// The libvirt URI of the connection.
         uri: String,
+        /// The call or argument that failed (`domain capabilities`, `baseline`, …).
         what: String,
+        /// libvirt's error, on one line.
         reason: String,
     },
 }
@@ -90,7 +160,9 @@ pub enum BaselineError {
 /// A CPU definition as libvirt writes it: model, vendor, feature policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuDef {
+    /// The `<model>` name from libvirt's CPU map (e.g. `Skylake-Server-IBRS`); None when absent.
     pub model: Option<String>,
+    /// The `<vendor>` (`Intel`, `AMD`, …); None when the element names none.
     pub vendor: Option<String>,
     /// `policy='require'` (or a host CPU's plain `<feature>`), sorted.
     pub required: Vec<String>,
@@ -156,8 +228,11 @@ pub enum HostSource {
 pub struct HostCpu {
     /// The URI or file it came from.
     pub origin: String,
+    /// Which of the three document forms it was read from.
     pub source: HostSource,
+    /// libvirt's architecture name (`x86_64`, `i686`, `aarch64`, …).
     pub arch: String,
+    /// The host's CPU as the document gives it (a host CPU's plain `<feature>`s are required).
     pub cpu: CpuDef,
 }
 
@@ -582,8 +657,11 @@ pub fn parse_cpu(xml: &str, origin: &str) -> Result<CpuDef, BaselineError> {
 /// What one host's VMs give up when they get the baseline instead of the host's own CPU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostCost {
+    /// The URI or file the host came from.
     pub origin: String,
+    /// Which document form the host's CPU was read from.
     pub source: HostSource,
+    /// The host CPU's model name.
     pub model: Option<String>,
     /// Features of the host's CPU that the baseline lacks (migration blockers aside), sorted.
     pub gives_up: Vec<String>,
@@ -592,14 +670,18 @@ pub struct HostCost {
 /// The answer of `cpuguard baseline`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
+    /// The pool's architecture (`x86_64` or `i686`).
     pub arch: String,
-    /// The hypervisor that computed the baseline (its CPU models and features bound the result).
+    /// The hypervisor URI that computed the baseline (its CPU models and features bound the
+    /// result), or `libvirt's CPU map DIR` when [`compute_offline`] computed it.
     pub hypervisor: String,
+    /// The baseline CPU, migration blockers disabled.
     pub cpu: CpuDef,
     /// The `<cpu>` element to paste into a domain.
     pub cpu_xml: String,
     /// Migration blockers this command disabled on top of libvirt's answer.
     pub blockers_disabled: Vec<String>,
+    /// Each host's cost, in the order the hosts were given.
     pub hosts: Vec<HostCost>,
 }
 
@@ -741,12 +823,14 @@ pub fn host_from_uri(uri: &str, virttype: Option<&str>) -> Result<HostCpu, Basel
 /// libvirt's hypervisor baseline through one connection.
 pub struct LibvirtBaseline {
     conn: Connect,
+    /// The libvirt URI it is connected to; errors name it.
     pub uri: String,
     /// `kvm` or `qemu` (TCG); libvirt's default when None.
     pub virttype: Option<String>,
 }
 
 impl LibvirtBaseline {
+    /// Connects to `uri`; `virttype` (`kvm`, `qemu`) is passed to every baseline.
     pub fn open(uri: &str, virttype: Option<&str>) -> Result<Self, BaselineError> {
         Ok(LibvirtBaseline {
             conn: connect(uri)?,

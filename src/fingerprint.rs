@@ -24,10 +24,17 @@ pub const FORMAT_VERSION: u32 = 2;
 /// part of the digest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostFacts {
+    /// The host's name (`/proc/sys/kernel/hostname`).
     pub hostname: String,
+    /// The running kernel's release (`uname -r`, e.g. `6.1.0-18-amd64`).
     pub kernel_release: String,
+    /// `model name` of the first processor in `/proc/cpuinfo`; empty where the kernel shows none
+    /// (aarch64).
     pub cpu_model_name: String,
+    /// The microcode revision from `/proc/cpuinfo` (e.g. `0xf0`); empty where the kernel shows
+    /// none (inside a VM, on aarch64).
     pub microcode: String,
+    /// The first line of the emulator's `--version` (e.g. `QEMU emulator version 7.2.22 (…)`).
     pub qemu_version: String,
     /// `kvm` or `tcg`.
     pub accelerator: String,
@@ -75,9 +82,14 @@ pub fn cpuinfo_facts(cpuinfo: &str) -> (String, String) {
     (model.unwrap_or_default(), microcode.unwrap_or_default())
 }
 
+/// What a guest with one domain's CPU configuration sees on one host: the cache's entry, a
+/// stamp's source, `cpuguard probe`'s output. Build it with [`Fingerprint::new`] and read it with
+/// [`Fingerprint::from_json`], which keep the digest and the normalization consistent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
+    /// The JSON layout's version, [`FORMAT_VERSION`] for every fingerprint accepted.
     pub format_version: u32,
+    /// The host it was measured on (not part of the digest).
     pub host: HostFacts,
     /// The canonical domain CPU configuration the table was measured for (defined by the probe;
     /// opaque here).
@@ -111,9 +123,13 @@ pub struct UserModeCpuid {
 /// One leaf whose CPL3 answer is not the kernel's: EAX, EBX, ECX, EDX at each level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserModeDifference {
+    /// The CPUID leaf (EAX input).
     pub leaf: u32,
+    /// The sub-leaf (ECX input); 0 for leaves without sub-leaves.
     pub subleaf: u32,
+    /// EAX, EBX, ECX, EDX as the guest kernel read them (CPL0).
     pub kernel: [u32; 4],
+    /// EAX, EBX, ECX, EDX as guest user space read them (CPL3).
     pub user: [u32; 4],
 }
 
@@ -143,6 +159,7 @@ impl UserModeCpuid {
         out
     }
 
+    /// True when any compared leaf answers user space differently from the kernel.
     pub fn differs(&self) -> bool {
         !self.differing.is_empty()
     }
@@ -170,34 +187,67 @@ impl UserModeCpuid {
     }
 }
 
+/// Why a fingerprint, table or dump could not be read, or was refused. `origin` names the input
+/// (a path, or what the caller passed).
 #[derive(Debug, thiserror::Error)]
 pub enum FingerprintError {
+    /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The text is not JSON, or not JSON of a fingerprint or table.
     #[error("fingerprint {origin}: not a valid fingerprint JSON: {source}")]
     Json {
+        /// The input's name.
         origin: String,
+        /// serde_json's error (it gives line and column).
         source: serde_json::Error,
     },
+    /// Another format version (or none): re-measured, never compared.
     #[error("fingerprint {origin}: format_version {found} is not the supported version {FORMAT_VERSION}; re-measure it")]
-    Version { origin: String, found: String },
+    Version {
+        /// The input's name.
+        origin: String,
+        /// The `format_version` value as written, or `(missing)`.
+        found: String,
+    },
+    /// The recorded digest is not the digest of the normalized table: corrupt or edited.
     #[error("fingerprint {origin}: digest {recorded} does not match its normalized table ({computed}); the file is corrupt")]
     Digest {
+        /// The input's name.
         origin: String,
+        /// The digest the file carries (`sha256:<hex>`).
         recorded: String,
+        /// The digest of the file's normalized table.
         computed: String,
     },
+    /// The normalized table or masks are not what normalizing the raw table gives.
     #[error("fingerprint {origin}: normalized table or masks are not those of its raw table; the file is corrupt")]
-    Normalization { origin: String },
+    Normalization {
+        /// The input's name.
+        origin: String,
+    },
+    /// A recognized dump form that does not parse.
     #[error("{origin}: {source}")]
-    Dump { origin: String, source: ViewError },
+    Dump {
+        /// The input's name.
+        origin: String,
+        /// The parser's error.
+        source: ViewError,
+    },
+    /// Text in none of the forms `cpuguard diff` accepts.
     #[error(
         "{origin}: neither a fingerprint JSON, a kvm-unit-tests CPUID dump, 'cpuid -r' output nor an aarch64 probe transcript"
     )]
-    UnknownInput { origin: String },
+    UnknownInput {
+        /// The input's name.
+        origin: String,
+    },
+    /// A fingerprint could not be written as JSON.
     #[error("cannot serialize fingerprint: {0}")]
     Serialize(serde_json::Error),
 }
@@ -218,6 +268,7 @@ impl Fingerprint {
         }
     }
 
+    /// The architecture of the view it holds.
     pub fn arch(&self) -> Arch {
         self.tables.arch()
     }
@@ -293,6 +344,7 @@ impl Fingerprint {
         Ok(())
     }
 
+    /// The fingerprint as pretty-printed JSON, the form [`Fingerprint::from_json`] reads.
     pub fn to_json(&self) -> Result<String, FingerprintError> {
         serde_json::to_string_pretty(self).map_err(FingerprintError::Serialize)
     }
@@ -306,6 +358,7 @@ pub fn compare(a: &Fingerprint, b: &Fingerprint, features: &FeatureMap) -> ViewD
 /// Which text form a dump came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DumpKind {
+    /// An x86 CPUID dump in the format named (kvm-unit-tests or `cpuid -r`).
     X86(DumpFormat),
     /// The aarch64 probe's own output (what a stamp carries for an ARM guest).
     Aarch64Probe,
@@ -314,12 +367,16 @@ pub enum DumpKind {
 /// What an operator handed to `cpuguard diff`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
+    /// A fingerprint JSON, checked like [`Fingerprint::from_json`].
     Fingerprint(Box<Fingerprint>),
     /// A bare table as JSON: `{"entries": [...], "msrs": [...]}` (x86) or `{"regs": [...]}`
     /// (aarch64).
     TableJson(GuestView),
+    /// A text dump of a guest's CPUID or ID registers.
     Dump {
+        /// Which text form it was.
         format: DumpKind,
+        /// The view it holds (raw, not normalized).
         view: GuestView,
     },
 }
@@ -385,6 +442,7 @@ pub fn parse_input(text: &str, origin: &str) -> Result<Input, FingerprintError> 
     })
 }
 
+/// Reads a file and recognizes it like [`parse_input`]; errors name the path.
 pub fn load_input(path: &Path) -> Result<Input, FingerprintError> {
     let text = std::fs::read_to_string(path).map_err(|source| FingerprintError::Read {
         path: path.to_path_buf(),

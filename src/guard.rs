@@ -12,6 +12,7 @@ use crate::incoming::Origin;
 /// What the prepare phase does with an incoming guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// Let the guest start: the migration (or restore) goes ahead.
     Allow {
         /// One line for the audit trail.
         reason: String,
@@ -20,6 +21,8 @@ pub enum Decision {
         /// True when a policy let through what the default would refuse.
         by_policy: bool,
     },
+    /// Fail the prepare hook: libvirt aborts the migration and the guest keeps running on the
+    /// source.
     Refuse {
         /// One line for the audit trail.
         reason: String,
@@ -30,15 +33,21 @@ pub enum Decision {
 
 /// The facts the verdict needs.
 pub struct Incoming<'a> {
+    /// The domain's name, as libvirt passes it to the hook.
     pub domain: &'a str,
+    /// This host's name (its hostname, or `this host`), for messages.
     pub this_host: &'a str,
+    /// How the guest arrives (migration, restore, or inferred from a stamp).
     pub origin: Origin,
+    /// The source's cpuguard stamp from the incoming XML; None when the source left none.
     pub stamp: Option<&'a Stamp>,
     /// The incoming domain's UUID, compared with the stamp's.
     pub uuid: Option<&'a str>,
     /// [`crate::domain::guest::GuestCpuConfig::binding_digest`] of the incoming domain's CPU
     /// configuration; None when it cannot be read (the measurement then fails and says why).
     pub config_digest: Option<&'a str>,
+    /// The domain's own cpuguard policy (`guard="off"`), honoured when the configuration allows
+    /// opting out.
     pub opt_out: &'a DomainPolicy,
     /// This host's fingerprint for the CPU the destination will start, or why it could not be had.
     pub local: Result<&'a Fingerprint, String>,
@@ -147,6 +156,7 @@ fn check_binding(inc: &Incoming<'_>, stamp: &Stamp, policy: &PolicyConfig) -> Op
     None
 }
 
+/// The verdict on `inc` under `policy`; `features` names the CPU features in the differences.
 pub fn judge(inc: &Incoming<'_>, policy: &PolicyConfig, features: &FeatureMap) -> Decision {
     judge_with(inc, policy, |a, b| Ok(diff(a, b, features)))
 }

@@ -55,24 +55,40 @@ const X86_GUEST_STATE_BITS: &[(u32, u32, Register, u32)] = &[
 /// One x86 feature word as QEMU's `feature-words` / `filtered-features` report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FeatureWord {
+    /// `cpuid-input-eax`: the CPUID leaf.
     pub leaf: u32,
     /// `cpuid-input-ecx`; absent for leaves without sub-leaves (then sub-leaf 0 is read).
     pub subleaf: Option<u32>,
+    /// `cpuid-register`: the output register the bits are in.
     pub register: Register,
+    /// `features`: the bits set (in `feature-words`, after QEMU's filtering; in
+    /// `filtered-features`, the bits it removed).
     pub bits: u32,
 }
 
 /// The running x86 vCPU as QEMU reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct X86Vcpu {
+    /// `feature-words`: the feature bits the vCPU has, per CPUID leaf and register.
     pub feature_words: Vec<FeatureWord>,
+    /// `filtered-features`: bits the configuration asked for that QEMU removed because the host
+    /// (or KVM) cannot give them.
     pub filtered: Vec<FeatureWord>,
+    /// `family`: the displayed family (base family, plus the extended family when the base is
+    /// 0xf), from CPUID.0x1:EAX.
     pub family: u64,
+    /// `model`: the displayed model (extended model above the base model), from CPUID.0x1:EAX.
     pub model: u64,
+    /// `stepping`: CPUID.0x1:EAX[3:0].
     pub stepping: u64,
+    /// `model-id`: the brand string (CPUID.0x80000002..0x80000004).
     pub model_id: String,
+    /// `vendor`: the vendor string of CPUID.0x0 (`GenuineIntel`, `AuthenticAMD`, …).
     pub vendor: String,
+    /// `level`: the highest basic leaf (CPUID.0x0:EAX).
     pub level: u64,
+    /// `xlevel`: the highest extended leaf (CPUID.0x80000000:EAX); below 0x80000000 the vCPU has
+    /// no extended leaves.
     pub xlevel: u64,
 }
 
@@ -80,23 +96,34 @@ pub struct X86Vcpu {
 /// this model).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArmVcpu {
+    /// `midr`: the MIDR_EL1 value the guest reads (implementer, variant, part number, revision).
     pub midr: Option<u64>,
+    /// `sve`: whether the Scalable Vector Extension is on.
     pub sve: Option<bool>,
+    /// `sme`: whether the Scalable Matrix Extension is on.
     pub sme: Option<bool>,
+    /// `pmu`: whether the vCPU has a performance monitoring unit.
     pub pmu: Option<bool>,
+    /// `vfp`: whether floating point is on.
     pub vfp: Option<bool>,
+    /// `neon`: whether Advanced SIMD is on.
     pub neon: Option<bool>,
 }
 
+/// The running guest's first vCPU, as [`read`] got it from its QEMU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LiveVcpu {
+    /// An `x86_64` or `i386` target.
     X86(X86Vcpu),
+    /// An `aarch64` target.
     Aarch64(ArmVcpu),
 }
 
 /// The outcome of a comparison: every difference, one line each, worded for the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrossCheck {
+    /// How the running vCPU differs from the probe's CPU (`vendor (CPUID.0x0): running …, probe
+    /// …`); empty when they agree.
     pub differences: Vec<String>,
     /// Features the running QEMU filtered that the probe's QEMU did not (it asked for something
     /// the host lacks): named beside the differences, not a difference by itself.
@@ -107,6 +134,7 @@ pub struct CrossCheck {
 }
 
 impl CrossCheck {
+    /// True when nothing compared differs (notes do not count).
     pub fn agrees(&self) -> bool {
         self.differences.is_empty()
     }

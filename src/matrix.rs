@@ -18,38 +18,77 @@ use crate::cache::Cache;
 use crate::cpuid::features::FeatureMap;
 use crate::fingerprint::{compare, Fingerprint};
 
+/// The `format` every bundle carries, so another JSON file is refused by name.
 pub const BUNDLE_FORMAT: &str = "cpuguard-fingerprints";
 /// Version 2 added `host_cpu`; version 1 bundles (without it) are still read.
 pub const BUNDLE_VERSION: u32 = 2;
+/// The oldest bundle version this cpuguard reads.
 pub const OLDEST_BUNDLE_VERSION: u32 = 1;
 const MAX_BUNDLE_BYTES: u64 = 256 * 1024 * 1024;
 
+/// Why an export, a bundle or a matrix (or a plan's destinations) could not be had.
 #[derive(Debug, Error)]
 pub enum MatrixError {
+    /// The cache could not be listed (export).
     #[error("{0}")]
     Cache(#[from] crate::cache::CacheError),
+    /// A cache entry that listed as good could not be read or verified (export).
     #[error("cache entry {path}: cannot read: {reason}")]
-    Entry { path: PathBuf, reason: String },
-    #[error("{path}: cannot read: {reason}")]
-    Read { path: PathBuf, reason: String },
-    #[error("{path}: not a cpuguard fingerprint bundle: {reason}")]
-    NotABundle { path: PathBuf, reason: String },
-    #[error("{path}: bundle version {found}, this cpuguard reads versions {OLDEST_BUNDLE_VERSION} to {BUNDLE_VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("{path}: entry {index}: {reason}")]
-    BadEntry {
+    Entry {
+        /// The cache entry's file.
         path: PathBuf,
-        index: usize,
+        /// The I/O, JSON or verification error.
         reason: String,
     },
+    /// A bundle file could not be read, or is larger than 256 MiB.
+    #[error("{path}: cannot read: {reason}")]
+    Read {
+        /// The bundle file.
+        path: PathBuf,
+        /// The I/O error, or the size limit it exceeds.
+        reason: String,
+    },
+    /// The file is not JSON, has no `"format": "cpuguard-fingerprints"`, or does not have a
+    /// bundle's layout.
+    #[error("{path}: not a cpuguard fingerprint bundle: {reason}")]
+    NotABundle {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A bundle of a version this cpuguard does not read.
+    #[error("{path}: bundle version {found}, this cpuguard reads versions {OLDEST_BUNDLE_VERSION} to {BUNDLE_VERSION}")]
+    Version {
+        /// The bundle file.
+        path: PathBuf,
+        /// Its `version` (0 when absent or not a number).
+        found: u32,
+    },
+    /// A fingerprint in the bundle fails verification (digest, normalization, format version).
+    #[error("{path}: entry {index}: {reason}")]
+    BadEntry {
+        /// The bundle file.
+        path: PathBuf,
+        /// The entry's index in `entries`, from 0.
+        index: usize,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// Two bundles name the same host: the matrix names hosts by hostname.
     #[error("{path}: host {host} was already given by {first}")]
     DuplicateHost {
+        /// The second bundle naming the host.
         path: PathBuf,
+        /// The hostname both carry.
         host: String,
+        /// The first bundle naming it.
         first: PathBuf,
     },
+    /// The command line named no bundle.
     #[error("no bundles given: name the files `cpuguard fingerprint export` wrote on each host")]
     NoBundles,
+    /// The bundle or matrix could not be written as JSON.
     #[error("cannot serialize: {0}")]
     Serialize(serde_json::Error),
 }
@@ -59,21 +98,27 @@ pub enum MatrixError {
 pub struct BundleEntry {
     /// The cache key (its `config`, `machine`, `accel`, emulator and host identity).
     pub key: serde_json::Value,
+    /// When it was measured, in seconds since the Unix epoch; 0 when the cache did not record it.
     pub measured_at_unix: u64,
+    /// The fingerprint, verified when the bundle is read.
     pub fingerprint: Fingerprint,
 }
 
 /// What `cpuguard fingerprint export` writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bundle {
+    /// Always [`BUNDLE_FORMAT`].
     pub format: String,
+    /// The layout's version, [`OLDEST_BUNDLE_VERSION`] to [`BUNDLE_VERSION`].
     pub version: u32,
+    /// The exporting host's name; the matrix and the plan name the host by it.
     pub hostname: String,
     /// The host's CPU as libvirt describes it (host-model of its domain capabilities, or a saved
     /// host CPU), for the baseline `cpuguard plan` computes. Absent in version 1 bundles and
     /// when the exporting host could not read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cpu: Option<crate::baseline::HostCpu>,
+    /// Every verified entry of the host's cache.
     pub entries: Vec<BundleEntry>,
 }
 
@@ -294,8 +339,8 @@ fn verified(path: &Path, bundle: Bundle, memo: &mut Verified) -> Result<Bundle, 
     Ok(bundle)
 }
 
-/// Loads destination bundles for a plan, reduced to one view per configuration, two files at a
-/// time (parsing and verifying fingerprints is most of a large plan's time).
+/// Loads destination bundles for a plan, reduced to one view per configuration, on one thread per
+/// core, at most four (parsing and verifying fingerprints is most of a large plan's time).
 pub fn load_host_views(
     files: &[PathBuf],
 ) -> Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError> {
@@ -449,10 +494,16 @@ pub fn label(configuration: &serde_json::Value) -> String {
 /// One source → destination verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pair {
+    /// The source host.
     pub from: String,
+    /// The destination host.
     pub to: String,
+    /// True when the destination's hook would let the VM in on the CPUID alone (the views are
+    /// equivalent after normalization).
     pub go: bool,
+    /// Features the guest would lose: libvirt's names (x86), `REGISTER.Field` (aarch64).
     pub lost: Vec<String>,
+    /// Features the guest would gain, named like `lost`.
     pub gained: Vec<String>,
     /// Other differences (vendor, family/model/stepping, leaves), one line each.
     pub changed: Vec<String>,
@@ -464,9 +515,12 @@ pub struct Pair {
     pub diff: serde_json::Value,
 }
 
+/// The verdicts for one guest CPU configuration between every host that measured it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigurationMatrix {
+    /// The configuration in one line (see [`label`]).
     pub label: String,
+    /// The configuration itself, as [`configuration_of`] gives it.
     pub configuration: serde_json::Value,
     /// Hosts that measured this configuration, sorted.
     pub hosts: Vec<String>,
@@ -477,12 +531,15 @@ pub struct ConfigurationMatrix {
     pub pairs: Vec<Pair>,
 }
 
+/// What `cpuguard matrix` answers: for each configuration, which host can receive a VM from which.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Matrix {
+    /// The JSON output's [`crate::report::SCHEMA_VERSION`].
     #[serde(default)]
     pub schema_version: u32,
     /// Every host of every bundle, sorted.
     pub hosts: Vec<String>,
+    /// One per configuration measured anywhere, sorted by label.
     pub configurations: Vec<ConfigurationMatrix>,
 }
 

@@ -26,12 +26,19 @@ use crate::probe::run::{
 /// Where libvirt keeps what it learnt probing each emulator (one XML file per binary).
 pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
 
+/// Why this host's fingerprint for a domain could not be had.
 #[derive(Debug, Error)]
 pub enum MeasureError {
+    /// The domain XML gives no guest CPU configuration cpuguard can probe.
     #[error("domain XML: {0}")]
     Guest(#[from] GuestError),
+    /// The emulator was refused or its version could not be read, or a probe run without the
+    /// cache failed.
     #[error("{0}")]
     Probe(#[from] ProbeError),
+    /// The cache failed in a way it does not bypass (the emulator cannot be stat'ed, the key
+    /// cannot be serialized), or a probe run through it failed ([`CacheError::Measure`] carries
+    /// the probe's error).
     #[error("{0}")]
     Cache(#[from] CacheError),
 }
@@ -39,9 +46,13 @@ pub enum MeasureError {
 /// A fingerprint and how it was obtained.
 #[derive(Debug, Clone)]
 pub struct Measurement {
+    /// This host's fingerprint for the guest's CPU configuration.
     pub fingerprint: Fingerprint,
+    /// A cache hit, or measured by this call.
     pub source: Source,
+    /// What the cache found wrong or could not do on the way (audited; never a verdict).
     pub warnings: Vec<CacheWarning>,
+    /// The emulator the fingerprint is for: the domain's `<emulator>`, resolved and allowed.
     pub emulator: PathBuf,
 }
 
@@ -148,6 +159,9 @@ fn check_running_binary(path: &Path) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// This host's fingerprint for `guest`: from the cache, or probed and cached. An unusable cache
+/// is bypassed (a warning says so) rather than failing the measurement. `accel_override`
+/// measures under another accelerator than the domain's (`kvm`, `tcg`).
 pub fn for_guest(
     guest: &GuestCpuConfig,
     config: &Config,
