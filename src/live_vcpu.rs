@@ -79,7 +79,7 @@ pub struct X86Vcpu {
     pub family: u64,
     /// `model`: the displayed model (extended model above the base model), from CPUID.0x1:EAX.
     pub model: u64,
-    /// `stepping`: CPUID.0x1:EAX[3:0].
+    /// `stepping`: bits 3:0 of CPUID.0x1:EAX.
     pub stepping: u64,
     /// `model-id`: the brand string (CPUID.0x80000002..0x80000004).
     pub model_id: String,

@@ -23,14 +23,18 @@ use crate::domain::metadata::Stamp;
 use crate::guest_view::{diff, GuestView};
 use crate::matrix::{configuration_of, label, Bundle};
 
+/// The `format` every inventory carries, so another JSON file is refused by name.
 pub const INVENTORY_FORMAT: &str = "cpuguard-inventory";
+/// The inventory layout's version; only this version is read.
 pub const INVENTORY_VERSION: u32 = 1;
 const MAX_INVENTORY_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The stamp a running domain carries, as the inventory records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryStamp {
+    /// The host that stamped the domain, as its stamp names it.
     pub host: Option<String>,
+    /// When it was stamped, as the stamp writes it (`YYYY-MM-DDTHH:MM:SSZ`).
     pub time: Option<String>,
     /// `sha256:…` of the normalized table, as the stamping host computed it.
     pub digest: Option<String>,
@@ -41,28 +45,38 @@ pub struct InventoryStamp {
 /// One domain of a source host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryDomain {
+    /// The domain's name.
     pub name: String,
+    /// The domain's UUID, as its XML gives it.
     pub uuid: Option<String>,
+    /// True when the domain was running when the inventory was taken.
     pub running: bool,
     /// `Haswell-noTSX (custom), pc-i440fx-7.2/kvm, 2 vCPUs`.
     pub label: String,
     /// The canonical guest CPU configuration (what the cache key and bundles group by).
     pub config: GuestCpuConfig,
-    /// None: not stamped (never started under cpuguard, or not running).
+    /// None: not stamped (never started under cpuguard, or not running), or its stamp carries no
+    /// table.
     pub stamp: Option<InventoryStamp>,
 }
 
 /// What `cpuguard inventory` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
+    /// Always [`INVENTORY_FORMAT`].
     pub format: String,
+    /// Always [`INVENTORY_VERSION`].
     pub version: u32,
+    /// The source host's name; the plan names the host by it, and a destination with the same
+    /// name is the VMs' own host.
     pub hostname: String,
+    /// When the inventory was taken (`YYYY-MM-DDTHH:MM:SSZ`).
     pub taken_at: String,
     /// The source's CPU (host-model of its domain capabilities), for the plan's baseline;
     /// absent in inventories taken before cpuguard recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cpu: Option<HostCpu>,
+    /// The domains read, sorted by name.
     pub domains: Vec<InventoryDomain>,
 }
 
@@ -96,22 +110,48 @@ pub fn configuration(config: &GuestCpuConfig) -> serde_json::Value {
     configuration_of(&serde_json::json!({ "config": config, "accel": config.accel }))
 }
 
+/// Why an inventory could not be read or a plan built.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// An inventory file could not be read, or is larger than 256 MiB.
     #[error("{path}: cannot read: {reason}")]
-    Read { path: PathBuf, reason: String },
+    Read {
+        /// The inventory file.
+        path: PathBuf,
+        /// The I/O error, or the size limit it exceeds.
+        reason: String,
+    },
+    /// The file is not JSON, has no `"format": "cpuguard-inventory"`, or does not have an
+    /// inventory's layout.
     #[error("{path}: not a cpuguard inventory: {reason}")]
-    NotAnInventory { path: PathBuf, reason: String },
+    NotAnInventory {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An inventory of another version.
     #[error("{path}: inventory version {found}, this cpuguard reads version {INVENTORY_VERSION}")]
-    Version { path: PathBuf, found: u64 },
+    Version {
+        /// The inventory file.
+        path: PathBuf,
+        /// Its `version` (0 when absent).
+        found: u64,
+    },
+    /// Two inventories, or two destination bundles, name the same host.
     #[error("{path}: host {host} was already given by {first}")]
     DuplicateHost {
+        /// The second file naming the host.
         path: PathBuf,
+        /// The hostname both carry.
         host: String,
+        /// The first file naming it.
         first: PathBuf,
     },
+    /// The command line named no inventory.
     #[error("no inventories given: name the files `cpuguard inventory` wrote on the source hosts")]
     NoInventories,
+    /// The command line named no destination bundle.
     #[error("no destination bundles given: --to FILE (written by `cpuguard fingerprint measure` on each candidate)")]
     NoBundles,
 }
@@ -163,7 +203,10 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
+    /// The destination's hook would let the VM in: its guest CPU would not change.
     Go,
+    /// The destination's hook would refuse the VM: its guest CPU would change (lost, gained or
+    /// changed features; gained-only counts, as under the default policy).
     NoGo,
     /// The destination has not measured the VM's configuration.
     NotMeasured,
@@ -174,6 +217,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// How the text plan writes it (`go`, `no-go`, `not measured`, `unstamped`, `source`).
     pub fn word(self) -> &'static str {
         match self {
             Verdict::Go => "go",
@@ -188,9 +232,13 @@ impl Verdict {
 /// One distinct comparison result, shared by every cell that has it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
+    /// The verdict every cell sharing this outcome has.
     pub verdict: Verdict,
+    /// Features the guest would lose: libvirt's names (x86), `REGISTER.Field` (aarch64).
     pub lost: Vec<String>,
+    /// Features the guest would gain, named like `lost`.
     pub gained: Vec<String>,
+    /// Other differences (identification, cache geometry, leaves), one line each.
     pub changed: Vec<String>,
     /// One line: `lost avx2,avx512f; gained pku`, `not measured on hv-b`, …
     pub reason: String,
@@ -199,15 +247,22 @@ pub struct Outcome {
 /// One destination's verdict on one VM: an index into [`Plan::outcomes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cell {
+    /// The outcome's verdict, repeated so a reader needs no lookup for it.
     pub verdict: Verdict,
+    /// The index of the outcome in [`Plan::outcomes`].
     pub outcome: u32,
 }
 
+/// One VM's row of the plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmPlan {
+    /// The domain's name.
     pub name: String,
+    /// The host whose inventory lists it.
     pub source_host: String,
+    /// Its CPU configuration in one line (`Haswell-noTSX (custom), pc-i440fx-7.2/kvm, 2 vCPUs`).
     pub label: String,
+    /// The digest its stamp carries (`sha256:…`); None when unstamped.
     pub stamp_digest: Option<String>,
     /// One per [`Plan::hosts`], in that order.
     pub cells: Vec<Cell>,
@@ -216,18 +271,22 @@ pub struct VmPlan {
 /// What one destination can take.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostSummary {
+    /// The destination's hostname.
     pub host: String,
     /// VMs (not already on it) it can take.
     pub can_take: usize,
     /// VMs from other hosts it was asked about.
     pub of: usize,
+    /// Of those, VMs whose configuration it has not measured.
     pub not_measured: usize,
 }
 
 /// VMs that cannot go everywhere, grouped by source host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Blocked {
+    /// The host these VMs run on.
     pub source_host: String,
+    /// The VMs of that host that some destination would refuse or cannot answer for.
     pub vms: Vec<String>,
     /// Features lost or gained on some destination, with how many of these VMs they block.
     pub blocking: BTreeMap<String, usize>,
@@ -245,33 +304,46 @@ pub struct Blocked {
     pub baseline_command: String,
 }
 
+/// The plan in numbers, and what blocks the VMs that cannot go everywhere.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Summary {
+    /// VMs in all inventories.
     pub vms: usize,
     /// VMs every destination (other than their own host) can take.
     pub go_anywhere: usize,
+    /// VMs no destination (other than their own host) can take.
     pub go_nowhere: usize,
+    /// One per destination, in [`Plan::hosts`] order.
     pub hosts: Vec<HostSummary>,
+    /// VMs that cannot go everywhere, one group per source host, sorted by host.
     pub blocked: Vec<Blocked>,
 }
 
+/// What `cpuguard plan` answers: every inventoried VM against every candidate destination.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
+    /// The JSON output's [`crate::report::SCHEMA_VERSION`].
     pub schema_version: u32,
+    /// Always `plan`.
     pub command: String,
     /// Destination hosts (bundle hostnames), sorted: the columns.
     pub hosts: Vec<String>,
+    /// Each distinct outcome once; cells refer to them by index.
     pub outcomes: Vec<Outcome>,
+    /// One row per VM, in inventory order.
     pub vms: Vec<VmPlan>,
+    /// The totals and the blocked groups.
     pub summary: Summary,
 }
 
 /// A destination's fingerprints, reduced to what the plan compares.
 pub struct HostViews {
+    /// The destination's name, from its bundle.
     pub hostname: String,
     /// What the bundle says of the host's CPU (None in version 1 bundles).
     pub host_cpu: Option<HostCpu>,
-    /// configuration (canonical JSON text) -> (digest, raw view) of the newest measurement.
+    /// configuration (canonical JSON text) -> (digest, measured_at_unix, raw view) of the newest
+    /// measurement.
     pub views: HashMap<String, (String, u64, GuestView)>,
 }
 
