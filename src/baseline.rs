@@ -66,7 +66,7 @@ pub enum BaselineError {
         /// The name of the document's root element.
         root: String,
     },
-    /// The domain capabilities mark `host-model` as `supported='no'` (e.g. no KVM on that host).
+    /// The domain capabilities mark `host-model` as `supported='no'`.
     #[error("{origin}: libvirt does not support a host-model CPU there")]
     HostModelUnsupported {
         /// The URI or file the domain capabilities came from.
@@ -106,7 +106,7 @@ pub enum BaselineError {
         /// Its architecture.
         found: String,
     },
-    /// A CPU names a model the CPU map does not define (a newer libvirt wrote it).
+    /// A CPU names a model the CPU map does not define (e.g. one written by a newer libvirt).
     #[error("{origin}: CPU model {model} is not in libvirt's CPU map {map}")]
     UnknownModel {
         /// The URI or file the CPU came from, or `baseline from …` for libvirt's answer.

@@ -77,7 +77,8 @@ pub struct X86Vcpu {
     /// `family`: the displayed family (base family, plus the extended family when the base is
     /// 0xf), from CPUID.0x1:EAX.
     pub family: u64,
-    /// `model`: the displayed model (extended model above the base model), from CPUID.0x1:EAX.
+    /// `model`: the base model with the extended model above it (whatever the family, unlike the
+    /// SDM's display model), from CPUID.0x1:EAX.
     pub model: u64,
     /// `stepping`: bits 3:0 of CPUID.0x1:EAX.
     pub stepping: u64,

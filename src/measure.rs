@@ -29,7 +29,7 @@ pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
 /// Why this host's fingerprint for a domain could not be had.
 #[derive(Debug, Error)]
 pub enum MeasureError {
-    /// The domain XML gives no guest CPU configuration cpuguard can probe.
+    /// The domain XML is malformed, or gives no guest CPU configuration cpuguard can probe.
     #[error("domain XML: {0}")]
     Guest(#[from] GuestError),
     /// The emulator was refused or its version could not be read, or a probe run without the
