@@ -10,26 +10,42 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// Where the configuration lives when `CPUGUARD_CONFIG` is unset or empty.
 pub const DEFAULT_PATH: &str = "/etc/cpuguard/cpuguard.toml";
+/// Environment variable naming another configuration file (tests, staging).
 pub const ENV_PATH: &str = "CPUGUARD_CONFIG";
 
+/// Why the configuration could not be loaded; each names the file, and the line or key where it
+/// can.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// The file exists but could not be read (a missing file is not an error: it means all
+    /// defaults).
     #[error("{path}: cannot read: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// Why reading it failed.
         source: std::io::Error,
     },
+    /// The file is not valid TOML for this configuration (syntax, a wrong type, an unknown key).
     #[error("{path}:{line}: {problem}")]
     Parse {
+        /// The configuration file.
         path: PathBuf,
+        /// 1-based line of the problem (1 when the parser gives no position).
         line: usize,
+        /// The parser's message, on one line.
         problem: String,
     },
+    /// The file parses but a value is out of range (e.g. a relative path, a TTL below the minimum).
     #[error("{path}: {key}: {problem}")]
     Invalid {
+        /// The configuration file.
         path: PathBuf,
+        /// The offending key, dotted as in the file (e.g. `probe.timeout_secs`).
         key: &'static str,
+        /// What the value must be instead.
         problem: String,
     },
 }
@@ -38,10 +54,14 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
+    /// Veto: the hook exits 1 and libvirt aborts the migration; the guest keeps running on the
+    /// source.
     Refuse,
+    /// Let the migration proceed; the decision is still audited.
     Allow,
 }
 
+/// The parsed `cpuguard.toml`; every key optional, [`Default`] gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -54,11 +74,15 @@ pub struct Config {
     /// How long the migrate/restore phase's "incoming" record stays valid for the prepare phase
     /// that follows it, in seconds (default 600, at least [`crate::incoming::MIN_TTL_SECS`]).
     pub incoming_ttl_secs: u64,
+    /// The `[probe]` table: how this host measures its own fingerprint.
     pub probe: ProbeConfig,
+    /// The `[policy]` table: what an incoming migration gets when a check cannot be made or fails.
     pub policy: PolicyConfig,
+    /// The `[stamp]` table: how guests started here are stamped, and whether stamps must be signed.
     pub stamp: StampConfig,
 }
 
+/// The `[stamp]` table of `cpuguard.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StampConfig {
@@ -68,6 +92,7 @@ pub struct StampConfig {
     pub uri: String,
     /// How often the detached stamp process retries while libvirt finishes the start job.
     pub retries: u32,
+    /// Pause between those retries, in milliseconds (default 250).
     pub retry_interval_ms: u64,
     /// Path of the libvirt-linked helper; empty: next to the `cpuguard` binary, then
     /// /usr/libexec/cpuguard/cpuguard-libvirt.
@@ -92,6 +117,7 @@ impl Default for StampConfig {
     }
 }
 
+/// The `[probe]` table of `cpuguard.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeConfig {
@@ -101,6 +127,8 @@ pub struct ProbeConfig {
     pub emulators: Vec<PathBuf>,
 }
 
+/// The `[policy]` table of `cpuguard.toml`: one [`Verdict`] per situation in which the hook cannot
+/// or would not simply compare fingerprints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
@@ -179,6 +207,8 @@ impl Config {
         Config::load_from(&Config::path())
     }
 
+    /// Loads `path`: a missing file is all defaults; an unreadable, malformed or out-of-range one
+    /// is an error naming the file.
     pub fn load_from(path: &Path) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(path) {
             Ok(text) => Config::parse(path, &text),
@@ -190,6 +220,7 @@ impl Config {
         }
     }
 
+    /// Parses `text` as the contents of `path` (named in errors only) and validates the values.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e

@@ -12,14 +12,28 @@ use std::path::Path;
 /// Why a directory cpuguard keeps decisions in cannot be used. One line each.
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
+    /// The directory was missing and could not be created, or could not be `lstat`ed.
     #[error("cannot create: {0}")]
     Create(io::Error),
+    /// The path exists but is not a directory; a symlink, even to a directory, is refused too.
     #[error("is not a directory (a symlink is refused too)")]
     NotADirectory,
+    /// The directory belongs to another user.
     #[error("owned by uid {owner}, not by uid {euid} that runs cpuguard")]
-    Foreign { owner: u32, euid: u32 },
+    Foreign {
+        /// The directory's owner uid.
+        owner: u32,
+        /// The effective uid cpuguard runs as.
+        euid: u32,
+    },
+    /// The directory was open to group or others and `chmod 0700` failed.
     #[error("mode {mode:04o} is too open and cannot be narrowed to 0700: {source}")]
-    Narrow { mode: u32, source: io::Error },
+    Narrow {
+        /// The directory's mode before (permission bits).
+        mode: u32,
+        /// Why `chmod` failed.
+        source: io::Error,
+    },
 }
 
 /// Makes sure `dir` is a directory (not a symlink) owned by this process's user and writable by
@@ -55,16 +69,32 @@ pub fn private_dir(dir: &Path) -> Result<Option<u32>, DirError> {
 /// Why a file cpuguard would trust was not read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum FileProblem {
+    /// The file exists but could not be opened (the `io::Error`, as text).
     #[error("cannot open: {0}")]
     Open(String),
+    /// Not a regular file: what it is instead (a symlink, a FIFO, a directory, …).
     #[error("is not a regular file ({0})")]
     NotRegular(&'static str),
+    /// The file is larger than the caller's limit.
     #[error("is {size} bytes, over the {limit}-byte limit")]
-    TooLarge { size: u64, limit: u64 },
+    TooLarge {
+        /// Its size, bytes (or at least what was read).
+        size: u64,
+        /// The caller's limit, bytes.
+        limit: u64,
+    },
+    /// The file belongs to another user.
     #[error("owned by uid {owner}, not by uid {euid} that runs cpuguard")]
-    Foreign { owner: u32, euid: u32 },
+    Foreign {
+        /// The file's owner uid.
+        owner: u32,
+        /// The effective uid cpuguard runs as.
+        euid: u32,
+    },
+    /// Group or others may write the file: its mode (permission bits).
     #[error("mode {0:04o} lets others write it")]
     Writable(u32),
+    /// Reading the opened file failed (the `io::Error`, as text).
     #[error("cannot read: {0}")]
     Read(String),
 }

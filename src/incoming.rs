@@ -33,24 +33,51 @@ pub const MAX_RECORD_BYTES: u64 = 4096;
 /// A claimed or temporary file older than this was left by a killed process.
 const LEFTOVER_SECS: i64 = 60;
 
+/// Why the incoming-migration record could not be written or claimed; each names the path.
 #[derive(Debug, Error)]
 pub enum IncomingError {
+    /// The runtime directory or its `incoming/` is missing and cannot be created, or is not safe to
+    /// trust.
     #[error("runtime directory {path}: {source}")]
-    Dir { path: PathBuf, source: DirError },
+    Dir {
+        /// The directory concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: DirError,
+    },
+    /// The record could not be written (serialized, or replaced atomically).
     #[error("cannot write incoming-migration record {path}: {source}")]
     Write {
+        /// The record's file, `<runtime>/incoming/<digest>.json`.
         path: PathBuf,
+        /// Why writing it failed.
         source: std::io::Error,
     },
+    /// The record exists but could not be renamed away to claim it.
     #[error("cannot claim incoming-migration record {path}: {source}")]
     Claim {
+        /// The record's file, `<runtime>/incoming/<digest>.json`.
         path: PathBuf,
+        /// Why `rename` failed.
         source: std::io::Error,
     },
+    /// The claimed file is not one cpuguard could have written (a symlink, a FIFO, another owner,
+    /// writable by others, too large).
     #[error("incoming-migration record {path} {problem}")]
-    Untrusted { path: PathBuf, problem: FileProblem },
+    Untrusted {
+        /// The record's file, as named before claiming.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: FileProblem,
+    },
+    /// The claimed file is not a record (not JSON, or wrong fields).
     #[error("incoming-migration record {path} is corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt {
+        /// The record's file, as named before claiming.
+        path: PathBuf,
+        /// The JSON parser's message.
+        reason: String,
+    },
 }
 
 /// How the prepare phase knows a guest is incoming.
@@ -68,6 +95,7 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The origin as audit records and the record file spell it: `migrate`, `restore`, `inferred`.
     pub fn as_str(self) -> &'static str {
         match self {
             Origin::Migrate => "migrate",
@@ -86,13 +114,20 @@ impl Origin {
     }
 }
 
+/// The note the migrate or restore phase leaves for the prepare phase of the same domain, as stored
+/// (JSON) under `<runtime>/incoming/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingRecord {
+    /// The domain's name, as libvirt passed it in argv.
     pub domain: String,
+    /// The domain's UUID from the phase's XML; the prepare phase takes the record only with the
+    /// same UUID (compared case-insensitively; None matches only None).
     pub uuid: Option<String>,
+    /// Which phase wrote the record.
     pub origin: Origin,
     /// Seconds since the epoch.
     pub created: u64,
+    /// Seconds since the epoch after which the record is stale: `created` plus `incoming_ttl_secs`.
     pub expires: u64,
 }
 
@@ -107,6 +142,7 @@ pub enum Claim {
     Stale(String),
 }
 
+/// Now, in whole seconds since the Unix epoch (0 if the clock is before 1970).
 pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -13,25 +13,66 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// libvirt's hooks directory; `cpuguard install --hooks-dir` names another.
 pub const DEFAULT_HOOKS_DIR: &str = "/etc/libvirt/hooks";
+/// Where the packages install the cpuguard binary; the hook's default target when it exists
+/// (see [`default_target`]).
 pub const DEFAULT_TARGET: &str = "/usr/bin/cpuguard";
 /// The name under `qemu.d/`: libvirt runs those scripts in alphabetical order.
 pub const DISPATCH_NAME: &str = "50-cpuguard";
 
+/// Why `cpuguard install` or `uninstall` failed; each names the path concerned.
 #[derive(Debug, Error)]
 pub enum InstallError {
+    /// The binary the hook would link to does not exist (or cannot be `stat`ed).
     #[error("{path}: the cpuguard binary to link to is missing: {source}")]
-    Target { path: PathBuf, source: io::Error },
+    Target {
+        /// The target binary.
+        path: PathBuf,
+        /// Why `stat` failed.
+        source: io::Error,
+    },
+    /// The hooks directory or its `qemu.d/` could not be created.
     #[error("{path}: cannot create directory: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why `mkdir` failed.
+        source: io::Error,
+    },
+    /// A hook path could not be examined.
     #[error("{path}: cannot inspect: {source}")]
-    Inspect { path: PathBuf, source: io::Error },
+    Inspect {
+        /// The hook path.
+        path: PathBuf,
+        /// Why `lstat` or `readlink` failed.
+        source: io::Error,
+    },
+    /// Both `hooks/qemu` and `hooks/qemu.d/50-cpuguard` belong to other programs, so there is no
+    /// place left for cpuguard.
     #[error("{path}: belongs to another program ({what}); cpuguard does not replace it")]
-    Foreign { path: PathBuf, what: String },
+    Foreign {
+        /// `hooks/qemu.d/50-cpuguard`.
+        path: PathBuf,
+        /// What is there instead (e.g. `a link to /usr/bin/other`, `a file`).
+        what: String,
+    },
+    /// The symlink could not be created.
     #[error("{path}: cannot create the hook link: {source}")]
-    Link { path: PathBuf, source: io::Error },
+    Link {
+        /// The hook path.
+        path: PathBuf,
+        /// Why `symlink` failed.
+        source: io::Error,
+    },
+    /// One of cpuguard's hook links could not be removed.
     #[error("{path}: cannot remove: {source}")]
-    Remove { path: PathBuf, source: io::Error },
+    Remove {
+        /// The link.
+        path: PathBuf,
+        /// Why `unlink` failed.
+        source: io::Error,
+    },
 }
 
 /// Where the hook went.
@@ -44,10 +85,14 @@ pub enum Placement {
     Dispatch,
 }
 
+/// What `install` did or found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
+    /// The hook's path: `hooks/qemu` or `hooks/qemu.d/50-cpuguard`.
     pub path: PathBuf,
+    /// The binary the hook leads to.
     pub target: PathBuf,
+    /// Which of the two paths it is.
     pub placement: Placement,
     /// False when the hook was already there.
     pub created: bool,

@@ -63,13 +63,24 @@ impl std::fmt::Display for EntryProblem {
 pub struct EntrySummary {
     /// The key digest (file stem).
     pub digest: String,
+    /// The entry's path, `<digest>.json`.
     pub file: PathBuf,
+    /// The stored key's CPU model (`<cpu><model>`); None without one, or when the entry cannot be
+    /// read as far as its key (see `problem`).
     pub model: Option<String>,
+    /// The stored key's CPU mode (`custom`, `host-model`, `host-passthrough`, `maximum`); None as
+    /// for `model`.
     pub mode: Option<String>,
+    /// The stored key's emulator path; None when the entry cannot be read as far as its key.
     pub emulator: Option<String>,
+    /// The first line of that emulator's `--version`, as stored; None as for `emulator`.
     pub emulator_version: Option<String>,
+    /// The machine type the probe ran; None as for `emulator`, or when the domain named none.
     pub machine: Option<String>,
+    /// The accelerator the probe ran under (`kvm` or `tcg`); None as for `emulator`.
     pub accel: Option<String>,
+    /// When the entry was measured, seconds since the Unix epoch; None when the file does not
+    /// verify.
     pub measured_at_unix: Option<u64>,
     /// The fingerprint's own digest (`sha256:…`).
     pub fingerprint_digest: Option<String>,

@@ -38,15 +38,24 @@ const KVM_PARAMETERS: &[&str] = &[
 /// costs one re-probe.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EmulatorIdentity {
+    /// The binary's path, as the probe executes it (symlinks not resolved in the text).
     pub path: String,
     /// First line of `<emulator> --version`.
     pub version: String,
+    /// `st_dev` of the binary (symlinks followed).
     pub device: u64,
+    /// `st_ino` of the binary: a package upgrade that renames a new file into place changes it.
     pub inode: u64,
+    /// The binary's size, bytes.
     pub size: u64,
+    /// Modification time, whole seconds since the Unix epoch.
     pub mtime: i64,
+    /// Nanoseconds part of the modification time.
     pub mtime_nsec: i64,
+    /// Status-change time (ctime), whole seconds since the Unix epoch; cannot be set back from user
+    /// space.
     pub ctime: i64,
+    /// Nanoseconds part of the status-change time.
     pub ctime_nsec: i64,
 }
 
@@ -87,6 +96,9 @@ pub struct HostIdentity {
 }
 
 impl HostIdentity {
+    /// This host's identity as of now: read from `/proc` and `/sys` at each call (no caching, since
+    /// a microcode or KVM parameter change must show); a fact that cannot be read is `unknown` (or
+    /// absent, for KVM parameters).
     pub fn of_this_host() -> Self {
         let kernel_release = fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
@@ -138,6 +150,7 @@ fn first_processor_facts(path: &Path) -> (String, String) {
 /// What cpuguard itself contributes: another probe image may enumerate other leaves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProbeIdentity {
+    /// The cpuguard version (`CARGO_PKG_VERSION`) that built the probe.
     pub cpuguard_version: String,
     /// sha256 hex of the probe firmware image.
     pub firmware_sha256: String,
@@ -149,6 +162,7 @@ static THIS_PROBE: Lazy<ProbeIdentity> = Lazy::new(|| ProbeIdentity {
 });
 
 impl ProbeIdentity {
+    /// The identity of the probe built into this binary.
     pub fn this_build() -> Self {
         THIS_PROBE.clone()
     }
@@ -159,12 +173,15 @@ impl ProbeIdentity {
 pub struct CacheKey {
     /// The canonical CPU configuration (sorted, defaults spelled out by its parser).
     pub config: GuestCpuConfig,
+    /// The emulator binary the probe runs.
     pub emulator: EmulatorIdentity,
     /// The machine type the probe runs (the domain's `<os><type machine>`).
     pub machine: Option<String>,
     /// The accelerator the probe runs under (may differ from the domain's in tests).
     pub accel: Accel,
+    /// The host facts below QEMU (kernel, microcode, CPU model, KVM parameters).
     pub host: HostIdentity,
+    /// The probe image that measures.
     pub probe: ProbeIdentity,
 }
 

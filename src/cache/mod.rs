@@ -54,34 +54,94 @@ pub const CACHE_FORMAT: u32 = 1;
 /// 30 s), so this only trips when the holder is stuck outside the probe (e.g. stopped).
 pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(75);
 
+/// Why the fingerprint cache could not answer, or why the measurement it ran failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The cache directory could not be created, or not `stat`ed once it existed.
     #[error("cache directory {path}: cannot create: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
+    CreateDir {
+        /// The cache directory.
+        path: PathBuf,
+        /// Why `mkdir` or `lstat` failed.
+        source: io::Error,
+    },
+    /// The cache directory exists but is not safe to trust: owned by another user, not a directory,
+    /// or a symlink.
     #[error("cache directory {path}: {reason}")]
-    UnsafeDir { path: PathBuf, reason: String },
+    UnsafeDir {
+        /// The cache directory.
+        path: PathBuf,
+        /// What is wrong with it, as one line.
+        reason: String,
+    },
+    /// The cache directory could not be narrowed to mode 0700, or is not writable (e.g. a read-only
+    /// file system).
     #[error("cache directory {path}: not writable: {source}")]
-    NotWritable { path: PathBuf, source: io::Error },
+    NotWritable {
+        /// The cache directory.
+        path: PathBuf,
+        /// The failed `chmod` or `access(2)` call's error.
+        source: io::Error,
+    },
+    /// The cache directory could not be read to find cpuguard's files in it.
     #[error("cache directory {path}: cannot list: {source}")]
-    List { path: PathBuf, source: io::Error },
+    List {
+        /// The cache directory.
+        path: PathBuf,
+        /// Why `readdir` failed.
+        source: io::Error,
+    },
+    /// A key's lock file could not be opened or locked.
     #[error("cache lock {path}: {source}")]
-    Lock { path: PathBuf, source: io::Error },
+    Lock {
+        /// The lock file, `<digest>.lock`.
+        path: PathBuf,
+        /// The failed `open`, `flock` or `stat` call's error.
+        source: io::Error,
+    },
+    /// Another process held the key's lock for longer than the lock timeout (see
+    /// [`Cache::with_lock_timeout`]).
     #[error("cache lock {path}: another process has been measuring this configuration for {waited:?}; giving up")]
-    LockTimeout { path: PathBuf, waited: Duration },
+    LockTimeout {
+        /// The lock file, `<digest>.lock`.
+        path: PathBuf,
+        /// How long this caller waited before giving up.
+        waited: Duration,
+    },
+    /// A file of the cache could not be removed.
     #[error("cache file {path}: cannot remove: {source}")]
-    Remove { path: PathBuf, source: io::Error },
+    Remove {
+        /// The file that stays.
+        path: PathBuf,
+        /// Why `unlink` failed.
+        source: io::Error,
+    },
+    /// The emulator binary named in the key could not be `stat`ed, so its identity is unknown.
     #[error("cache key: emulator {path}: cannot stat: {source}")]
-    Emulator { path: PathBuf, source: io::Error },
+    Emulator {
+        /// The emulator binary.
+        path: PathBuf,
+        /// Why `stat` failed.
+        source: io::Error,
+    },
+    /// The key could not be serialized to its canonical JSON (a bug, not an operator error).
     #[error("cache key: cannot serialize: {0}")]
     Serialize(serde_json::Error),
+    /// The measuring closure (the probe) failed; nothing was stored.
     #[error("measuring {what}: {source}")]
     Measure {
+        /// What was being measured, as the caller named it (e.g. the domain).
         what: String,
+        /// The closure's own error; downcast it to the probe's error type if needed.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The measuring closure returned a fingerprint that fails its own verification; nothing was
+    /// stored.
     #[error("measuring {what}: the measured fingerprint is invalid: {source}")]
     InvalidMeasurement {
+        /// What was being measured, as the caller named it (e.g. the domain).
         what: String,
+        /// Why the fingerprint is invalid.
         source: FingerprintError,
     },
 }
@@ -104,20 +164,36 @@ pub enum CacheWarning {
     /// A bad entry was found and not trusted; it was moved to `moved_to` (None: it could not be
     /// moved aside nor removed, and will be overwritten).
     Discarded {
+        /// The entry file that was discarded, `<digest>.json`.
         file: PathBuf,
+        /// Why the entry was not trusted.
         problem: EntryProblem,
+        /// Where it was moved, `<digest>.corrupt`.
         moved_to: Option<PathBuf>,
     },
     /// The fresh measurement could not be stored; the next caller measures again.
-    NotStored { file: PathBuf, reason: String },
+    NotStored {
+        /// The entry file that was not written, `<digest>.json`.
+        file: PathBuf,
+        /// Why the write failed.
+        reason: String,
+    },
     /// The cache could not be used at all (see [`Cache::get_or_measure_or_bypass`]); the
     /// fingerprint was measured without it and not stored.
-    Bypassed { dir: PathBuf, reason: String },
+    Bypassed {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Why the cache could not be used.
+        reason: String,
+    },
     /// The directory was writable by others (mode `mode`): narrowed to 0700, and the `moved`
     /// entries it held were moved aside (anyone could have planted them), to be measured again.
     Quarantined {
+        /// The cache directory.
         dir: PathBuf,
+        /// Its mode before narrowing (permission bits, e.g. `0o777`).
         mode: u32,
+        /// How many entries were moved aside to `<digest>.corrupt`.
         moved: usize,
     },
 }
@@ -177,15 +253,20 @@ pub enum Source {
 /// Result of [`Cache::get`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Lookup {
+    /// The verified fingerprint; `None` on a miss (including a discarded entry).
     pub fingerprint: Option<Fingerprint>,
+    /// Bad entries found on the way, for the caller to audit.
     pub warnings: Vec<CacheWarning>,
 }
 
 /// Result of [`Cache::get_or_measure`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Obtained {
+    /// The fingerprint: a verified entry or a fresh measurement.
     pub fingerprint: Fingerprint,
+    /// Whether it came from the cache or was measured by this call.
     pub source: Source,
+    /// Problems found on the way (a bad entry, a failed store), for the caller to audit.
     pub warnings: Vec<CacheWarning>,
 }
 /// The fingerprint cache in one directory. Cheap to open; holds no file open between calls.
@@ -214,11 +295,14 @@ impl Cache {
         Ok(Cache::open(&config.cache_dir)?.with_lock_timeout(wait))
     }
 
+    /// Sets how long a caller waits for another process measuring the same key before failing with
+    /// [`CacheError::LockTimeout`] (default [`DEFAULT_LOCK_TIMEOUT`]).
     pub fn with_lock_timeout(mut self, timeout: Duration) -> Cache {
         self.lock_timeout = timeout;
         self
     }
 
+    /// The cache directory this cache reads and writes.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
