@@ -18,8 +18,10 @@ use thiserror::Error;
 
 use crate::domain::document::{attribute, Span};
 
+/// Why a `<cpu>` element's text could not be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CpuError {
+    /// Not a well-formed `<cpu>` element: the parser's message, or what was found instead.
     #[error("the <cpu> element is malformed: {0}")]
     Malformed(String),
 }
@@ -27,10 +29,15 @@ pub enum CpuError {
 /// `<cpu mode=…>`; a `<cpu>` without `mode` is `custom` (libvirt's default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CpuMode {
+    /// `custom` (or no `mode`): a named model plus features; the only mode the migrate phase pins.
     Custom,
+    /// `host-model`.
     HostModel,
+    /// `host-passthrough`.
     HostPassthrough,
+    /// `maximum`.
     Maximum,
+    /// A mode this build does not know, as written; left alone.
     Other(String),
 }
 
@@ -45,6 +52,7 @@ impl CpuMode {
         }
     }
 
+    /// The mode as libvirt spells it (`custom` for an absent attribute).
     pub fn as_str(&self) -> &str {
         match self {
             CpuMode::Custom => "custom",
@@ -59,7 +67,9 @@ impl CpuMode {
 /// A `<cpu>` element's text and the positions of the parts the rewrite touches.
 #[derive(Debug, Clone)]
 pub struct CpuElement<'a> {
+    /// The whole element as it appeared in the document, from `<cpu` to its end tag.
     pub text: &'a str,
+    /// The `mode` attribute, libvirt's default spelled out.
     pub mode: CpuMode,
     /// End of the `<cpu …>` start tag.
     pub tag_end: usize,
@@ -144,6 +154,7 @@ impl<'a> CpuElement<'a> {
         })
     }
 
+    /// The `<model>` text, trimmed; None when there is no model (or an empty one).
     pub fn model_name(&self) -> Option<&str> {
         self.model.as_ref().map(|(_, name)| name.as_str())
     }
@@ -152,9 +163,13 @@ impl<'a> CpuElement<'a> {
 /// One attribute the pinning changed, for the audit line (`cpu.match:minimum->exact`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttributeChange {
+    /// The element changed, e.g. `cpu` or `model`.
     pub element: &'static str,
+    /// The attribute changed, e.g. `match` or `fallback`.
     pub name: &'static str,
+    /// Its value before; None when it was unset.
     pub old: Option<String>,
+    /// Its value now.
     pub new: &'static str,
 }
 

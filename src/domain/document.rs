@@ -16,38 +16,89 @@ use crate::domain::metadata;
 /// Why a document was refused. Each message is one line that names the reason.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DocumentError {
+    /// The input is larger than `max_xml_bytes`; refused before parsing.
     #[error("domain XML is {size} bytes, over the {limit}-byte limit")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// The input's size, bytes.
+        size: usize,
+        /// The limit, bytes.
+        limit: usize,
+    },
+    /// The input is not valid UTF-8.
     #[error("domain XML is not UTF-8 (byte {offset})")]
-    NotUtf8 { offset: usize },
+    NotUtf8 {
+        /// Byte offset of the first invalid byte.
+        offset: usize,
+    },
+    /// The input is empty or only whitespace.
     #[error("domain XML is empty")]
     Empty,
+    /// The document declares a DOCTYPE; refused whatever it holds, so no entity is ever expanded.
     #[error("domain XML has a DOCTYPE declaration (refused: no DTDs or entity declarations)")]
     Doctype,
+    /// The XML declaration names an encoding other than UTF-8: the encoding it names.
     #[error("domain XML declares encoding {0:?}; only UTF-8 is accepted")]
     Encoding(String),
+    /// An entity reference other than the five XML entities and character references.
     #[error("domain XML uses entity reference &{name}; at byte {offset} (only the five XML entities and character references are accepted)")]
-    Entity { name: String, offset: usize },
+    Entity {
+        /// The entity's name, without `&` and `;`.
+        name: String,
+        /// Byte offset of the reference.
+        offset: usize,
+    },
+    /// Not well-formed XML (mismatched tags, a bad attribute, an unclosed element).
     #[error("domain XML is malformed at byte {offset}: {reason}")]
-    Malformed { offset: usize, reason: String },
+    Malformed {
+        /// Byte offset where the problem was found.
+        offset: usize,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A second element follows the root.
     #[error("domain XML has a second root element <{name}> at byte {offset}")]
-    SecondRoot { name: String, offset: usize },
+    SecondRoot {
+        /// Its name.
+        name: String,
+        /// Byte offset of its start tag.
+        offset: usize,
+    },
+    /// Non-whitespace text before or after the root element.
     #[error("domain XML has text outside the root element at byte {offset}")]
-    TextOutsideRoot { offset: usize },
+    TextOutsideRoot {
+        /// Byte offset of the text.
+        offset: usize,
+    },
+    /// The root element is not `<domain>`: its name.
     #[error("domain XML root element is <{0}>, not <domain>")]
     NotADomain(String),
+    /// The document holds no element at all.
     #[error("domain XML has no root element")]
     NoRoot,
+    /// An element cpuguard reads or edits (`cpu`, `metadata`, or its stamp or policy element)
+    /// appears twice, so which one libvirt uses would be a guess: which.
     #[error("domain XML has more than one <{0}> element under <domain>")]
     Duplicate(&'static str),
+    /// Elements nest deeper than [`MAX_DEPTH`].
     #[error("domain XML nests elements deeper than {MAX_DEPTH} at byte {offset} (libvirt's parser refuses that too)")]
-    TooDeep { offset: usize },
+    TooDeep {
+        /// Byte offset of the start tag that went too deep.
+        offset: usize,
+    },
+    /// An element has more than [`MAX_ATTRIBUTES`] attributes.
     #[error(
         "domain XML has an element with more than {MAX_ATTRIBUTES} attributes at byte {offset}"
     )]
-    TooManyAttributes { offset: usize },
+    TooManyAttributes {
+        /// Byte offset of its start tag.
+        offset: usize,
+    },
+    /// More than [`MAX_NAMESPACES_IN_SCOPE`] namespace declarations are in scope at once.
     #[error("domain XML has more than {MAX_NAMESPACES_IN_SCOPE} namespace declarations in scope at byte {offset}")]
-    TooManyNamespaces { offset: usize },
+    TooManyNamespaces {
+        /// Byte offset of the start tag that declared one too many.
+        offset: usize,
+    },
 }
 
 /// Deepest element nesting accepted: libxml2, which libvirt parses domain XML with, stops at 256
@@ -65,12 +116,16 @@ pub const MAX_NAMESPACES_IN_SCOPE: usize = 64;
 /// tag (for an empty element `<x/>` the two coincide with `end`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    /// Byte offset of the `<`.
     pub start: usize,
+    /// Byte offset just past the start tag's `>`.
     pub tag_end: usize,
+    /// Byte offset just past the element's end tag (or of `/>`, for an empty element).
     pub end: usize,
 }
 
 impl Span {
+    /// True for an empty element (`<x/>`): it has no content to splice into.
     pub fn is_empty_element(&self) -> bool {
         self.tag_end == self.end
     }
@@ -79,8 +134,11 @@ impl Span {
 /// The checked document and what the hook needs from it.
 #[derive(Debug)]
 pub struct DomainDocument<'a> {
+    /// The whole input, which every [`Span`] indexes.
     pub text: &'a str,
+    /// `<domain><name>`, trimmed; untrusted (never use it as a path).
     pub name: Option<String>,
+    /// `<domain><uuid>`, trimmed, as written.
     pub uuid: Option<String>,
     /// `<domain type=…>`: `kvm` or `qemu` (TCG).
     pub domain_type: Option<String>,
@@ -129,6 +187,9 @@ enum Capture {
 }
 
 impl<'a> DomainDocument<'a> {
+    /// Checks `text` as an untrusted domain XML document and indexes it; refuses DOCTYPE, entity
+    /// declarations and references other than the predefined ones, encodings other than UTF-8, and
+    /// documents deeper or wider than the bounds above.
     pub fn parse(text: &'a str) -> Result<Self, DocumentError> {
         if text.trim().is_empty() {
             return Err(DocumentError::Empty);

@@ -12,28 +12,53 @@
 use crate::domain::tree::{parse_tree, Element, TreeError, MAX_DEPTH};
 use serde::{Deserialize, Serialize};
 
-/// Nesting deeper than this is not a libvirt domain (libvirt's own documents stay under ~10).
-
+/// Why a domain XML was refused; names the element or attribute concerned where there is one.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GuestError {
+    /// The document is not well-formed XML (or an entity reference is unknown).
     #[error("domain XML is not well-formed at byte {position}: {reason}")]
-    Malformed { position: u64, reason: String },
+    Malformed {
+        /// Byte offset of the construct where the problem was found.
+        position: u64,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The document declares a DOCTYPE; refused whatever it holds, so no entity is ever expanded.
     #[error("domain XML contains a DOCTYPE declaration: refused (no entity expansion, ever)")]
     Doctype,
+    /// Elements nest deeper than [`MAX_DEPTH`], which no libvirt domain does: a bound against
+    /// hostile input.
     #[error("domain XML nests deeper than {MAX_DEPTH} elements")]
     TooDeep,
+    /// The root element is not `<domain>`.
     #[error("domain XML root element is <{found}>, expected <domain>")]
-    NotADomain { found: String },
+    NotADomain {
+        /// The root element's name.
+        found: String,
+    },
+    /// A second element follows the root.
     #[error("domain XML has a second root element <{found}>")]
-    SecondRoot { found: String },
+    SecondRoot {
+        /// Its name.
+        found: String,
+    },
+    /// The document holds no element at all.
     #[error("domain XML has no root element")]
     NoRoot,
+    /// A required element or attribute is absent.
     #[error("domain XML: {what} is missing")]
-    Missing { what: &'static str },
+    Missing {
+        /// Which, spelled as in the XML (e.g. `<os><type arch>`).
+        what: &'static str,
+    },
+    /// A value is not one cpuguard can pass on safely or understands.
     #[error("domain XML: {what} has invalid value {value:?}: {reason}")]
     Invalid {
+        /// Where, spelled as in the XML (e.g. `<cpu mode>`).
         what: &'static str,
+        /// The value found.
         value: String,
+        /// What is expected instead.
         reason: &'static str,
     },
 }
@@ -52,9 +77,14 @@ pub enum Accel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CpuMode {
+    /// `custom`: the named `<model>` plus the listed features.
     Custom,
+    /// `host-model`: libvirt picks the model nearest this host's CPU; live and prepare XML carry
+    /// the expanded model.
     HostModel,
+    /// `host-passthrough`: the host's CPU as KVM offers it (`-cpu host`).
     HostPassthrough,
+    /// `maximum`: everything the accelerator can give (`-cpu max`).
     Maximum,
 }
 
@@ -62,46 +92,64 @@ pub enum CpuMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FeaturePolicy {
+    /// Enabled even when the host CPU lacks it.
     Force,
+    /// Enabled; the domain does not start when the host cannot give it.
     Require,
+    /// Enabled when the host can give it, else left out.
     Optional,
+    /// Removed from the model.
     Disable,
+    /// Removed; the domain does not start when the host CPU has it.
     Forbid,
 }
 
+/// One `<cpu><feature>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CpuFeature {
     /// libvirt's name (cpu_map spelling, e.g. `tsc_adjust`), not QEMU's.
     pub name: String,
+    /// The `policy` attribute, libvirt's default spelled out.
     pub policy: FeaturePolicy,
 }
 
 /// `<topology>`; attributes libvirt leaves out are absent here too (QEMU then picks defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Topology {
+    /// `sockets`.
     pub sockets: Option<u32>,
+    /// `dies` (dies per socket).
     pub dies: Option<u32>,
+    /// `clusters` (clusters per die).
     pub clusters: Option<u32>,
+    /// `cores` (cores per cluster, or per die without clusters).
     pub cores: Option<u32>,
+    /// `threads` (threads per core).
     pub threads: Option<u32>,
 }
 
 /// `<cache level=… mode=…>` decides the cache leaves (4, 0x8000001D) QEMU builds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CpuCache {
+    /// `level`; None when absent.
     pub level: Option<u32>,
+    /// `mode`: `emulate`, `passthrough` or `disable`.
     pub mode: String,
 }
 
 /// `<maxphysaddr mode=… bits=…>` decides CPUID 0x80000008 EAX.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MaxPhysAddr {
+    /// `mode`: `passthrough` (the host's width) or `emulate` (the width in `bits`).
     pub mode: String,
+    /// `bits`: the physical address width, in bits.
     pub bits: Option<u32>,
 }
 
+/// The `<cpu>` element, with libvirt's defaults spelled out.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CpuDefinition {
+    /// `mode`; `custom` when absent.
     pub mode: CpuMode,
     /// `<model>`; for host-model after libvirt expanded it (live or prepare XML) this is the
     /// expanded model.
@@ -113,21 +161,26 @@ pub struct CpuDefinition {
     /// false so that cache keys of every other CPU stay what they were.
     #[serde(default, skip_serializing_if = "is_false")]
     pub match_minimum: bool,
+    /// `<vendor>` (e.g. `Intel`): the host CPU vendor a custom model requires.
     pub vendor: Option<String>,
     /// `<model vendor_id=…>`: the CPUID vendor string the guest sees instead of the model's.
     pub vendor_id: Option<String>,
     /// Sorted by name.
     pub features: Vec<CpuFeature>,
+    /// `<topology>`; None when absent.
     pub topology: Option<Topology>,
     /// `<cpu migratable=…>` (host-passthrough / maximum).
     pub migratable: Option<bool>,
+    /// `<cache>`; None when absent.
     pub cache: Option<CpuCache>,
+    /// `<maxphysaddr>`; None when absent.
     pub maxphysaddr: Option<MaxPhysAddr>,
 }
 
 /// One Hyper-V enlightenment under `<features><hyperv>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct HypervFeature {
+    /// The element's name, e.g. `relaxed`, `spinlocks`, `vendor_id`.
     pub name: String,
     /// `state` attribute (`on`/`off`).
     pub state: Option<String>,
@@ -137,6 +190,7 @@ pub struct HypervFeature {
     pub sub: Vec<(String, String)>,
 }
 
+/// `<features><hyperv>`: the Hyper-V enlightenments (CPUID leaves 0x40000000 and up).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Hyperv {
     /// `custom` (default) or `passthrough`.
@@ -148,6 +202,7 @@ pub struct Hyperv {
 /// The `<features>` and `<clock>` settings that change CPUID.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CpuidAffectingFeatures {
+    /// `<hyperv>`; None when absent.
     pub hyperv: Option<Hyperv>,
     /// `<kvm>` children as (name, state), sorted: hidden, hint-dedicated, poll-control, pv-ipi…
     pub kvm: Vec<(String, String)>,
@@ -174,6 +229,7 @@ fn is_false(value: &bool) -> bool {
 /// Everything in a domain XML that decides the guest CPU.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestCpuConfig {
+    /// `<domain type>`: `kvm` or `qemu` (TCG).
     pub accel: Accel,
     /// `<devices><emulator>`: untrusted, checked by src/probe/emulator.rs before use.
     pub emulator: Option<String>,
@@ -187,6 +243,7 @@ pub struct GuestCpuConfig {
     pub vcpus: u32,
     /// `<vcpu current=…>` when below the maximum.
     pub current_vcpus: Option<u32>,
+    /// The `<features>`, `<clock>` and `<devices><panic>` settings that change CPUID.
     pub features: CpuidAffectingFeatures,
 }
 

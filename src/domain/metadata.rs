@@ -28,12 +28,16 @@ pub const STAMP_NS: &str = "http://cpuguard.dev/xmlns/stamp/1";
 /// Namespace of the operator's per-domain policy (opt-out).
 pub const POLICY_NS: &str = "http://cpuguard.dev/xmlns/policy/1";
 
+/// Which of cpuguard's two metadata elements an element is, by its namespace URI.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Namespace {
+    /// The source's stamp, [`STAMP_NS`].
     Stamp,
+    /// The operator's per-domain policy, [`POLICY_NS`].
     Policy,
 }
 
+/// The cpuguard namespace `uri` names, compared byte for byte; None for any other URI.
 pub fn classify_namespace(uri: &[u8]) -> Option<Namespace> {
     if uri == STAMP_NS.as_bytes() {
         Some(Namespace::Stamp)
@@ -54,8 +58,11 @@ pub const POLICY_KEY: &str = "cpuguard-policy";
 /// What the hook reads back from a stamp element (the document was already checked whole).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stamp {
+    /// `version`: the stamp format ([`STAMP_VERSION`] for every stamp written so far).
     pub version: Option<String>,
+    /// `host`: the source host's name when it stamped.
     pub host: Option<String>,
+    /// `time`: when the source stamped, RFC 3339 UTC (e.g. `2026-11-22T05:00:00Z`).
     pub time: Option<String>,
     /// Digest of the source's normalized table (`sha256:…`), as the source computed it.
     pub digest: Option<String>,
@@ -69,8 +76,11 @@ pub struct Stamp {
     pub config: Option<String>,
     /// The QEMU process measured: pid, its start time, the boot id, its binary's identity.
     pub pid: Option<String>,
+    /// `pid-start`: the process's start time, clock ticks after boot (`/proc/PID/stat` field 22).
     pub pid_start: Option<String>,
+    /// `boot-id`: the source host's boot id (`/proc/sys/kernel/random/boot_id`) when it stamped.
     pub boot_id: Option<String>,
+    /// `emulator`: `DEV:INODE:SIZE:MTIME` of the QEMU binary the process runs.
     pub emulator: Option<String>,
     /// `hmac-sha256:…` over [`crate::signature::canonical_content`] with the fleet key.
     pub signature: Option<String>,
@@ -80,8 +90,13 @@ pub struct Stamp {
 /// what cpuguard before issue 11 wrote).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StampBinding {
+    /// The domain's UUID (lower-case, hyphenated, as libvirt prints it).
     pub uuid: Option<String>,
+    /// [`crate::domain::guest::GuestCpuConfig::binding_digest`] of the configuration measured
+    /// (`sha256:…`).
     pub config: Option<String>,
+    /// The QEMU process whose guest was measured; its pid, start time, boot id and binary go into
+    /// the stamp.
     pub process: Option<crate::process::QemuProcess>,
     /// `hmac-sha256:…` (see `src/signature.rs`), when the host has a fleet key.
     pub signature: Option<String>,
@@ -242,10 +257,13 @@ impl Stamp {
 pub struct DomainPolicy {
     /// `guard="off"`: cpuguard lets this domain migrate anywhere (audited every time).
     pub guard_off: bool,
+    /// `reason`: the operator's note on why, quoted in the audit line of each opted-out migration.
     pub reason: Option<String>,
 }
 
 impl DomainPolicy {
+    /// Reads the policy element's `guard` and `reason` attributes; `text` is exactly the policy
+    /// element. Anything unreadable is the default policy (guard on).
     pub fn read(text: &str) -> DomainPolicy {
         let mut reader = Reader::from_str(text);
         while let Ok(event) = reader.read_event() {

@@ -10,31 +10,51 @@ use quick_xml::Reader;
 /// Deeper nesting than any libvirt document has: a bound against hostile input.
 pub const MAX_DEPTH: usize = 64;
 
+/// Why a document could not be read into an [`Element`] tree.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TreeError {
+    /// Not well-formed XML, or an entity reference that is unknown.
     #[error("not well-formed at byte {position}: {reason}")]
-    Malformed { position: u64, reason: String },
+    Malformed {
+        /// Byte offset of the construct where the problem was found.
+        position: u64,
+        /// The parser's message.
+        reason: String,
+    },
+    /// The document declares a DOCTYPE; refused whatever it holds, so no entity is ever expanded.
     #[error("contains a DOCTYPE declaration: refused (no entity expansion, ever)")]
     Doctype,
+    /// Elements nest deeper than [`MAX_DEPTH`].
     #[error("nests deeper than {MAX_DEPTH} elements")]
     TooDeep,
+    /// A second element follows the root.
     #[error("has a second root element <{found}>")]
-    SecondRoot { found: String },
+    SecondRoot {
+        /// Its name.
+        found: String,
+    },
+    /// The document holds no element at all.
     #[error("has no root element")]
     NoRoot,
 }
 
+/// One element of a parsed document, with everything under it.
 #[derive(Debug, Default)]
 pub struct Element {
     /// The qualified name as written: libvirt's elements are unprefixed, so a prefixed element
     /// (metadata content) never matches one of them.
     pub name: String,
+    /// Attributes as (qualified name, unescaped value), in document order.
     pub attrs: Vec<(String, String)>,
+    /// Child elements, in document order.
     pub children: Vec<Element>,
+    /// The element's own text and CDATA, unescaped and concatenated (not trimmed); its children's
+    /// text is theirs.
     pub text: String,
 }
 
 impl Element {
+    /// The value of attribute `name` (qualified name as written), if present.
     pub fn attr(&self, name: &str) -> Option<&str> {
         self.attrs
             .iter()
@@ -42,15 +62,19 @@ impl Element {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The first child element named `name`.
     pub fn child(&self, name: &str) -> Option<&Element> {
         self.children.iter().find(|c| c.name == name)
     }
 
+    /// Every child element named `name`, in document order.
     pub fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> + 'a {
         self.children.iter().filter(move |c| c.name == name)
     }
 }
 
+/// Parses `xml` into its root element, refusing DOCTYPE, nesting deeper than [`MAX_DEPTH`] and
+/// anything not well-formed. Comments, processing instructions and the XML declaration are skipped.
 pub fn parse_tree(xml: &str) -> Result<Element, TreeError> {
     let mut reader = Reader::from_str(xml);
     reader.config_mut().check_end_names = true;
