@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use once_cell::sync::Lazy;
 use syslog::{Facility, Formatter3164, Logger, LoggerBackend};
 
+/// The syslog tag of every audit line (`journalctl -t cpuguard`, rsyslog's `programname`).
 pub const TAG: &str = "cpuguard";
 
 /// Longest escaped value of a field, in bytes, before it is cut (and marked).
@@ -27,10 +28,15 @@ pub const LONG_FIELD_CAP: usize = 1024;
 /// datagram limit of a Unix socket (~200 KiB by default) and rsyslog's 8 KiB message size.
 pub const LINE_CAP: usize = 4096;
 
+/// The syslog severity of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
+    /// `info`: an ordinary decision (allowed, stamped, rewrote).
     Info,
+    /// `warning`: allowed, but the operator should look (a policy let something through, a cache
+    /// entry was discarded).
     Warning,
+    /// `err`: a refusal, or a step that failed (e.g. a stamp that could not be written).
     Error,
 }
 
@@ -52,6 +58,9 @@ impl Record {
         r
     }
 
+    /// Appends `key=value`, the value quoted and escaped when it needs it and cut at [`FIELD_CAP`]
+    /// bytes ([`LONG_FIELD_CAP`] for `reason`, `informational`, `changes`); once the line would
+    /// pass [`LINE_CAP`], this and later fields are dropped and `cut=line` ends the line.
     pub fn field(mut self, key: &str, value: &str) -> Record {
         let cap = if matches!(key, "reason" | "informational" | "changes") {
             LONG_FIELD_CAP
@@ -77,6 +86,7 @@ impl Record {
         self
     }
 
+    /// [`Record::field`] when `value` is Some; nothing otherwise.
     pub fn opt_field(self, key: &str, value: Option<&str>) -> Record {
         match value {
             Some(v) => self.field(key, v),
@@ -84,6 +94,7 @@ impl Record {
         }
     }
 
+    /// The line as built so far, as it will be sent (without the syslog header).
     pub fn line(&self) -> &str {
         &self.line
     }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 
+/// File name of the libvirt-linked helper binary (stamping runs there, never in the hook).
 pub const HELPER_NAME: &str = "cpuguard-libvirt";
+/// Where the packages install the helper; the last place [`locate`] looks.
 pub const LIBEXEC_PATH: &str = "/usr/libexec/cpuguard/cpuguard-libvirt";
 
 /// The helper in force: the configured path, else next to this executable, else libexec.

@@ -4,7 +4,7 @@
 //! of `/proc/PID/stat`, clock ticks since boot) and the boot id: the three name one process for
 //! ever. The emulator's identity is the device, inode, size and mtime of the binary the process
 //! runs (`/proc/PID/exe`, which still points at the old file after a package replaced it), not a
-//! hash: sha256 of an 18 MB QEMU costs ~84 ms (see `src/cache.rs`), a stat microseconds.
+//! hash: sha256 of an 18 MB QEMU costs ~84 ms (see `src/cache/key.rs`), a stat microseconds.
 //!
 //! Nothing here links libvirt; `src/stamp.rs` finds the pid through libvirt's monitor.
 
@@ -18,9 +18,11 @@ pub const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 /// One running QEMU process, as a stamp records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuProcess {
+    /// The process id (in this host's pid namespace).
     pub pid: u32,
     /// `/proc/PID/stat` field 22: start time in clock ticks after boot.
     pub start_time: u64,
+    /// The boot id (`/proc/sys/kernel/random/boot_id`) of the boot the process runs in.
     pub boot_id: String,
     /// `DEV:INODE:SIZE:MTIME` of `/proc/PID/exe`.
     pub exe: String,

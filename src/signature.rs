@@ -32,6 +32,7 @@ const MIN_KEY_BYTES: usize = 16;
 pub enum Verification {
     /// The stamp carries no signature.
     Unsigned,
+    /// Signed with this key over exactly this content.
     Valid,
     /// Signed, but not with this key over this content: forged, edited or another fleet's key.
     Invalid,

@@ -19,29 +19,80 @@ use crate::domain::document::DomainDocument;
 use crate::domain::metadata::{stamp_element_bound, Stamp, StampBinding, STAMP_KEY, STAMP_NS};
 use crate::measure;
 
+/// Why a domain was not stamped; each names the domain (or the URI) and the reason, on one line.
 #[derive(Debug, Error)]
 pub enum StampError {
+    /// The libvirt connection could not be opened, or its domains not listed.
     #[error("cannot connect to {uri}: {reason}")]
-    Connect { uri: String, reason: String },
+    Connect {
+        /// The connection URI (`stamp.uri`).
+        uri: String,
+        /// libvirt's message, on one line.
+        reason: String,
+    },
+    /// A libvirt call on the domain failed (lookup, live XML, metadata).
     #[error("domain {name}: {reason}")]
-    Libvirt { name: String, reason: String },
+    Libvirt {
+        /// The domain's name.
+        name: String,
+        /// libvirt's message, on one line.
+        reason: String,
+    },
+    /// The domain is not running, so there is no guest CPU to stamp.
     #[error("domain {name} is not running")]
-    NotRunning { name: String },
+    NotRunning {
+        /// The domain's name.
+        name: String,
+    },
+    /// The domain's live XML could not be read as a domain.
     #[error("domain {name}: live XML: {reason}")]
-    Xml { name: String, reason: String },
+    Xml {
+        /// The domain's name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The probe could not measure the guest CPU on this host.
     #[error("domain {name}: cannot measure the guest CPU: {reason}")]
-    Measure { name: String, reason: String },
+    Measure {
+        /// The domain's name.
+        name: String,
+        /// The probe's or the cache's error.
+        reason: String,
+    },
+    /// The domain's QEMU process could not be identified, or was replaced while it was measured.
     #[error("domain {name}: cannot identify its QEMU process: {reason}")]
-    Process { name: String, reason: String },
+    Process {
+        /// The domain's name.
+        name: String,
+        /// Why, on one line.
+        reason: String,
+    },
+    /// `stamp.key_file` exists but cannot be used; refused rather than writing an unsigned stamp.
     #[error("domain {name}: not stamped: the fleet key cannot be used: {reason}")]
-    Key { name: String, reason: String },
+    Key {
+        /// The domain's name.
+        name: String,
+        /// Why the key cannot be used.
+        reason: String,
+    },
+    /// The running vCPU does not show what the probe measured (e.g. a wrapper added `-cpu`
+    /// options), so a stamp would lie.
     #[error("domain {name}: not stamped: the running vCPU differs from the probe: {}", differences.join("; "))]
     LiveVcpu {
+        /// The domain's name.
         name: String,
+        /// One line per difference between the running vCPU and the probe.
         differences: Vec<String>,
     },
+    /// The running vCPU could not be read through QEMU's monitor.
     #[error("domain {name}: not stamped: cannot read the running vCPU: {reason}")]
-    LiveVcpuUnreadable { name: String, reason: String },
+    LiveVcpuUnreadable {
+        /// The domain's name.
+        name: String,
+        /// Why, on one line.
+        reason: String,
+    },
 }
 
 /// Checks the running guest against the probe's fingerprint before its stamp is written:
@@ -53,8 +104,12 @@ pub type LiveCheck<'a> =
 /// What was stamped, or kept.
 #[derive(Debug, Clone)]
 pub struct Stamped {
+    /// The domain's name.
     pub name: String,
+    /// The stamp's fingerprint digest (`sha256:…`).
     pub digest: String,
+    /// True when the fingerprint came from the cache (or a kept stamp), false when it was measured
+    /// by this call.
     pub cached: bool,
     /// True when the stamp already described the running QEMU process and was left alone.
     pub kept: bool,
@@ -64,9 +119,13 @@ pub struct Stamped {
     pub previous: Option<Previous>,
 }
 
+/// The stamp a re-stamp replaced.
 #[derive(Debug, Clone)]
 pub struct Previous {
+    /// Its fingerprint digest (`sha256:…`); None when it had none.
     pub digest: Option<String>,
+    /// True when it described the same QEMU process (so a different digest means the guest's CPU is
+    /// not what was stamped).
     pub same_process: bool,
 }
 
@@ -104,6 +163,7 @@ impl Stamped {
     }
 }
 
+/// Opens the libvirt connection `uri` (e.g. `qemu:///system`).
 pub fn connect(uri: &str) -> Result<Connect, StampError> {
     Connect::open(Some(uri)).map_err(|e| StampError::Connect {
         uri: uri.to_string(),
@@ -307,9 +367,11 @@ pub fn remove_stamp(name: &str, config: &Config) -> Result<(), StampError> {
     .map_err(|e| libvirt_err(name, e))
 }
 
-/// Stamps every running domain; one (name, result) per domain.
+/// One (domain name, outcome) per running domain, as [`stamp_all`] returns them.
 pub type StampResults = Vec<(String, Result<Stamped, StampError>)>;
 
+/// Stamps every running domain on `conn`, each as [`stamp_domain`] would. Only listing the domains
+/// fails the whole call; each domain's own outcome is in the results.
 pub fn stamp_all(
     conn: &Connect,
     config: &Config,

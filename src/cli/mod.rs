@@ -17,7 +17,9 @@ use crate::hook::rewrite_cpu;
 use crate::incoming::Origin;
 use crate::measure;
 
+/// Exit status of a command that succeeded, or whose verdict is "go".
 pub const EXIT_OK: i32 = 0;
+/// Exit status for bad input or an error (including a command line clap refuses).
 pub const EXIT_ERROR: i32 = 2;
 
 #[derive(Parser, Debug)]
@@ -333,6 +335,9 @@ enum FirmwareKind {
     HeartbeatAarch64,
 }
 
+/// The operator CLI: parses `args` (argv, program name first) and runs the command; returns the
+/// exit status ([`EXIT_OK`], [`EXIT_DIFFERENT`] or [`EXIT_ERROR`]). With `--json` anywhere on the
+/// line, even a refused command line answers in JSON.
 pub fn main(args: Vec<OsString>) -> i32 {
     // Known before parsing, so that a command line clap rejects still answers in JSON.
     let json = args.iter().any(|a| a == "--json");
@@ -475,6 +480,7 @@ fn show_config(file: Option<PathBuf>) -> Result<i32, String> {
     Ok(EXIT_OK)
 }
 
+/// Exit status of a negative verdict: the fingerprints differ, or a migration would not be safe.
 pub const EXIT_DIFFERENT: i32 = 1;
 
 fn feature_map(path: Option<&Path>) -> Result<FeatureMap, String> {

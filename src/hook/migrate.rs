@@ -14,13 +14,19 @@ use crate::incoming::{self, IncomingRecord, Origin};
 pub enum CpuDecision {
     /// A custom CPU, now pinned (`changes` empty: it already was).
     Pinned {
+        /// The `<model>` pinned.
         model: String,
+        /// The attributes the pinning changed (`match`, `fallback`).
         changes: Vec<AttributeChange>,
     },
     /// Left as it was; the fingerprint comparison at `prepare` still guards it.
     Unchanged {
+        /// The `<cpu mode>` as sent, or `none` when the domain has no `<cpu>`.
         mode: String,
+        /// Why it was left alone, for the audit line.
         reason: &'static str,
+        /// True when nothing guards the guest CPU (e.g. host-model without a stamp): audited as a
+        /// warning.
         warning: bool,
     },
 }

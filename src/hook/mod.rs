@@ -24,7 +24,10 @@ pub use prepare::{assess, Assessment};
 
 /// Exit codes: libvirt aborts the operation on any non-zero status.
 pub const EXIT_OK: i32 = 0;
+/// The phase refuses (an incoming guest vetoed), or could not hand back its output; stderr says
+/// why.
 pub const EXIT_REFUSED: i32 = 1;
+/// The hook was called with arguments it cannot use (not four, not UTF-8, not `hook qemu`).
 pub const EXIT_USAGE: i32 = 2;
 
 /// One hook invocation, as libvirt makes it.
@@ -32,8 +35,11 @@ pub const EXIT_USAGE: i32 = 2;
 pub struct HookCall {
     /// The domain name (libvirt's OBJECT argument).
     pub domain: String,
+    /// libvirt's OPERATION argument, e.g. `migrate`, `prepare`, `started`.
     pub operation: String,
+    /// libvirt's SUBOP argument, e.g. `begin`.
     pub subop: String,
+    /// libvirt's EXTRA argument (`-` when libvirt has nothing to pass).
     pub extra: String,
 }
 
@@ -74,8 +80,12 @@ pub fn invoked_as_hook(argv0: &Path) -> bool {
 /// What the hook answers: exit status, stdout (complete or nothing), stderr.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
+    /// The exit status: [`EXIT_OK`], [`EXIT_REFUSED`] or [`EXIT_USAGE`].
     pub status: i32,
+    /// The replacement domain XML (migrate and restore phases only); empty: libvirt keeps its own.
     pub stdout: Vec<u8>,
+    /// What `virsh` shows the operator: the refusal on failure, at most a note (e.g. an unknown
+    /// operation ignored) on success.
     pub stderr: String,
 }
 

@@ -229,8 +229,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// The verdict on an incoming guest and what it was based on.
 pub struct Assessment {
+    /// Allow or refuse, with the reason and the operator's message.
     pub decision: Decision,
+    /// The source's stamp as read from the prepare XML; None when there is none.
     pub stamp: Option<Stamp>,
+    /// This host's measurement for the guest: None when no measurement was needed (opted out,
+    /// unstamped, or refused on the signature first), Err(reason) when it failed.
     pub measured: Option<Result<Measurement, String>>,
     /// Why the stamp's signature was not accepted, when it was not (audited as a warning).
     pub signature_problem: Option<String>,
