@@ -91,7 +91,8 @@ pub struct HostIdentity {
     /// `/proc/cpuinfo` `model name`: a host whose CPU changed under the same kernel (a VM host
     /// migrated itself, a board swap) must not reuse entries.
     pub cpu_model: String,
-    /// `(parameter file, value)` of [`KVM_PARAMETERS`] that exist on this host.
+    /// `(parameter file, value)` of the KVM module parameters in the key (`nested` of `kvm_intel`
+    /// and `kvm_amd`, `enable_pmu` of `kvm`) that exist on this host.
     pub kvm_parameters: Vec<(String, String)>,
 }
 

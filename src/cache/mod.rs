@@ -7,7 +7,7 @@
 //!   The entry stores the key itself, and a lookup compares it with the key asked for: a hash
 //!   collision or a file renamed by hand is a miss, never a wrong answer.
 //! - `<digest>.lock`: exists only while a process measures that key; it is held with `flock` and
-//!   removed by its holder before unlocking (see [`KeyLock`](lock::KeyLock) for why that is safe).
+//!   removed by its holder before unlocking (see `lock::KeyLock` for why that is safe).
 //! - `<digest>.corrupt`: the last entry of that key that failed verification, kept for the
 //!   operator (one per key at most, replaced by the next).
 //! - `.<digest>.json.<pid>.tmp`: a write in progress ([`crate::fsutil::write_atomic`]); one left
@@ -21,9 +21,9 @@
 //! once, different keys proceed in parallel. A bad entry is only moved aside under the lock, so
 //! a process cannot remove a good entry that another has just renamed into place.
 //!
-//! The code is split by concern: [`key`] (what a measurement depends on and its digest),
-//! [`entry`] (the file format and its verification), [`lock`] (the per-key `flock` protocol) and
-//! [`dir`] (the directory's own checks, file names and housekeeping). This file joins them into
+//! The code is split by concern: `key` (what a measurement depends on and its digest),
+//! `entry` (the file format and its verification), `lock` (the per-key `flock` protocol) and
+//! `dir` (the directory's own checks, file names and housekeeping). This file joins them into
 //! the lookups callers use.
 
 mod dir;

@@ -217,7 +217,7 @@ pub struct CpuidAffectingFeatures {
     /// `<clock><timer name='tsc' frequency=…>` (Hz): CPUID 0x40000010 and invtsc checks.
     pub tsc_frequency: Option<u64>,
     /// `<devices><panic model='hyperv'/>`: libvirt adds `hv-crash` to `-cpu` (Hyper-V leaf
-    /// 0x40000003 EDX[10], the crash MSRs). Skipped when false: cache keys stay as they were.
+    /// 0x40000003 `EDX[10]`, the crash MSRs). Skipped when false: cache keys stay as they were.
     #[serde(default, skip_serializing_if = "is_false")]
     pub hyperv_crash: bool,
 }
