@@ -33,8 +33,8 @@ pub const LINE_CAP: usize = 4096;
 pub enum Severity {
     /// `info`: an ordinary decision (allowed, stamped, rewrote).
     Info,
-    /// `warning`: allowed, but the operator should look (a policy let something through, a cache
-    /// entry was discarded).
+    /// `warning`: the decision stands but the operator should look (a policy let something
+    /// through, a record or cache entry discarded, an unknown operation ignored).
     Warning,
     /// `err`: a refusal, or a step that failed (e.g. a stamp that could not be written).
     Error,

@@ -38,7 +38,7 @@ const KVM_PARAMETERS: &[&str] = &[
 /// costs one re-probe.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EmulatorIdentity {
-    /// The binary's path, as the probe executes it (symlinks not resolved in the text).
+    /// The binary's path, as the probe executes it.
     pub path: String,
     /// First line of `<emulator> --version`.
     pub version: String,

@@ -31,13 +31,13 @@ pub enum CpuError {
 pub enum CpuMode {
     /// `custom` (or no `mode`): a named model plus features; the only mode the migrate phase pins.
     Custom,
-    /// `host-model`.
+    /// `host-model`: left as sent (libvirt refuses a hook output with another CPU mode).
     HostModel,
-    /// `host-passthrough`.
+    /// `host-passthrough`: the host's CPU as is; no model to pin.
     HostPassthrough,
-    /// `maximum`.
+    /// `maximum`: all the accelerator can give; no model to pin.
     Maximum,
-    /// A mode this build does not know, as written; left alone.
+    /// A mode this build does not know, as written; left to libvirt and audited as a warning.
     Other(String),
 }
 
