@@ -1,4 +1,4 @@
-//! Generates the guest firmware images cpuguard boots as `-bios` (see `src/probe/firmware.rs`).
+//! Generates the guest firmware images cpuguard boots as `-bios` (see `src/x86_64/probe/firmware.rs`).
 //!
 //! Both images are 64 KiB, mapped by QEMU at 0xF0000 (and at the top of 4 GiB) and entered at the
 //! reset vector F000:FFF0 in real mode. They stay in real mode: CPUID, RDMSR and port I/O all work
@@ -8,7 +8,7 @@
 //! Generating them here with an assembler crate means no assembler or toolchain is needed on the
 //! hypervisor, and the bytes are reproducible from this file alone.
 //!
-//! Probe result (src/probe/layout.rs has the addresses, parsed by src/probe/output.rs): binary
+//! Probe result (src/x86_64/probe/layout.rs has the addresses, parsed by src/x86_64/probe/output.rs): binary
 //! records in guest RAM — no I/O exit per value, which under KVM cost ~15 µs per byte — and a
 //! summary written last, then PROBE_EXIT_VALUE to isa-debug-exit: QEMU exits with status
 //! (value << 1) | 1.
@@ -45,7 +45,7 @@ const ROM_BASE: u32 = 0xF0000;
 
 // The probe's ports, exit values and result layout, shared with the crate.
 #[allow(dead_code)]
-#[path = "src/probe/layout.rs"]
+#[path = "src/x86_64/probe/layout.rs"]
 mod layout;
 use layout::{
     DEBUGCON_PORT, DEBUG_EXIT_PORT, FATAL_EXIT_VALUE, GDTR_ADDR, GDT_ADDR, KIND_CPUID, KIND_MSR,
@@ -89,7 +89,8 @@ const COM1: u16 = 0x3F8;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/probe/layout.rs");
+    println!("cargo:rerun-if-changed=src/x86_64/probe/layout.rs");
+    println!("cargo:rerun-if-changed=src/x86_64/subleaves.rs");
     let out_dir = match std::env::var("OUT_DIR") {
         Ok(dir) => dir,
         Err(e) => panic!("build.rs: OUT_DIR is not set: {e}"),
@@ -195,104 +196,21 @@ fn prologue(a: &mut CodeAssembler) -> Result<(), IcedError> {
 // The CPUID probe
 // ---------------------------------------------------------------------------------------------
 
-/// How the sub-leaves of one leaf are discovered, as the SDM / APM define it.
-#[derive(Clone, Copy)]
-enum Subleaves {
-    /// Sub-leaves 0..=EAX of sub-leaf 0.
-    MaxInEax,
-    /// Sub-leaves 0..=N.
-    Fixed(u32),
-    /// Sub-leaves from 0 (or from `first`) until `(reg & mask) == 0`, that terminating one included.
-    Until { first: u32, reg: u64, mask: u32 },
-    /// Sub-leaf 0, then sub-leaf i for each bit i (1..=31) set in `reg` of sub-leaf 0.
-    Bitmap { reg: u64 },
-}
+// Which leaves have sub-leaves and how each is enumerated: shared with the crate, which names
+// locations by the same list.
+#[path = "src/x86_64/subleaves.rs"]
+#[allow(dead_code)]
+mod subleaves;
+use subleaves::{OutReg, Subleaves, SUBLEAF_RULES};
 
-/// Leaves with sub-leaves. Every leaf not listed is queried with sub-leaf 0 only.
-fn subleaf_rules() -> Vec<(u32, Subleaves)> {
-    use Subleaves::*;
-    vec![
-        // Deterministic cache parameters: until cache type EAX[4:0] == 0.
-        (
-            0x4,
-            Until {
-                first: 0,
-                reg: V_EAX,
-                mask: 0x1F,
-            },
-        ),
-        (0x7, MaxInEax),
-        // Extended topology: until level type ECX[15:8] == 0.
-        (
-            0xB,
-            Until {
-                first: 0,
-                reg: V_ECX,
-                mask: 0xFF00,
-            },
-        ),
-        // XSAVE components: all 64 (what exists follows XCR0/XSS bitmaps; absent ones read 0).
-        (0xD, Fixed(63)),
-        // RDT monitoring: sub-leaf i for resource bit i of EDX.
-        (0xF, Bitmap { reg: V_EDX }),
-        // RDT allocation: sub-leaf i for resource bit i of EBX.
-        (0x10, Bitmap { reg: V_EBX }),
-        // SGX: sub-leaves 0 and 1, then EPC sections from 2 until type EAX[3:0] == 0.
-        (
-            0x12,
-            Until {
-                first: 2,
-                reg: V_EAX,
-                mask: 0xF,
-            },
-        ),
-        (0x14, MaxInEax),
-        (0x17, MaxInEax),
-        (0x18, MaxInEax),
-        // PCONFIG: until target type EAX[11:0] == 0.
-        (
-            0x1B,
-            Until {
-                first: 0,
-                reg: V_EAX,
-                mask: 0xFFF,
-            },
-        ),
-        (0x1D, MaxInEax),
-        (0x1E, MaxInEax),
-        (
-            0x1F,
-            Until {
-                first: 0,
-                reg: V_ECX,
-                mask: 0xFF00,
-            },
-        ),
-        (0x20, MaxInEax),
-        // Architectural performance monitoring extended: EAX of sub-leaf 0 is a sub-leaf bitmap.
-        (0x23, Bitmap { reg: V_EAX }),
-        (0x24, MaxInEax),
-        // AMD cache topology: until cache type EAX[4:0] == 0.
-        (
-            0x8000_001D,
-            Until {
-                first: 0,
-                reg: V_EAX,
-                mask: 0x1F,
-            },
-        ),
-        // AMD platform QoS enforcement: sub-leaf i for bit i of EBX.
-        (0x8000_0020, Bitmap { reg: V_EBX }),
-        // AMD extended CPU topology: until level type ECX[15:8] == 0.
-        (
-            0x8000_0026,
-            Until {
-                first: 0,
-                reg: V_ECX,
-                mask: 0xFF00,
-            },
-        ),
-    ]
+/// Where the generated program keeps the register `reg` of the last CPUID.
+fn out_reg_var(reg: OutReg) -> u64 {
+    match reg {
+        OutReg::Eax => V_EAX,
+        OutReg::Ebx => V_EBX,
+        OutReg::Ecx => V_ECX,
+        OutReg::Edx => V_EDX,
+    }
 }
 
 struct ProbeLabels {
@@ -310,7 +228,7 @@ struct ProbeLabels {
 /// Where the probe puts what it measured.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sink {
-    /// Binary records in guest RAM (src/probe/layout.rs): the probe.
+    /// Binary records in guest RAM (src/x86_64/probe/layout.rs): the probe.
     Ram,
     /// Text lines on port 0xe9, one `rep outsb` each: the previous wire format, kept as a test
     /// image.
@@ -626,9 +544,9 @@ fn probe_image(msr_reads: MsrReads, sink: Sink) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut l.do_leaf)?;
     a.mov(dword_ptr(V_SUB), 0u32)?;
     a.mov(eax, dword_ptr(V_LEAF))?;
-    let rules = subleaf_rules();
+    let rules = SUBLEAF_RULES;
     let mut rule_labels = Vec::new();
-    for (leaf, _) in &rules {
+    for (leaf, _) in rules {
         let label = a.create_label();
         a.cmp(eax, *leaf)?;
         a.je(label)?;
@@ -904,7 +822,7 @@ fn emit_subleaf_rule(
             a.call(l.query_emit)?;
             let mut check = a.create_label();
             a.set_label(&mut check)?;
-            a.test(dword_ptr(reg), mask)?;
+            a.test(dword_ptr(out_reg_var(reg)), mask)?;
             a.jz(done)?;
             a.cmp(dword_ptr(V_SUB), MAX_SUBLEAF)?;
             a.jae(done)?;
@@ -914,7 +832,7 @@ fn emit_subleaf_rule(
         }
         Subleaves::Bitmap { reg } => {
             a.call(l.query_emit)?;
-            a.mov(eax, dword_ptr(reg))?;
+            a.mov(eax, dword_ptr(out_reg_var(reg)))?;
             a.mov(dword_ptr(V_SUBLIM), eax)?;
             let mut next = a.create_label();
             a.set_label(&mut next)?;
@@ -1108,18 +1026,23 @@ fn heartbeat_image() -> Result<Vec<u8>, IcedError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The aarch64 ID-register probe (src/arm/firmware.rs holds the encoder and the program, shared
+// The aarch64 ID-register probe (src/aarch64/probe/firmware.rs holds the encoder and the program, shared
 // with the library so both are unit-tested there)
 // ---------------------------------------------------------------------------------------------
 
-// The shared file also carries library API the build script does not call.
+// The shared files also carry library API the build script does not call. The register table
+// is the firmware's sibling module here as in the crate.
 #[allow(dead_code)]
-#[path = "src/arm/firmware.rs"]
+#[path = "src/aarch64/probe/firmware.rs"]
 mod arm_firmware;
+#[allow(dead_code)]
+#[path = "src/aarch64/sysregs.rs"]
+mod sysregs;
 
 /// The aarch64 probe for QEMU's `virt` machine (`-bios`, entered at EL1 in flash at 0x0).
 fn arm_probe_image() -> Result<Vec<u8>, IcedError> {
-    println!("cargo:rerun-if-changed=src/arm/firmware.rs");
+    println!("cargo:rerun-if-changed=src/aarch64/probe/firmware.rs");
+    println!("cargo:rerun-if-changed=src/aarch64/sysregs.rs");
     match arm_firmware::probe_image() {
         Ok(image) => Ok(image),
         Err(e) => panic!("build.rs: assembling probe-aarch64.bin failed: {e}"),

@@ -17,12 +17,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cpuguard::baseline::{CpuDef, HostCpu, HostSource};
-use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::fingerprint::{Fingerprint, HostFacts};
 use cpuguard::matrix::{Bundle, BundleEntry, BUNDLE_FORMAT, BUNDLE_VERSION};
 use cpuguard::plan::{Inventory, InventoryDomain, InventoryStamp, INVENTORY_FORMAT};
-use cpuguard::probe::run::{probe_run, ProbeOptions};
+use cpuguard::x86_64::probe::{probe_run, ProbeOptions};
+use cpuguard::x86_64::CpuidTable;
 
 const EMULATOR: &str = "/usr/bin/qemu-system-x86_64";
 const BIN: &str = env!("CARGO_BIN_EXE_cpuguard");

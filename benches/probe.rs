@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use cpuguard::config::Config;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::measure;
-use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS, PROBE_FLOOR_X86};
-use cpuguard::probe::run::{probe_run, ProbeOptions};
+use cpuguard::x86_64::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS, PROBE_FLOOR_X86};
+use cpuguard::x86_64::probe::{probe_run, ProbeOptions};
 
 #[path = "../tests/support/kvm.rs"]
 mod kvm;
@@ -138,7 +138,7 @@ fn main() {
         // directory, image, result, clean-up).
         let mut in_qemu = vec![Vec::new(); n];
         let text_opts = ProbeOptions {
-            firmware: cpuguard::probe::Firmware::Text,
+            firmware: cpuguard::x86_64::probe::Firmware::Text,
             ..opts.clone()
         };
         for round in 0..rounds {
@@ -255,8 +255,9 @@ const EMULATOR_AARCH64: &str = "/usr/bin/qemu-system-aarch64";
 
 /// The aarch64 probe beside a bare start-to-quit, per CPU model, round-robin.
 fn aarch64(work: &Path, rounds: usize) {
-    use cpuguard::arm::probe::probe_args;
-    use cpuguard::arm::{firmware, ArmCpu, ArmProbeConfig, ArmProbeOptions};
+    use cpuguard::aarch64::probe::firmware;
+    use cpuguard::aarch64::probe::probe_args;
+    use cpuguard::aarch64::{ArmCpu, ArmProbeConfig, ArmProbeOptions};
     if !Path::new(EMULATOR_AARCH64).exists() {
         println!("\naarch64: {EMULATOR_AARCH64} missing, skipped");
         return;
@@ -289,13 +290,13 @@ fn aarch64(work: &Path, rounds: usize) {
     let mut probe: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
     for c in &configs {
         bare_run(c);
-        cpuguard::arm::probe(c, &opts).expect("warm-up aarch64 probe");
+        cpuguard::aarch64::probe(c, &opts).expect("warm-up aarch64 probe");
     }
     for _ in 0..rounds {
         for (i, c) in configs.iter().enumerate() {
             bare[i].push(bare_run(c));
             let start = Instant::now();
-            cpuguard::arm::probe(c, &opts).expect("aarch64 probe");
+            cpuguard::aarch64::probe(c, &opts).expect("aarch64 probe");
             probe[i].push(start.elapsed());
         }
     }

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+use crate::arch::Arch;
 use crate::domain::tree::Element;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -424,13 +425,15 @@ pub fn common_arch(hosts: &[HostCpu]) -> Result<String, BaselineError> {
             });
         }
     }
-    if !matches!(first.arch.as_str(), "x86_64" | "i686") {
-        return Err(BaselineError::NotX86 {
+    // Host architectures come from capabilities and may be any libvirt knows: only x86 ones
+    // have a cpu_map to baseline against.
+    match Arch::from_name(&first.arch) {
+        Some(Arch::X86_64 | Arch::I686) => Ok(first.arch.clone()),
+        Some(Arch::Aarch64) | None => Err(BaselineError::NotX86 {
             origin: first.origin.clone(),
             found: first.arch.clone(),
-        });
+        }),
     }
-    Ok(first.arch.clone())
 }
 
 /// libvirt's x86 CPU models: each model's feature names.

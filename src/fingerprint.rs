@@ -1,5 +1,5 @@
 //! The fingerprint: what a guest with one domain's CPU configuration sees on one host (CPUID on
-//! x86, ID registers on aarch64: see `guest_view`), as stored on disk (JSON) and compared between
+//! x86, ID registers on aarch64: see `view`), as stored on disk (JSON) and compared between
 //! source and destination.
 //!
 //! The digest covers only the normalized table, so two hosts offering a guest the same CPU have
@@ -10,15 +10,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cpuid::dump::{detect_format, parse_dump_as, DumpFormat};
-use crate::cpuid::features::FeatureMap;
-use crate::cpuid::table::CpuidTable;
-use crate::guest_view::{diff as view_diff, Arch, GuestView, Tables, ViewDiff, ViewError};
+use crate::view::{diff as view_diff, Arch, GuestView, Tables, ViewDiff, ViewError};
+use crate::x86_64::dump::{detect_format, parse_dump_as, DumpFormat};
+use crate::x86_64::features::FeatureMap;
+use crate::x86_64::table::CpuidTable;
+pub use crate::x86_64::user_mode::{UserModeCpuid, UserModeDifference};
 
 /// Bumped whenever the JSON layout, the masks or the digest's serialization change: fingerprints
 /// of another version are re-measured, never compared. Version 2 added `arch` (aarch64 ID
-/// registers beside x86 CPUID).
-pub const FORMAT_VERSION: u32 = 2;
+/// registers beside x86 CPUID). Defined beside the digest text it also versions.
+pub use crate::view::FORMAT_VERSION;
 
 /// Facts about the host a fingerprint was measured on; for the operator and the cache key, not
 /// part of the digest.
@@ -108,83 +109,6 @@ pub struct Fingerprint {
     /// user-mode pass). A fact of the host, not of the guest's CPU: not part of the digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_mode: Option<UserModeCpuid>,
-}
-
-/// The probe's user-mode pass: CPUID read at CPL3 against the table read at CPL0.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserModeCpuid {
-    /// The (leaf, sub-leaf) pairs compared; empty when the guest CPU has no long mode (the
-    /// pass runs where 64-bit guest applications run).
-    pub compared: Vec<(u32, u32)>,
-    /// Those whose answer differs at CPL3.
-    pub differing: Vec<UserModeDifference>,
-}
-
-/// One leaf whose CPL3 answer is not the kernel's: EAX, EBX, ECX, EDX at each level.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserModeDifference {
-    /// The CPUID leaf (EAX input).
-    pub leaf: u32,
-    /// The sub-leaf (ECX input); 0 for leaves without sub-leaves.
-    pub subleaf: u32,
-    /// EAX, EBX, ECX, EDX as the guest kernel read them (CPL0).
-    pub kernel: [u32; 4],
-    /// EAX, EBX, ECX, EDX as guest user space read them (CPL3).
-    pub user: [u32; 4],
-}
-
-impl UserModeCpuid {
-    /// Compares the CPL3 answers with the CPL0 table; a leaf the table lacks (beyond the maximum
-    /// leaf) is not compared.
-    pub fn compare(table: &CpuidTable, user: &[crate::cpuid::CpuidEntry]) -> Self {
-        let regs = |e: &crate::cpuid::CpuidEntry| [e.eax, e.ebx, e.ecx, e.edx];
-        let mut out = UserModeCpuid {
-            compared: Vec::new(),
-            differing: Vec::new(),
-        };
-        for u in user {
-            let Some(k) = table.get(u.leaf, u.subleaf) else {
-                continue;
-            };
-            out.compared.push((u.leaf, u.subleaf));
-            if regs(k) != regs(u) {
-                out.differing.push(UserModeDifference {
-                    leaf: u.leaf,
-                    subleaf: u.subleaf,
-                    kernel: regs(k),
-                    user: regs(u),
-                });
-            }
-        }
-        out
-    }
-
-    /// True when any compared leaf answers user space differently from the kernel.
-    pub fn differs(&self) -> bool {
-        !self.differing.is_empty()
-    }
-
-    /// One line per differing leaf: `CPUID.0x1.0 kernel eax=… user eax=…`.
-    pub fn lines(&self) -> Vec<String> {
-        self.differing
-            .iter()
-            .map(|d| {
-                let show = |r: [u32; 4]| {
-                    format!(
-                        "eax={:08x} ebx={:08x} ecx={:08x} edx={:08x}",
-                        r[0], r[1], r[2], r[3]
-                    )
-                };
-                format!(
-                    "CPUID.{:#x}.{}: kernel {} / user {}",
-                    d.leaf,
-                    d.subleaf,
-                    show(d.kernel),
-                    show(d.user)
-                )
-            })
-            .collect()
-    }
 }
 
 /// Why a fingerprint, table or dump could not be read, or was refused. `origin` names the input
@@ -425,7 +349,7 @@ pub fn parse_input(text: &str, origin: &str) -> Result<Input, FingerprintError> 
         origin: origin.to_string(),
         source,
     };
-    if crate::arm::probe::is_transcript(text) {
+    if crate::aarch64::probe::is_transcript(text) {
         let view = GuestView::parse_text(text).map_err(dump_error)?;
         return Ok(Input::Dump {
             format: DumpKind::Aarch64Probe,
@@ -466,7 +390,7 @@ pub fn diff_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpuid::table::{CpuidEntry, MsrEntry};
+    use crate::x86_64::table::{CpuidEntry, MsrEntry};
 
     fn raw() -> CpuidTable {
         let e = |leaf, subleaf, eax, ebx, ecx, edx| CpuidEntry {
@@ -583,7 +507,7 @@ mod tests {
         assert_eq!(input.raw(), fp.raw());
         assert_eq!(input.into_fingerprint().digest, fp.digest);
 
-        let dump = crate::cpuid::dump::write_dump(&raw());
+        let dump = crate::x86_64::dump::write_dump(&raw());
         let input = parse_input(&dump, "c").unwrap();
         assert!(matches!(
             input,
@@ -622,7 +546,7 @@ mod tests {
         std::fs::write(&a, fp.to_json().unwrap()).unwrap();
         let mut lacking = raw();
         lacking.entries[0].ecx &= !0x20; // leaf 1 (first entry before canonicalizing): vmx
-        std::fs::write(&b, crate::cpuid::dump::write_dump(&lacking)).unwrap();
+        std::fs::write(&b, crate::x86_64::dump::write_dump(&lacking)).unwrap();
         let map = FeatureMap::parse(
             "<cpus><feature name='vmx'><cpuid eax_in='0x01' ecx='0x00000020'/></feature></cpus>",
             "map",
@@ -642,15 +566,15 @@ mod tests {
 
     #[test]
     fn aarch64_inputs_and_fingerprints() {
-        let mut regs: Vec<crate::arm::ArmIdReg> = crate::arm::firmware::PROBED_REGISTERS
+        let mut regs: Vec<crate::aarch64::ArmIdReg> = crate::aarch64::sysregs::REGISTERS
             .iter()
-            .map(|r| crate::arm::ArmIdReg {
+            .map(|r| crate::aarch64::ArmIdReg {
                 name: r.name.to_string(),
                 value: Some(0x11),
             })
             .collect();
         regs[0].value = None;
-        let table = crate::arm::ArmIdTable { regs };
+        let table = crate::aarch64::ArmIdTable { regs };
         let fp = Fingerprint::new(host(), serde_json::Value::Null, table.clone());
         assert_eq!(fp.arch(), Arch::Aarch64);
         assert!(fp.x86_raw().is_none());
@@ -658,7 +582,7 @@ mod tests {
         assert!(json.contains("\"arch\": \"aarch64\""), "{json}");
         assert_eq!(Fingerprint::from_json(&json, "arm.json").unwrap(), fp);
 
-        let transcript = crate::arm::probe::write_transcript(&table);
+        let transcript = crate::aarch64::probe::write_transcript(&table);
         let input = parse_input(&transcript, "t").unwrap();
         assert!(matches!(
             input,

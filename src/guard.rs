@@ -3,11 +3,11 @@
 
 use crate::audit::escape;
 use crate::config::{PolicyConfig, Verdict};
-use crate::cpuid::FeatureMap;
 use crate::domain::metadata::{DomainPolicy, Stamp};
 use crate::fingerprint::Fingerprint;
-use crate::guest_view::{diff, GuestView, ViewDiff};
 use crate::incoming::Origin;
+use crate::view::{diff, GuestView, ViewDiff};
+use crate::x86_64::FeatureMap;
 
 /// What the prepare phase does with an incoming guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,9 +350,9 @@ fn judge_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpuid::dump::write_dump;
-    use crate::cpuid::{parse_dump, CpuidTable};
     use crate::fingerprint::HostFacts;
+    use crate::x86_64::dump::write_dump;
+    use crate::x86_64::{parse_dump, CpuidTable};
 
     fn features() -> FeatureMap {
         FeatureMap::load_default().expect("libvirt's cpu_map is installed (libvirt-daemon)")
@@ -643,7 +643,7 @@ mod tests {
     fn refusal_names_what_qemu_dropped_here() {
         let s = stamp(SRC);
         let mut local = fingerprint(&SRC.replace("fffa3223", "fffa3203"));
-        local.filtered = crate::probe::run::filtered_features(
+        local.filtered = crate::x86_64::probe::filtered_features(
             "qemu-system-x86_64: warning: host doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]\n",
         );
         let Decision::Refuse { reason, message } =
@@ -808,10 +808,10 @@ mod tests {
         );
     }
 
-    fn arm_table(isar0: u64, mpidr: u64) -> crate::arm::ArmIdTable {
-        let regs = crate::arm::firmware::PROBED_REGISTERS
+    fn arm_table(isar0: u64, mpidr: u64) -> crate::aarch64::ArmIdTable {
+        let regs = crate::aarch64::sysregs::REGISTERS
             .iter()
-            .map(|r| crate::arm::ArmIdReg {
+            .map(|r| crate::aarch64::ArmIdReg {
                 name: r.name.to_string(),
                 value: Some(match r.name {
                     "MIDR_EL1" => 0x411f_d070,
@@ -821,10 +821,10 @@ mod tests {
                 }),
             })
             .collect();
-        crate::arm::ArmIdTable { regs }
+        crate::aarch64::ArmIdTable { regs }
     }
 
-    fn arm_stamp(table: &crate::arm::ArmIdTable) -> Stamp {
+    fn arm_stamp(table: &crate::aarch64::ArmIdTable) -> Stamp {
         let view = GuestView::from(table.clone());
         let el = crate::domain::metadata::stamp_element_bound(
             "a",

@@ -4,18 +4,17 @@
 //! protocol and the operator CLI. Nothing in this crate links libvirt, so the hook path stays as
 //! cheap as a trivial binary (libvirt costs ~14 ms per exec just to load).
 
-pub mod arm;
+pub mod aarch64;
+pub mod arch;
 pub mod audit;
 pub mod baseline;
 pub mod cache;
 pub mod cli;
 pub mod config;
-pub mod cpuid;
 pub mod domain;
 pub mod fingerprint;
 pub mod fsutil;
 pub mod guard;
-pub mod guest_view;
 pub mod helper;
 pub mod hook;
 pub mod incoming;
@@ -27,6 +26,9 @@ pub mod measure;
 pub mod plan;
 pub mod probe;
 pub mod process;
+pub mod qemu;
 pub mod report;
 pub mod signature;
 pub mod stamp;
+pub mod view;
+pub mod x86_64;

@@ -18,11 +18,11 @@
 
 use serde_json::Value;
 
-use crate::arm::idregs::ArmIdTable;
-use crate::cpuid::features::{FeatureBit, FeatureMap};
-use crate::cpuid::table::{CpuidTable, Register};
+use crate::aarch64::ArmIdTable;
 use crate::fingerprint::Fingerprint;
-use crate::guest_view::GuestView;
+use crate::view::GuestView;
+use crate::x86_64::features::{FeatureBit, FeatureMap};
+use crate::x86_64::table::{CpuidTable, Register};
 
 /// QOM properties of an x86 vCPU this check reads; every one exists in QEMU since 1.x.
 pub const X86_PROPERTIES: &[&str] = &[

@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::arch::Arch;
+use crate::baseline::HostCpu;
 use crate::cache::Cache;
-use crate::cpuid::features::FeatureMap;
 use crate::fingerprint::{compare, Fingerprint};
+use crate::view::GuestView;
+use crate::x86_64::features::FeatureMap;
 
 /// The `format` every bundle carries, so another JSON file is refused by name.
 pub const BUNDLE_FORMAT: &str = "cpuguard-fingerprints";
@@ -198,7 +201,7 @@ pub fn load_bundle(path: &Path) -> Result<Bundle, MatrixError> {
 /// Fingerprint tables already verified, by digest: an entry whose tables equal one of them is
 /// verified by that comparison (hosts of one CPU generation export identical fingerprints, and
 /// recomputing normalization and digest is most of loading a large fleet's bundles).
-pub type Verified = std::collections::HashMap<String, crate::guest_view::Tables>;
+pub type Verified = std::collections::HashMap<String, crate::view::Tables>;
 
 /// The typed x86-only layout of a bundle, read in one pass without the tagged-enum buffering
 /// [`Fingerprint`]'s flattened tables need; `None` for anything else (aarch64 entries, other
@@ -209,10 +212,10 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
         format_version: u32,
         host: crate::fingerprint::HostFacts,
         config: serde_json::Value,
-        arch: String,
-        raw: crate::cpuid::CpuidTable,
-        normalized: crate::cpuid::CpuidTable,
-        masks: Vec<crate::cpuid::normalize::Mask>,
+        arch: Arch,
+        raw: crate::x86_64::CpuidTable,
+        normalized: crate::x86_64::CpuidTable,
+        masks: Vec<crate::x86_64::normalize::Mask>,
         digest: String,
     }
     #[derive(Deserialize)]
@@ -233,7 +236,10 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
     let fast: Fast = serde_json::from_str(text).ok()?;
     if fast.format != BUNDLE_FORMAT
         || !readable_version(fast.version.into())
-        || fast.entries.iter().any(|e| e.fingerprint.arch != "x86_64")
+        || fast
+            .entries
+            .iter()
+            .any(|e| e.fingerprint.arch != Arch::X86_64)
     {
         return None;
     }
@@ -252,7 +258,7 @@ fn fast_x86_bundle(text: &str) -> Option<Bundle> {
                     format_version: e.fingerprint.format_version,
                     host: e.fingerprint.host,
                     config: e.fingerprint.config,
-                    tables: crate::guest_view::Tables::X86 {
+                    tables: crate::view::Tables::X86 {
                         raw: e.fingerprint.raw,
                         normalized: e.fingerprint.normalized,
                         masks: e.fingerprint.masks,
@@ -339,14 +345,62 @@ fn verified(path: &Path, bundle: Bundle, memo: &mut Verified) -> Result<Bundle, 
     Ok(bundle)
 }
 
+/// A file's text, refusing files over `limit` bytes.
+pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > limit {
+        return Err(format!("larger than {limit} bytes"));
+    }
+    Ok(text)
+}
+
+/// A destination's fingerprints, reduced to what the plan compares.
+pub struct HostViews {
+    /// The destination's name, from its bundle.
+    pub hostname: String,
+    /// What the bundle says of the host's CPU (None in version 1 bundles).
+    pub host_cpu: Option<HostCpu>,
+    /// configuration (canonical JSON text) -> (digest, measured_at_unix, raw view) of the newest
+    /// measurement.
+    pub views: HashMap<String, (String, u64, GuestView)>,
+}
+
+impl HostViews {
+    /// Keeps the newest verified measurement per configuration and drops the rest of the bundle.
+    pub fn of(bundle: Bundle) -> HostViews {
+        let mut views: HashMap<String, (String, u64, GuestView)> = HashMap::new();
+        for entry in bundle.entries {
+            let text = configuration_of(&entry.key).to_string();
+            let newer = views
+                .get(&text)
+                .is_none_or(|(_, at, _)| entry.measured_at_unix > *at);
+            if newer {
+                let raw = entry.fingerprint.raw();
+                views.insert(
+                    text,
+                    (entry.fingerprint.digest, entry.measured_at_unix, raw),
+                );
+            }
+        }
+        HostViews {
+            hostname: bundle.hostname,
+            host_cpu: bundle.host_cpu,
+            views,
+        }
+    }
+}
+
 /// Loads destination bundles for a plan, reduced to one view per configuration, on one thread per
 /// core, at most four (parsing and verifying fingerprints is most of a large plan's time).
-pub fn load_host_views(
-    files: &[PathBuf],
-) -> Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError> {
+pub fn load_host_views(files: &[PathBuf]) -> Result<Vec<(PathBuf, HostViews)>, MatrixError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     let chunk = files.len().div_ceil(threads).max(1);
-    let results: Vec<Result<Vec<(PathBuf, crate::plan::HostViews)>, MatrixError>> =
+    let results: Vec<Result<Vec<(PathBuf, HostViews)>, MatrixError>> =
         std::thread::scope(|scope| {
             let handles: Vec<_> = files
                 .chunks(chunk)
@@ -360,7 +414,7 @@ pub fn load_host_views(
                                     return Ok((f.clone(), views));
                                 }
                                 load_bundle_with(f, &mut memo)
-                                    .map(|b| (f.clone(), crate::plan::HostViews::of(b)))
+                                    .map(|b| (f.clone(), HostViews::of(b)))
                             })
                             .collect::<Result<Vec<_>, _>>()
                     })
@@ -392,14 +446,14 @@ pub fn load_host_views(
 /// reads and explains it.
 fn fast_host_views(
     path: &Path,
-    memo: &mut HashMap<String, crate::cpuid::CpuidTable>,
-) -> Result<Option<crate::plan::HostViews>, MatrixError> {
+    memo: &mut HashMap<String, crate::x86_64::CpuidTable>,
+) -> Result<Option<HostViews>, MatrixError> {
     // Fields not named here (normalized, masks, host, config) are skipped by the parser.
     #[derive(Deserialize)]
     struct Fp {
         format_version: u32,
-        arch: String,
-        raw: crate::cpuid::CpuidTable,
+        arch: Arch,
+        raw: crate::x86_64::CpuidTable,
         digest: String,
     }
     #[derive(Deserialize)]
@@ -417,11 +471,10 @@ fn fast_host_views(
         host_cpu: Option<crate::baseline::HostCpu>,
         entries: Vec<Entry>,
     }
-    let text =
-        crate::plan::read_bounded(path, MAX_BUNDLE_BYTES).map_err(|reason| MatrixError::Read {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+    let text = read_bounded(path, MAX_BUNDLE_BYTES).map_err(|reason| MatrixError::Read {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let Ok(fast) = serde_json::from_str::<Fast>(&text) else {
         return Ok(None);
     };
@@ -429,7 +482,7 @@ fn fast_host_views(
     if fast.format != BUNDLE_FORMAT
         || !readable_version(fast.version.into())
         || fast.entries.iter().any(|e| {
-            e.fingerprint.arch != "x86_64"
+            e.fingerprint.arch != Arch::X86_64
                 || e.fingerprint.format_version != crate::fingerprint::FORMAT_VERSION
         })
     {
@@ -441,7 +494,7 @@ fn fast_host_views(
         let mut raw = raw;
         raw.canonicalize();
         if memo.get(&digest) != Some(&raw) {
-            let computed = crate::guest_view::Tables::of(raw.clone().into()).digest();
+            let computed = crate::view::Tables::of(raw.clone().into()).digest();
             if computed != digest {
                 return Err(MatrixError::BadEntry {
                     path: path.to_path_buf(),
@@ -452,14 +505,17 @@ fn fast_host_views(
             memo.insert(digest.clone(), raw.clone());
         }
         let text = configuration_of(&entry.key).to_string();
-        let newer = views.get(&text).is_none_or(
-            |(_, at, _): &(String, u64, crate::guest_view::GuestView)| entry.measured_at_unix > *at,
-        );
+        let newer =
+            views
+                .get(&text)
+                .is_none_or(|(_, at, _): &(String, u64, crate::view::GuestView)| {
+                    entry.measured_at_unix > *at
+                });
         if newer {
             views.insert(text, (digest, entry.measured_at_unix, raw.into()));
         }
     }
-    Ok(Some(crate::plan::HostViews {
+    Ok(Some(HostViews {
         hostname: fast.hostname,
         host_cpu: fast.host_cpu,
         views,
@@ -711,8 +767,8 @@ pub fn build(bundles: &[(PathBuf, Bundle)], features: &FeatureMap) -> Result<Mat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpuid::table::{CpuidEntry, CpuidTable};
     use crate::fingerprint::HostFacts;
+    use crate::x86_64::table::{CpuidEntry, CpuidTable};
 
     fn fingerprint(ecx: u32) -> Fingerprint {
         let raw = CpuidTable {
@@ -830,7 +886,7 @@ mod tests {
         std::fs::write(&path, serde_json::to_string(&b).expect("json")).expect("write");
         assert_eq!(load_bundle(&path).expect("load"), b);
         let mut bad = b.clone();
-        if let crate::guest_view::Tables::X86 { raw, .. } = &mut bad.entries[0].fingerprint.tables {
+        if let crate::view::Tables::X86 { raw, .. } = &mut bad.entries[0].fingerprint.tables {
             raw.entries[1].ecx = 0;
         }
         std::fs::write(&path, serde_json::to_string(&bad).expect("json")).expect("write");

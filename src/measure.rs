@@ -17,11 +17,10 @@ use crate::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
 use crate::config::Config;
 use crate::domain::guest::{Accel, GuestCpuConfig, GuestError};
 use crate::fingerprint::{Fingerprint, HostFacts};
-use crate::probe::probe_view_running;
-use crate::probe::qemu_args::accel_name;
-use crate::probe::run::{
-    emulator_version, executable_version, resolve_emulator, ProbeError, ProbeOptions,
-};
+use crate::probe::{probe_view_running, resolve_emulator, ProbeError, ProbeOptions};
+use crate::qemu::emulator::EmulatorError;
+use crate::qemu::{emulator_version, executable_version, RunError};
+use crate::x86_64::probe::args::accel_name;
 
 /// Where libvirt keeps what it learnt probing each emulator (one XML file per binary).
 pub const LIBVIRT_QEMU_CAPS_DIR: &str = "/var/cache/libvirt/qemu/capabilities";
@@ -41,6 +40,13 @@ pub enum MeasureError {
     /// the probe's error).
     #[error("{0}")]
     Cache(#[from] CacheError),
+}
+
+impl From<RunError> for MeasureError {
+    /// Running `--version` is part of the probe, for the operator as for the audit trail.
+    fn from(e: RunError) -> Self {
+        MeasureError::Probe(e.into())
+    }
 }
 
 /// A fingerprint and how it was obtained.
@@ -138,10 +144,10 @@ pub fn for_running_domain(
 fn check_running_binary(path: &Path) -> Result<(), ProbeError> {
     use std::os::unix::fs::MetadataExt;
     let bad = |reason: String| {
-        ProbeError::Emulator(crate::probe::emulator::EmulatorError::Inaccessible {
+        ProbeError::Run(RunError::Emulator(EmulatorError::Inaccessible {
             path: path.display().to_string(),
             reason,
-        })
+        }))
     };
     let meta = fs::metadata(path).map_err(|e| bad(e.to_string()))?;
     if !meta.is_file() {

@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::baseline::{CpuMap, HostCpu, Report};
-use crate::cpuid::FeatureMap;
 use crate::domain::document::DomainDocument;
 use crate::domain::guest::GuestCpuConfig;
 use crate::domain::metadata::Stamp;
-use crate::guest_view::{diff, GuestView};
-use crate::matrix::{configuration_of, label, Bundle};
+use crate::matrix::{configuration_of, label, read_bounded, HostViews};
+use crate::view::{diff, GuestView};
+use crate::x86_64::FeatureMap;
 
 /// The `format` every inventory carries, so another JSON file is refused by name.
 pub const INVENTORY_FORMAT: &str = "cpuguard-inventory";
@@ -185,20 +185,6 @@ pub fn load_inventory(path: &Path) -> Result<Inventory, PlanError> {
     serde_json::from_str(&text).map_err(|e| not(e.to_string()))
 }
 
-/// A file's text, refusing files over `limit` bytes.
-pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut text = String::new();
-    file.take(limit + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
-    if text.len() as u64 > limit {
-        return Err(format!("larger than {limit} bytes"));
-    }
-    Ok(text)
-}
-
 /// What a destination would say about one VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -334,42 +320,6 @@ pub struct Plan {
     pub vms: Vec<VmPlan>,
     /// The totals and the blocked groups.
     pub summary: Summary,
-}
-
-/// A destination's fingerprints, reduced to what the plan compares.
-pub struct HostViews {
-    /// The destination's name, from its bundle.
-    pub hostname: String,
-    /// What the bundle says of the host's CPU (None in version 1 bundles).
-    pub host_cpu: Option<HostCpu>,
-    /// configuration (canonical JSON text) -> (digest, measured_at_unix, raw view) of the newest
-    /// measurement.
-    pub views: HashMap<String, (String, u64, GuestView)>,
-}
-
-impl HostViews {
-    /// Keeps the newest verified measurement per configuration and drops the rest of the bundle.
-    pub fn of(bundle: Bundle) -> HostViews {
-        let mut views: HashMap<String, (String, u64, GuestView)> = HashMap::new();
-        for entry in bundle.entries {
-            let text = configuration_of(&entry.key).to_string();
-            let newer = views
-                .get(&text)
-                .is_none_or(|(_, at, _)| entry.measured_at_unix > *at);
-            if newer {
-                let raw = entry.fingerprint.raw();
-                views.insert(
-                    text,
-                    (entry.fingerprint.digest, entry.measured_at_unix, raw),
-                );
-            }
-        }
-        HostViews {
-            hostname: bundle.hostname,
-            host_cpu: bundle.host_cpu,
-            views,
-        }
-    }
 }
 
 /// Builds the plan of every inventory's VMs against every destination.

@@ -6,10 +6,11 @@
 
 use serde_json::{json, Value};
 
-use crate::arm::{ArmIdTable, Midr};
-use crate::cpuid::diff::{Diff, FieldChange};
-use crate::cpuid::CpuidTable;
-use crate::guest_view::{GuestView, ViewDiff};
+use crate::aarch64::{ArmIdTable, Midr};
+use crate::arch::Arch;
+use crate::view::{GuestView, ViewDiff};
+use crate::x86_64::diff::{Diff, FieldChange};
+use crate::x86_64::CpuidTable;
 
 /// Bumped whenever a field changes meaning or goes away (adding fields does not bump it).
 pub const SCHEMA_VERSION: u32 = 1;
@@ -45,7 +46,7 @@ fn x86_identity(table: &CpuidTable) -> Value {
         None => (None, None, None),
     };
     json!({
-        "arch": "x86_64",
+        "arch": Arch::X86_64,
         "vendor": vendor,
         "brand": brand,
         "family": family,
@@ -57,7 +58,7 @@ fn x86_identity(table: &CpuidTable) -> Value {
     })
 }
 
-pub use crate::cpuid::diff::display_family_model_stepping;
+pub use crate::x86_64::diff::display_family_model_stepping;
 
 /// The ASCII string held in `words` (little-endian), without trailing NULs and blanks; `None`
 /// when nothing is left (an all-zero vendor).
@@ -82,7 +83,7 @@ fn arm_identity(table: &ArmIdTable) -> Value {
     let midr = table.get("MIDR_EL1");
     let decoded = midr.map(Midr::decode);
     json!({
-        "arch": "aarch64",
+        "arch": Arch::Aarch64,
         "midr_el1": midr,
         "implementer": decoded.as_ref().map(|m| m.implementer),
         "part": decoded.as_ref().map(|m| m.part),
@@ -103,7 +104,7 @@ pub fn diff(d: &ViewDiff) -> Value {
     let body = match d {
         ViewDiff::X86(x) => x86_diff(x),
         ViewDiff::Aarch64(a) => {
-            let list = |v: &[crate::arm::FieldChange]| -> Vec<Value> {
+            let list = |v: &[crate::aarch64::RegisterChange]| -> Vec<Value> {
                 v.iter()
                     .map(|c| {
                         json!({
@@ -119,7 +120,7 @@ pub fn diff(d: &ViewDiff) -> Value {
                     .collect()
             };
             json!({
-                "arch": "aarch64",
+                "arch": Arch::Aarch64,
                 "summary": summary(a.lost.len(), a.gained.len(), a.changed.len(), a.informational.len(), 0),
                 "lost": list(&a.lost),
                 "gained": list(&a.gained),
@@ -160,7 +161,7 @@ fn summary(lost: usize, gained: usize, changed: usize, info: usize, masked: usiz
 }
 
 fn x86_diff(d: &Diff) -> Value {
-    let features = |v: &[crate::cpuid::diff::FeatureChange]| -> Vec<Value> {
+    let features = |v: &[crate::x86_64::diff::FeatureChange]| -> Vec<Value> {
         v.iter()
             .map(|c| {
                 let mut o = serde_json::to_value(c.location).unwrap_or(Value::Null);
@@ -174,7 +175,7 @@ fn x86_diff(d: &Diff) -> Value {
     };
     let fields = |v: &[FieldChange]| -> Vec<Value> { v.iter().map(field).collect() };
     json!({
-        "arch": "x86_64",
+        "arch": Arch::X86_64,
         "summary": summary(d.lost.len(), d.gained.len(), d.fields.len(), d.informational.len(), d.masked.len()),
         "lost": features(&d.lost),
         "gained": features(&d.gained),
@@ -235,7 +236,7 @@ pub fn diff_document(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpuid::CpuidEntry;
+    use crate::x86_64::CpuidEntry;
 
     #[test]
     fn identity_names_vendor_brand_and_signature_and_none_for_empty() {

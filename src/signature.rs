@@ -16,7 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::domain::metadata::Stamp;
-use crate::guest_view::GuestView;
+use crate::view::GuestView;
 
 /// The key file's default place.
 pub const DEFAULT_KEY_FILE: &str = "/etc/cpuguard/fleet.key";

@@ -11,7 +11,7 @@ use gate::Need;
 use std::path::Path;
 
 use cpuguard::fingerprint::Fingerprint;
-use cpuguard::guest_view::{Arch, Tables};
+use cpuguard::view::{Arch, Tables};
 
 #[path = "support/operator.rs"]
 mod operator;

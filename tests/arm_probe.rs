@@ -11,8 +11,9 @@ use gate::Need;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cpuguard::arm::{self, ArmCpu, ArmIdTable, ArmProbeConfig, ArmProbeOptions, Midr};
+use cpuguard::aarch64::{self, ArmCpu, ArmIdTable, ArmProbeConfig, ArmProbeOptions, Midr};
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
+use cpuguard::view::GuestView;
 
 const QEMU_ARM: &str = "/usr/bin/qemu-system-aarch64";
 const QEMU_X86: &str = "/usr/bin/qemu-system-x86_64";
@@ -35,8 +36,8 @@ fn model(name: &str) -> ArmProbeConfig {
 
 /// Probes twice, checks both runs agree, prints the wall times.
 fn stable(config: &ArmProbeConfig) -> ArmIdTable {
-    let first = arm::probe_run(config, &options()).unwrap();
-    let second = arm::probe_run(config, &options()).unwrap();
+    let first = aarch64::probe_run(config, &options()).unwrap();
+    let second = aarch64::probe_run(config, &options()).unwrap();
     println!(
         "aarch64 probe wall time {:?} / {:?} for -cpu {:?}",
         first.wall_time, second.wall_time, config.cpu
@@ -46,15 +47,12 @@ fn stable(config: &ArmProbeConfig) -> ArmIdTable {
         "two runs of {:?} differ",
         config.cpu
     );
-    assert_eq!(
-        first.table.regs.len(),
-        arm::firmware::PROBED_REGISTERS.len()
-    );
+    assert_eq!(first.table.regs.len(), aarch64::sysregs::REGISTERS.len());
     first.table
 }
 
 fn field(table: &ArmIdTable, reg: &str, name: &str) -> u64 {
-    let def = arm::idregs::register_def(reg).unwrap();
+    let def = aarch64::sysregs::register_def(reg).unwrap();
     let f = def.fields.iter().find(|f| f.name == name).unwrap();
     f.extract(table.get(reg).unwrap_or_else(|| panic!("{reg} absent")))
 }
@@ -100,12 +98,12 @@ fn models_are_stable_identified_and_differ_by_field() {
     assert_eq!(field(&a57, "ID_AA64PFR0_EL1", "EL3"), 0);
     // The MPIDR of vCPU 0: affinity 0, RES1 bit 31 set.
     assert_eq!(
-        a57.get("MPIDR_EL1").unwrap() & arm::idregs::MPIDR_AFFINITY,
+        a57.get("MPIDR_EL1").unwrap() & aarch64::normalize::MPIDR_AFFINITY,
         0
     );
     assert_ne!(a57.get("MPIDR_EL1").unwrap() & (1 << 31), 0);
 
-    let digests = [a57.digest(), a72.digest(), a53.digest(), max.digest()];
+    let digests = [&a57, &a72, &a53, &max].map(|t| GuestView::from(t.clone()).digest());
     for (i, a) in digests.iter().enumerate() {
         for b in &digests[i + 1..] {
             assert_ne!(a, b, "two models share a fingerprint");
@@ -113,7 +111,7 @@ fn models_are_stable_identified_and_differ_by_field() {
     }
 
     // A57 -> max: the diff names SVE as gained; max -> A57 names it lost, with the ISA fields.
-    let up = arm::diff_normalized(&a57, &max);
+    let up = aarch64::diff(&a57, &max);
     let up_lines = up.lines();
     println!("cortex-a57 -> max:\n  {}", up_lines.join("\n  "));
     assert!(up_lines
@@ -126,7 +124,7 @@ fn models_are_stable_identified_and_differ_by_field() {
                 .iter()
                 .all(|c| c.register != "ID_AA64PFR0_EL1" || c.field != "SVE")
     );
-    let down = arm::diff_normalized(&max, &a57);
+    let down = aarch64::diff(&max, &a57);
     let down_lines = down.lines();
     assert!(down_lines
         .iter()
@@ -146,7 +144,7 @@ fn models_are_stable_identified_and_differ_by_field() {
     );
 
     // A57 -> A72: same features under QEMU, different identity: only "changed" MIDR fields.
-    let sideways = arm::diff_normalized(&a57, &a72);
+    let sideways = aarch64::diff(&a57, &a72);
     println!(
         "cortex-a57 -> cortex-a72:\n  {}",
         sideways.lines().join("\n  ")
@@ -159,7 +157,7 @@ fn models_are_stable_identified_and_differ_by_field() {
 
     // A57 -> A53: the A53 has a smaller L1 data cache line (CTR_EL0.CWG/ERG differ) and other MMU
     // features; whatever differs is explained field by field, never as a bare register.
-    let a53_diff = arm::diff_normalized(&a57, &a53);
+    let a53_diff = aarch64::diff(&a57, &a53);
     println!(
         "cortex-a57 -> cortex-a53:\n  {}",
         a53_diff.lines().join("\n  ")
@@ -174,7 +172,7 @@ fn models_are_stable_identified_and_differ_by_field() {
         assert!(!c.field.is_empty(), "unexplained change {}", c.line());
     }
 
-    assert!(arm::diff_normalized(&a57, &a57).is_equivalent());
+    assert!(aarch64::diff(&a57, &a57).is_equivalent());
 }
 
 #[test]
@@ -185,8 +183,8 @@ fn smp_changes_only_the_masked_affinity_fields_of_vcpu0() {
     let one = stable(&model("cortex-a72"));
     let mut four = model("cortex-a72");
     four.vcpus = 4;
-    let four = arm::probe(&four, &options()).unwrap();
-    let d = arm::diff_normalized(&one, &four);
+    let four = aarch64::probe(&four, &options()).unwrap();
+    let d = aarch64::diff(&one, &four);
     assert!(d.is_equivalent(), "{:#?}", d.lines());
 }
 
@@ -195,7 +193,7 @@ fn a_model_qemu_does_not_know_is_an_emulator_error_naming_it() {
     if !gate::require(&[Need::Qemu("aarch64")]) {
         return;
     }
-    let err = arm::probe(&model("cortex-z99"), &options()).unwrap_err();
+    let err = aarch64::probe(&model("cortex-z99"), &options()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("cortex-z99"), "{text}");
 }
@@ -207,8 +205,8 @@ fn an_emulator_outside_the_allow_list_is_refused() {
     }
     let mut opts = options();
     opts.allowed_emulators.clear();
-    let err = arm::probe(&model("cortex-a57"), &opts).unwrap_err();
-    assert!(matches!(err, arm::ArmProbeError::Emulator(_)), "{err}");
+    let err = aarch64::probe(&model("cortex-a57"), &opts).unwrap_err();
+    assert!(matches!(err, aarch64::ProbeError::Emulator(_)), "{err}");
 }
 
 #[test]
@@ -223,7 +221,7 @@ fn probe_time_beside_the_x86_probe() {
         } else {
             model(cpu)
         };
-        let run = arm::probe_run(&cfg, &options()).unwrap();
+        let run = aarch64::probe_run(&cfg, &options()).unwrap();
         arm_times.push((cpu, run.wall_time));
     }
     let x86 = if gate::require_part("the x86 probe beside it", &[Need::Qemu("x86_64")]) {
@@ -234,14 +232,14 @@ fn probe_time_beside_the_x86_probe() {
              <devices><emulator>{QEMU_X86}</emulator></devices></domain>"
         );
         let config = GuestCpuConfig::from_domain_xml(&xml).unwrap();
-        let opts = cpuguard::probe::ProbeOptions {
+        let opts = cpuguard::x86_64::probe::ProbeOptions {
             timeout: Duration::from_secs(30),
             allowed_emulators: vec![PathBuf::from(QEMU_X86)],
             accel_override: Some(Accel::Tcg),
             ..Default::default()
         };
         let started = Instant::now();
-        let run = cpuguard::probe::probe_run(&config, &opts).unwrap();
+        let run = cpuguard::x86_64::probe::probe_run(&config, &opts).unwrap();
         assert!(started.elapsed() >= run.wall_time);
         Some(run.wall_time)
     } else {
@@ -269,19 +267,20 @@ fn a_trapping_read_is_reported_absent_and_the_probe_continues() {
     if !gate::require(&[Need::Qemu("aarch64")]) {
         return;
     }
-    use arm::firmware::{program, SysReg, HEADER};
+    use aarch64::probe::firmware::{program, HEADER};
+    use aarch64::sysregs::SysReg;
     const HCR_EL2: SysReg = SysReg::new("HCR_EL2", 3, 4, 1, 1, 0);
     let regs = [
-        arm::firmware::PROBED_REGISTERS[0],
+        aarch64::sysregs::REGISTERS[0],
         HCR_EL2,
-        arm::firmware::PROBED_REGISTERS[3],
+        aarch64::sysregs::REGISTERS[3],
     ];
     let image = program(&regs).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let firmware = dir.path().join("fw.bin");
     let out = dir.path().join("serial.out");
     std::fs::write(&firmware, image).unwrap();
-    let argv = arm::probe::probe_args(&model("cortex-a57"), &firmware, &out).unwrap();
+    let argv = aarch64::probe::probe_args(&model("cortex-a57"), &firmware, &out).unwrap();
     let status = std::process::Command::new("timeout")
         .arg("30")
         .arg(QEMU_ARM)
@@ -301,7 +300,7 @@ fn a_trapping_read_is_reported_absent_and_the_probe_continues() {
     assert!(lines[4].starts_with("R S3_0_C0_C4_0 "), "{text}");
     assert_eq!(lines[5], "END 3");
     // The product parser wants every probed register: this partial list is refused.
-    assert!(arm::probe::parse(text.as_bytes()).is_err());
+    assert!(aarch64::probe::parse(text.as_bytes()).is_err());
 }
 
 /// The path the later wiring takes: a domain XML, its GuestCpuConfig, the probe config.
@@ -319,9 +318,9 @@ fn a_domain_xml_probes_like_the_model() {
     let guest = GuestCpuConfig::from_domain_xml(&xml).unwrap();
     let config = ArmProbeConfig::from_guest(&guest).unwrap();
     assert_eq!(config.vcpus, 2);
-    let from_xml = arm::probe(&config, &options()).unwrap();
-    let direct = arm::probe(&model("cortex-a57"), &options()).unwrap();
-    assert!(arm::diff_normalized(&direct, &from_xml).is_equivalent());
+    let from_xml = aarch64::probe(&config, &options()).unwrap();
+    let direct = aarch64::probe(&model("cortex-a57"), &options()).unwrap();
+    assert!(aarch64::diff(&direct, &from_xml).is_equivalent());
     assert_eq!(Midr::decode(from_xml.get("MIDR_EL1").unwrap()).part, 0xd07);
 }
 
@@ -342,7 +341,7 @@ fn domain_features_and_pmu_switch_change_what_the_probe_sees() {
     };
     let probe_xml = |text: String| {
         let guest = GuestCpuConfig::from_domain_xml(&text).unwrap();
-        arm::probe(&ArmProbeConfig::from_guest(&guest).unwrap(), &options()).unwrap()
+        aarch64::probe(&ArmProbeConfig::from_guest(&guest).unwrap(), &options()).unwrap()
     };
     let plain = probe_xml(xml("", ""));
     let no_sve = probe_xml(xml("", "<feature policy='disable' name='sve'/>"));
@@ -355,7 +354,7 @@ fn domain_features_and_pmu_switch_change_what_the_probe_sees() {
         "max has a PMU"
     );
     assert_eq!(field(&no_pmu, "ID_AA64DFR0_EL1", "PMUVer"), 0);
-    let d = arm::diff_normalized(&plain, &no_sve);
+    let d = aarch64::diff(&plain, &no_sve);
     assert!(
         d.lost.iter().any(|c| c.subject() == "ID_AA64PFR0_EL1.SVE"),
         "{:?}",

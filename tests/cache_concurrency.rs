@@ -18,9 +18,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cpuguard::cache::{Cache, CacheError, CacheKey, CacheWarning, Source};
-use cpuguard::cpuid::table::{CpuidEntry, CpuidTable};
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::fingerprint::{Fingerprint, HostFacts};
+use cpuguard::x86_64::table::{CpuidEntry, CpuidTable};
 
 /// Set (to a helper's name) in a helper process; see the module comment.
 const ENV_ROLE: &str = "CPUGUARD_CACHE_TEST_ROLE";

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use cpuguard::cache::{Cache, CacheKey, CacheWarning, Source};
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
 use cpuguard::fingerprint::{Fingerprint, HostFacts};
-use cpuguard::probe::emulator::check_emulator;
-use cpuguard::probe::{emulator_version, probe, ProbeError, ProbeOptions};
+use cpuguard::qemu::emulator::check_emulator;
+use cpuguard::qemu::emulator_version;
+use cpuguard::x86_64::probe::{probe, ProbeError, ProbeOptions};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 

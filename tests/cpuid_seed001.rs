@@ -12,12 +12,12 @@ use gate::Need;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cpuguard::cpuid::diff::{diff, Side};
-use cpuguard::cpuid::dump::{parse_dump, parse_unified_diff};
-use cpuguard::cpuid::features::{FeatureBit, FeatureMap, DEFAULT_X86_FEATURES_PATH};
-use cpuguard::cpuid::normalize::normalize;
-use cpuguard::cpuid::table::{CpuidTable, Register};
 use cpuguard::fingerprint::diff_inputs;
+use cpuguard::x86_64::diff::{diff, Side};
+use cpuguard::x86_64::dump::{parse_dump, parse_unified_diff};
+use cpuguard::x86_64::features::{FeatureBit, FeatureMap, DEFAULT_X86_FEATURES_PATH};
+use cpuguard::x86_64::normalize::normalize;
+use cpuguard::x86_64::table::{CpuidTable, Register};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,7 +48,7 @@ fn cpuid_bit(leaf: u32, subleaf: u32, register: Register, bit: u8) -> FeatureBit
 }
 
 /// (name, location) pairs of one side of a diff.
-fn named(changes: &[cpuguard::cpuid::diff::FeatureChange]) -> Vec<(String, FeatureBit)> {
+fn named(changes: &[cpuguard::x86_64::diff::FeatureChange]) -> Vec<(String, FeatureBit)> {
     changes
         .iter()
         .map(|c| (c.name.clone(), c.location))

@@ -7,7 +7,7 @@
 //! - sysfs `midr_el1` and `revidr_el1` equal the probe's MIDR_EL1 and REVIDR_EL1;
 //! - every CPU's "CPU implementer/architecture/variant/part/revision" lines are the probe's
 //!   MIDR_EL1 decoded (`CpuinfoIdentity`);
-//! - the Features names are exactly what `cpuguard::arm::hwcaps` derives from the probe's table
+//! - the Features names are exactly what `support/hwcaps.rs` derives from the probe's table
 //!   for Linux 6.1 with the guest kernel's own configuration, in the kernel's order (`evtstrm`,
 //!   which no ID register decides, is reported, not compared);
 //! - the ID-register features the kernel hides are exactly the exceptions the case states.
@@ -22,6 +22,8 @@ use gate::Need;
 
 #[path = "support/guest_boot.rs"]
 mod guest_boot;
+#[path = "support/hwcaps.rs"]
+mod hwcaps;
 #[path = "support/linux_guest_arm.rs"]
 mod linux_guest_arm;
 
@@ -29,13 +31,14 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cpuguard::arm::hwcaps::{
+use cpuguard::aarch64::sysregs::{FieldKind, REGISTERS};
+use cpuguard::aarch64::{self, ArmCpu, ArmIdTable, ArmProbeConfig, ArmProbeOptions};
+use cpuguard::domain::guest::Accel;
+use cpuguard::view::GuestView;
+use hwcaps::{
     expected_features_for, parse_cpuinfo, AbsentReason, CpuinfoIdentity, KernelConfig,
     DEBIAN_12_KERNEL, HWCAPS,
 };
-use cpuguard::arm::idregs::{FieldKind, REGISTERS};
-use cpuguard::arm::{self, ArmCpu, ArmIdTable, ArmProbeConfig, ArmProbeOptions};
-use cpuguard::domain::guest::Accel;
 
 use linux_guest_arm::{ArmLinuxGuest, GuestRun};
 
@@ -145,8 +148,8 @@ fn fields_without_hwcap(table: &ArmIdTable) -> Vec<String> {
     let read: BTreeSet<(&str, &str)> = HWCAPS
         .iter()
         .flat_map(|h| match &h.source {
-            arm::hwcaps::HwcapSource::Field(rule) => vec![(rule.register, rule.field)],
-            arm::hwcaps::HwcapSource::AnyOf(rules) => {
+            hwcaps::HwcapSource::Field(rule) => vec![(rule.register, rule.field)],
+            hwcaps::HwcapSource::AnyOf(rules) => {
                 rules.iter().map(|r| (r.register, r.field)).collect()
             }
             _ => Vec::new(),
@@ -190,7 +193,7 @@ fn check_case(
     work: &Path,
 ) -> Result<(String, Outcome), String> {
     let cpu = case.cpu;
-    let probe = arm::probe_run(&probe_config(case), &probe_options())
+    let probe = aarch64::probe_run(&probe_config(case), &probe_options())
         .map_err(|e| format!("{cpu}: probe failed: {e}"))?;
     let options = linux_guest_arm::cpu_options(&probe.argv).map_err(|e| format!("{cpu}: {e}"))?;
     let GuestRun {
@@ -272,7 +275,7 @@ fn check_case(
     }
     for name in &comparison.missing {
         let why = match expected.get(name).map(|h| &h.expectation) {
-            Some(arm::hwcaps::Expectation::Present(why)) => why.clone(),
+            Some(hwcaps::Expectation::Present(why)) => why.clone(),
             _ => String::new(),
         };
         problems.push(format!("expected {name} ({why}), guest does not print it"));
@@ -430,8 +433,8 @@ fn linux_guest_cpuinfo_and_sysfs_agree_with_the_probe() {
     for (i, a) in outcomes.iter().enumerate() {
         for b in &outcomes[i + 1..] {
             assert_ne!(
-                a.probe.digest(),
-                b.probe.digest(),
+                GuestView::from(a.probe.clone()).digest(),
+                GuestView::from(b.probe.clone()).digest(),
                 "{} and {} probe alike",
                 a.cpu,
                 b.cpu

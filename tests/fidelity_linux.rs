@@ -25,13 +25,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cpuguard::cpuid::dump::parse_dump_as;
-use cpuguard::cpuid::normalize::standard_masks;
-use cpuguard::cpuid::{
+use cpuguard::domain::guest::{Accel, GuestCpuConfig};
+use cpuguard::x86_64::dump::parse_dump_as;
+use cpuguard::x86_64::normalize::standard_masks;
+use cpuguard::x86_64::probe::{probe_run, ProbeOptions};
+use cpuguard::x86_64::{
     normalize, parse_dump, CpuidEntry, CpuidTable, DumpFormat, MsrEntry, Register,
 };
-use cpuguard::domain::guest::{Accel, GuestCpuConfig};
-use cpuguard::probe::{probe_run, ProbeOptions};
 
 use linux_guest::LinuxGuest;
 

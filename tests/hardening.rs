@@ -768,7 +768,7 @@ fn probe_qemu_runs_as_libvirts_qemu_user_sandboxed_with_a_clean_environment() {
     if !root_only() {
         return;
     }
-    let user = cpuguard::probe::confine::this_host_qemu_user()
+    let user = cpuguard::qemu::confine::this_host_qemu_user()
         .expect("libvirt's QEMU user exists (libvirt is installed)")
         .expect("root resolves a user");
     assert_ne!(user.uid, 0);
@@ -823,12 +823,12 @@ fn probe_qemu_runs_as_libvirts_qemu_user_sandboxed_with_a_clean_environment() {
     assert!(
         probe.contains(&format!(
             "arg:-sandbox\narg:{}\n",
-            cpuguard::probe::confine::SANDBOX
+            cpuguard::qemu::confine::SANDBOX
         )),
         "{probe}"
     );
     assert_eq!(
-        cpuguard::probe::confine::SANDBOX,
+        cpuguard::qemu::confine::SANDBOX,
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
     );
     for report in &reports {

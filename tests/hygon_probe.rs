@@ -10,11 +10,11 @@ use gate::Need;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cpuguard::cpuid::diff::diff;
-use cpuguard::cpuid::features::FeatureMap;
-use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
-use cpuguard::probe::{self, ProbeOptions};
+use cpuguard::x86_64::diff::diff;
+use cpuguard::x86_64::features::FeatureMap;
+use cpuguard::x86_64::probe::{self, ProbeOptions};
+use cpuguard::x86_64::CpuidTable;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
@@ -147,7 +147,7 @@ fn every_cross_vendor_move_is_refused_by_the_guard_naming_both_vendors() {
     let opt_out = DomainPolicy::default();
     for (source_vendor, source) in &guests {
         let stamp = Stamp {
-            table: Some(cpuguard::guest_view::GuestView::from(source.clone()).to_text()),
+            table: Some(cpuguard::view::GuestView::from(source.clone()).to_text()),
             uuid: Some("u1".into()),
             config: Some("sha256:c1".into()),
             ..Stamp::default()

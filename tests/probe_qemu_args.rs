@@ -29,13 +29,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
-use cpuguard::probe::firmware::{PROBE_EXIT_STATUS, PROBE_X86};
-use cpuguard::probe::models::qemu_cpu_models;
-use cpuguard::probe::qemu_args::{
-    accel_name, check_model_available, cpu_arg, default_emulator, probe_args, smp_arg,
+use cpuguard::qemu::models::qemu_cpu_models;
+use cpuguard::x86_64::probe::args::{
+    accel_name, check_model_available, cpu_arg, probe_args, smp_arg,
 };
+use cpuguard::x86_64::probe::firmware::{PROBE_EXIT_STATUS, PROBE_X86};
+use cpuguard::x86_64::CpuidTable;
 
 #[path = "support/libvirtd.rs"]
 mod libvirtd;
@@ -84,12 +84,10 @@ impl Verdict {
 
 /// The emulator a probe of `config` runs (the XML's, or the architecture's default at /usr/bin).
 fn emulator_of(config: &GuestCpuConfig) -> String {
-    config.emulator.clone().unwrap_or_else(|| {
-        format!(
-            "/usr/bin/{}",
-            default_emulator(&config.arch).unwrap_or("qemu-system-x86_64")
-        )
-    })
+    config
+        .emulator
+        .clone()
+        .unwrap_or_else(|| format!("/usr/bin/{}", config.arch.qemu_system()))
 }
 
 /// `-cpu help` per emulator, asked once.
@@ -265,7 +263,7 @@ impl Prober {
             ));
         }
         let bytes = std::fs::read(&output).map_err(|e| e.to_string())?;
-        let table = cpuguard::probe::output::parse(&bytes)
+        let table = cpuguard::x86_64::probe::output::parse(&bytes)
             .map_err(|e| format!("probe output: {e}"))?
             .table;
         self.tables.insert(argv, table.clone());

@@ -6,9 +6,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cpuguard::cpuid::CpuidTable;
 use cpuguard::domain::guest::{Accel, GuestCpuConfig};
-use cpuguard::probe::{self, Firmware, ProbeError, ProbeOptions};
+use cpuguard::qemu::RunError;
+use cpuguard::x86_64::probe::{self, Firmware, ProbeError, ProbeOptions};
+use cpuguard::x86_64::CpuidTable;
 
 #[path = "support/gate.rs"]
 mod gate;
@@ -276,8 +277,8 @@ fn the_ram_result_equals_the_previous_text_format() {
     if !gate::require(&[Need::Qemu("x86_64")]) {
         return;
     }
-    use cpuguard::cpuid::dump::write_dump;
-    use cpuguard::guest_view::GuestView;
+    use cpuguard::view::GuestView;
+    use cpuguard::x86_64::dump::write_dump;
     let mut accels = vec![(Accel::Tcg, "tcg")];
     if gate::require_part("its KVM half", &[Need::Kvm]) {
         accels.push((Accel::Kvm, "kvm"));
@@ -455,7 +456,10 @@ fn a_hanging_guest_is_killed_at_the_timeout() {
     let started = Instant::now();
     let err = probe::probe(&model("qemu64", ""), &opts).unwrap_err();
     let elapsed = started.elapsed();
-    assert!(matches!(err, ProbeError::Timeout { .. }), "{err}");
+    assert!(
+        matches!(err, ProbeError::Run(RunError::Timeout { .. })),
+        "{err}"
+    );
     let message = err.to_string();
     assert!(
         message.contains("timeout") && message.contains("1s"),
@@ -485,7 +489,7 @@ fn qemu_refusing_the_configuration_is_reported_with_its_message() {
     }
     let err = probe::probe(&model("NoSuchModel", ""), &options()).unwrap_err();
     match &err {
-        ProbeError::EmulatorFailed { stderr, .. } => {
+        ProbeError::Run(RunError::EmulatorFailed { stderr, .. }) => {
             assert!(stderr.contains("NoSuchModel"), "{stderr}")
         }
         other => panic!("expected EmulatorFailed, got {other}"),
@@ -497,7 +501,7 @@ fn emulator_version_is_read() {
     if !gate::require(&[Need::Qemu("x86_64")]) {
         return;
     }
-    let version = probe::emulator_version(QEMU, &[PathBuf::from(QEMU)]).unwrap();
+    let version = cpuguard::qemu::emulator_version(QEMU, &[PathBuf::from(QEMU)]).unwrap();
     assert!(version.starts_with("QEMU emulator version "), "{version}");
 }
 

@@ -30,11 +30,11 @@ use bed::{
     assert_consecutive_from_zero, bed_sh, last_heartbeat, wait_for_heartbeat_above, Arch, Bed,
     Host, AUDIT_WAIT, HEARTBEAT_WAIT,
 };
-use cpuguard::arm::{self, ArmCpu, ArmDiff, ArmProbeConfig, ArmProbeOptions};
+use cpuguard::aarch64::{self, ArmCpu, ArmProbeConfig, ArmProbeOptions};
 use cpuguard::domain::guest::Accel;
 
 const QEMU_ARM: &str = "/usr/bin/qemu-system-aarch64";
-/// The heartbeat's period (5/16 s of the guest's virtual count, src/arm/firmware.rs).
+/// The heartbeat's period (5/16 s of the guest's virtual count, src/aarch64/probe/firmware.rs).
 const HEARTBEAT_PERIOD: Duration = Duration::from_micros(312_500);
 
 const CORTEX_A57: &str =
@@ -44,7 +44,7 @@ const MAXIMUM: &str = "<cpu mode='maximum'/>";
 /// What the src/arm probe says a guest of `cpu` loses, gains or changes when its emulator adds
 /// `,cpu_options` to `-cpu` (as `bed.sh emulator-b set` does on B): probed through a wrapper of
 /// this test's own, independent of the hook's code path.
-fn measured_difference(dir: &Path, cpu: ArmCpu, cpu_options: &str) -> ArmDiff {
+fn measured_difference(dir: &Path, cpu: ArmCpu, cpu_options: &str) -> aarch64::Diff {
     let wrapper = dir.join("qemu-system-aarch64-with-options");
     fs::write(
         &wrapper,
@@ -60,14 +60,14 @@ fn measured_difference(dir: &Path, cpu: ArmCpu, cpu_options: &str) -> ArmDiff {
         allowed_emulators: vec![PathBuf::from(QEMU_ARM), PathBuf::from(&wrapper)],
         work_dir: None,
     };
-    let plain = arm::probe(
+    let plain = aarch64::probe(
         &ArmProbeConfig::new(QEMU_ARM, Accel::Tcg, cpu.clone()),
         &options,
     )
     .expect("probe without options");
-    let changed = arm::probe(&ArmProbeConfig::new(&wrapper, Accel::Tcg, cpu), &options)
+    let changed = aarch64::probe(&ArmProbeConfig::new(&wrapper, Accel::Tcg, cpu), &options)
         .expect("probe through the wrapper");
-    arm::diff_normalized(&plain, &changed)
+    aarch64::diff(&plain, &changed)
 }
 
 /// Defines NAME (aarch64, `cpu_xml`) on A with cpuguard as both hooks, starts it, waits for the
@@ -81,7 +81,7 @@ fn start_stamped_aarch64(bed: &mut Bed, name: &str, cpu_xml: &str) -> u64 {
     let domain = format!("domain={name}");
     // The source measured the guest's ID registers (the aarch64 probe's table), not CPUID.
     assert!(
-        stamped.contains(arm::firmware::HEADER),
+        stamped.contains(aarch64::probe::firmware::HEADER),
         "the stamp of {name} carries no aarch64 ID-register table:\n{stamped}"
     );
     assert!(
@@ -335,7 +335,7 @@ fn aarch64_heartbeat_firmware_counts_on_the_pl011() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let firmware = dir.path().join("heartbeat-aarch64.bin");
-    fs::write(&firmware, arm::HEARTBEAT_AARCH64).expect("write firmware");
+    fs::write(&firmware, aarch64::probe::HEARTBEAT_AARCH64).expect("write firmware");
     let serial = dir.path().join("serial.out");
     let started = Instant::now();
     let mut child = Command::new(QEMU_ARM)

@@ -136,7 +136,7 @@ fn live_vcpu_check(dom: &Domain, name: &str, probe: &Fingerprint) -> Result<(), 
         return Ok(());
     }
     // Name the bits only now: loading libvirt's feature map costs more than the check.
-    if let Ok(features) = cpuguard::cpuid::features::FeatureMap::load_default() {
+    if let Ok(features) = cpuguard::x86_64::features::FeatureMap::load_default() {
         check = live_vcpu::compare(&live, probe, Some(&features));
     }
     let mut differences = check.differences;

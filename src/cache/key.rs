@@ -18,7 +18,7 @@ use super::{Cache, CacheError, CACHE_FORMAT};
 use crate::domain::guest::{Accel, GuestCpuConfig};
 use crate::fingerprint::cpuinfo_facts;
 use crate::fsutil::write_atomic;
-use crate::probe::firmware::PROBE_X86_SHA256;
+use crate::x86_64::probe::firmware::PROBE_X86_SHA256;
 
 /// Kernel module parameters that change which CPUID bits KVM offers (nested virtualization
 /// exposes `vmx`/`svm`; the PMU switch decides leaf 0xA). They can change without a reboot or a
@@ -270,7 +270,7 @@ pub(super) fn accel_name(accel: Accel) -> &'static str {
 impl Cache {
     /// The identity of the emulator binary `path`. Its version comes from an earlier call when
     /// the binary's metadata (device, inode, size, mtime, ctime) is unchanged, otherwise from
-    /// `version()` (e.g. [`crate::probe::emulator_version`]), which starts QEMU: ~22 ms here,
+    /// `version()` (e.g. [`crate::qemu::emulator_version`]), which starts QEMU: ~22 ms here,
     /// half the hook's warm-path budget. The version is only a label in the key (the metadata
     /// identifies the binary), so reusing it is as safe as the key itself. Failing to record
     /// the version is silent: the next call asks again.

@@ -437,9 +437,9 @@ impl Cache {
 mod test_support {
     //! Keys, fingerprints and directory listings shared by the tests of every part of the cache.
     use super::*;
-    use crate::cpuid::table::{CpuidEntry, CpuidTable};
     use crate::domain::guest::{Accel, GuestCpuConfig};
     use crate::fingerprint::HostFacts;
+    use crate::x86_64::table::{CpuidEntry, CpuidTable};
     use std::fs;
     use std::sync::atomic::{AtomicUsize, Ordering};
 

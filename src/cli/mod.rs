@@ -9,13 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::cpuid::FeatureMap;
 use crate::domain::document;
 use crate::domain::guest::{Accel, GuestCpuConfig};
 use crate::guard::Decision;
 use crate::hook::rewrite_cpu;
 use crate::incoming::Origin;
 use crate::measure;
+use crate::x86_64::FeatureMap;
 
 /// Exit status of a command that succeeded, or whose verdict is "go".
 pub const EXIT_OK: i32 = 0;
@@ -505,7 +505,7 @@ fn diff(
     let vb = crate::fingerprint::load_input(b)
         .map_err(|e| e.to_string())?
         .raw();
-    let diff = crate::guest_view::diff(&va, &vb, &features);
+    let diff = crate::view::diff(&va, &vb, &features);
     if json {
         let doc = crate::report::diff_document(
             &a.display().to_string(),
@@ -610,7 +610,7 @@ fn check(xml: &Path, json: bool) -> Result<i32, String> {
         // The comparison behind the verdict, when both views were there to compare.
         if let (Some(a), Some(b)) = (&source, &local) {
             let features = FeatureMap::load_default().map_err(|e| e.to_string())?;
-            let d = crate::guest_view::diff(a, b, &features);
+            let d = crate::view::diff(a, b, &features);
             v["equivalent"] = serde_json::Value::Bool(d.is_equivalent());
             v["diff"] = crate::report::diff(&d);
         }
@@ -690,9 +690,9 @@ fn cache(action: CacheAction) -> Result<i32, String> {
 
 fn write_firmware(kind: FirmwareKind, path: &Path) -> Result<i32, String> {
     let image = match kind {
-        FirmwareKind::Probe => crate::probe::firmware::PROBE_X86,
-        FirmwareKind::Heartbeat => crate::probe::firmware::HEARTBEAT_X86,
-        FirmwareKind::HeartbeatAarch64 => crate::arm::HEARTBEAT_AARCH64,
+        FirmwareKind::Probe => crate::x86_64::probe::firmware::PROBE_X86,
+        FirmwareKind::Heartbeat => crate::x86_64::probe::firmware::HEARTBEAT_X86,
+        FirmwareKind::HeartbeatAarch64 => crate::aarch64::probe::HEARTBEAT_AARCH64,
     };
     crate::fsutil::write_atomic(path, image, 0o644)
         .map_err(|e| format!("{}: cannot write: {e}", path.display()))?;

@@ -1,6 +1,6 @@
 //! What in a libvirt domain XML decides the CPU a guest sees, and nothing else.
 //!
-//! [`GuestCpuConfig`] is the probe's input (src/probe/qemu_args.rs turns it into a QEMU command
+//! [`GuestCpuConfig`] is the probe's input (src/x86_64/probe/args.rs turns it into a QEMU command
 //! line), the cache key, and the "measured for" record in a fingerprint. It is canonical: lists are
 //! sorted and defaults are spelled out the way libvirt applies them, so two XML documents that give
 //! the guest the same CPU produce equal values whatever their element order.
@@ -9,6 +9,7 @@
 //! (and with it any entity declaration) is refused, unknown entity references are errors, and
 //! values are validated before they reach a command line.
 
+use crate::arch::Arch;
 use crate::domain::tree::{parse_tree, Element, TreeError, MAX_DEPTH};
 use serde::{Deserialize, Serialize};
 
@@ -157,7 +158,7 @@ pub struct CpuDefinition {
     /// `<model fallback=…>`, libvirt default `allow`.
     pub fallback: Option<String>,
     /// `<cpu match='minimum'>`: libvirt 9 replaces the model with this host's CPU at start, so the
-    /// named model is not what the guest gets (src/probe/qemu_args.rs refuses it). Skipped when
+    /// named model is not what the guest gets (src/x86_64/probe/args.rs refuses it). Skipped when
     /// false so that cache keys of every other CPU stay what they were.
     #[serde(default, skip_serializing_if = "is_false")]
     pub match_minimum: bool,
@@ -231,10 +232,10 @@ fn is_false(value: &bool) -> bool {
 pub struct GuestCpuConfig {
     /// `<domain type>`: `kvm` or `qemu` (TCG).
     pub accel: Accel,
-    /// `<devices><emulator>`: untrusted, checked by src/probe/emulator.rs before use.
+    /// `<devices><emulator>`: untrusted, checked by src/qemu/emulator.rs before use.
     pub emulator: Option<String>,
-    /// `<os><type arch=…>`
-    pub arch: String,
+    /// `<os><type arch=…>` (serialized as libvirt's name, as the string it was before)
+    pub arch: Arch,
     /// `<os><type machine=…>`
     pub machine: Option<String>,
     /// `<cpu>`; None when the domain has none (QEMU's default model).
@@ -299,21 +300,20 @@ impl GuestCpuConfig {
             .child("os")
             .and_then(|os| os.child("type"))
             .ok_or(GuestError::Missing { what: "<os><type>" })?;
-        let arch = os_type
-            .attr("arch")
-            .ok_or(GuestError::Missing {
-                what: "<os><type arch>",
-            })?
-            .to_string();
+        let arch_name = os_type.attr("arch").ok_or(GuestError::Missing {
+            what: "<os><type arch>",
+        })?;
         let machine = os_type.attr("machine").map(str::to_string);
         for (what, value) in [
-            ("<os><type arch>", Some(arch.as_str())),
+            ("<os><type arch>", Some(arch_name)),
             ("<os><type machine>", machine.as_deref()),
         ] {
             if let Some(value) = value {
                 check_token(what, value)?;
             }
         }
+        let arch = Arch::from_name(arch_name)
+            .ok_or_else(|| invalid("<os><type arch>", arch_name, crate::arch::SUPPORTED))?;
 
         let (vcpus, current_vcpus) = match root.child("vcpu") {
             None => (1, None),
@@ -671,7 +671,7 @@ mod tests {
         let c = GuestCpuConfig::from_domain_xml(PREPARE).unwrap();
         assert_eq!(c.accel, Accel::Kvm);
         assert_eq!(c.emulator.as_deref(), Some("/usr/bin/qemu-system-x86_64"));
-        assert_eq!(c.arch, "x86_64");
+        assert_eq!(c.arch, Arch::X86_64);
         assert_eq!(c.machine.as_deref(), Some("pc-i440fx-7.2"));
         assert_eq!(c.vcpus, 1);
         let cpu = c.cpu.unwrap();

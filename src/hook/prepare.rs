@@ -14,7 +14,6 @@ use crate::audit::escape;
 use crate::audit::{Record, Severity};
 use crate::cache::Source;
 use crate::config::Config;
-use crate::cpuid::FeatureMap;
 use crate::domain::document::{self, DomainDocument};
 use crate::domain::metadata::STAMP_NS;
 use crate::domain::metadata::{DomainPolicy, Stamp};
@@ -22,6 +21,7 @@ use crate::guard::{judge_loading_names, Decision, Incoming};
 use crate::hook::{drain, read_limited, HookCall, Outcome};
 use crate::incoming::{self, Claim, Origin};
 use crate::measure::{self, Measurement};
+use crate::x86_64::FeatureMap;
 
 pub(super) fn run(call: &HookCall, input: &mut dyn Read) -> Outcome {
     let config = match Config::load() {

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use cpuguard::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS};
+use cpuguard::x86_64::probe::firmware::{EXIT_X86, PROBE_EXIT_STATUS};
 
 pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 

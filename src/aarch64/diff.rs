@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::idregs::{normalize, register_def, ArmIdTable, FieldDef, FieldKind};
+use super::normalize::normalize;
+use super::sysregs::{register_def, FieldDef, FieldKind};
+use super::table::ArmIdTable;
 
 /// Whether a field difference takes capability away, adds it, or is unordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,7 +18,7 @@ pub enum ChangeKind {
 
 /// One difference, `a` (source) -> `b` (destination).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FieldChange {
+pub struct RegisterChange {
     pub kind: ChangeKind,
     pub register: String,
     /// Field name, `bits[mask]` for bits no field names, or empty for the whole register.
@@ -32,7 +34,7 @@ pub struct FieldChange {
     pub b_value: Option<u64>,
 }
 
-impl FieldChange {
+impl RegisterChange {
     /// `lost: ID_AA64ISAR0_EL1.AES (2 (AES+PMULL) -> 0 (none))`
     pub fn line(&self) -> String {
         let kind = match self.kind {
@@ -60,15 +62,15 @@ impl FieldChange {
 
 /// The comparison of two tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArmDiff {
-    pub lost: Vec<FieldChange>,
-    pub gained: Vec<FieldChange>,
-    pub changed: Vec<FieldChange>,
+pub struct Diff {
+    pub lost: Vec<RegisterChange>,
+    pub gained: Vec<RegisterChange>,
+    pub changed: Vec<RegisterChange>,
     /// Differences in masked (per-vCPU) bits: reported, never a reason to refuse.
-    pub informational: Vec<FieldChange>,
+    pub informational: Vec<RegisterChange>,
 }
 
-impl ArmDiff {
+impl Diff {
     /// Equivalent: a guest would notice no difference (informational ones aside).
     pub fn is_equivalent(&self) -> bool {
         self.lost.is_empty() && self.gained.is_empty() && self.changed.is_empty()
@@ -80,14 +82,15 @@ impl ArmDiff {
             .iter()
             .chain(&self.gained)
             .chain(&self.changed)
-            .map(FieldChange::line)
+            .map(RegisterChange::line)
             .collect()
     }
 }
 
-/// Compares the raw tables, every bit.
-pub fn diff(a: &ArmIdTable, b: &ArmIdTable) -> ArmDiff {
-    let mut out = ArmDiff::default();
+/// Compares two tables as they are, every bit: meant for tables that are already normalized
+/// (no informational section).
+pub fn diff_normalized(a: &ArmIdTable, b: &ArmIdTable) -> Diff {
+    let mut out = Diff::default();
     let mut names: Vec<&str> = a.regs.iter().map(|r| r.name.as_str()).collect();
     for r in &b.regs {
         if !names.contains(&r.name.as_str()) {
@@ -101,7 +104,7 @@ pub fn diff(a: &ArmIdTable, b: &ArmIdTable) -> ArmDiff {
             (Some(Some(x)), Some(Some(y))) => (x, y),
             (x, y) if x == y => continue,
             (x, y) => {
-                out.changed.push(FieldChange {
+                out.changed.push(RegisterChange {
                     kind: ChangeKind::Changed,
                     register: name.to_string(),
                     field: String::new(),
@@ -121,12 +124,13 @@ pub fn diff(a: &ArmIdTable, b: &ArmIdTable) -> ArmDiff {
     out
 }
 
-/// Compares after [`normalize`]: differences only in masked bits become informational.
-pub fn diff_normalized(a: &ArmIdTable, b: &ArmIdTable) -> ArmDiff {
+/// Compares two raw tables (A = source, B = destination): both are normalized first, and
+/// differences only in masked bits are listed as informational.
+pub fn diff(a: &ArmIdTable, b: &ArmIdTable) -> Diff {
     let (na, _) = normalize(a);
     let (nb, _) = normalize(b);
-    let mut out = diff(&na, &nb);
-    let raw = diff(a, b);
+    let mut out = diff_normalized(&na, &nb);
+    let raw = diff_normalized(a, b);
     for change in raw.lost.into_iter().chain(raw.gained).chain(raw.changed) {
         let kept = out
             .lost
@@ -149,9 +153,9 @@ fn presence(v: Option<Option<u64>>) -> String {
     }
 }
 
-fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
+fn compare_register(name: &str, va: u64, vb: u64, out: &mut Diff) {
     let Some(def) = register_def(name) else {
-        out.changed.push(FieldChange {
+        out.changed.push(RegisterChange {
             kind: ChangeKind::Changed,
             register: name.to_string(),
             field: String::new(),
@@ -177,7 +181,7 @@ fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
                 }
             }
         };
-        let change = FieldChange {
+        let change = RegisterChange {
             kind,
             register: name.to_string(),
             field: f.name.to_string(),
@@ -194,7 +198,7 @@ fn compare_register(name: &str, va: u64, vb: u64, out: &mut ArmDiff) {
     }
     let rest = def.unnamed_bits();
     if (va ^ vb) & rest != 0 {
-        out.changed.push(FieldChange {
+        out.changed.push(RegisterChange {
             kind: ChangeKind::Changed,
             register: name.to_string(),
             field: format!("bits[{rest:#x}]"),
@@ -301,7 +305,7 @@ fn part_name(implementer: u8, part: u16) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arm::idregs::ArmIdReg;
+    use crate::aarch64::table::ArmIdReg;
 
     fn table(pairs: &[(&str, Option<u64>)]) -> ArmIdTable {
         ArmIdTable {
@@ -328,7 +332,7 @@ mod tests {
             ("ID_AA64PFR0_EL1", Some(0xF0022)),
             ("MIDR_EL1", Some(0x410f_d083)),
         ]);
-        let d = diff(&a, &b);
+        let d = diff_normalized(&a, &b);
         let lines = d.lines();
         assert!(
             lines.contains(&"lost: ID_AA64ISAR0_EL1.AES (2 (AES+PMULL) -> 0 (none))".to_string()),
@@ -356,7 +360,7 @@ mod tests {
         );
         assert!(!lines.iter().any(|l| l.contains("SHA1")));
         assert!(!d.is_equivalent());
-        assert!(diff(&a, &a).is_equivalent());
+        assert!(diff_normalized(&a, &a).is_equivalent());
     }
 
     #[test]
@@ -366,7 +370,7 @@ mod tests {
             ("MPIDR_EL1", Some(0x8000_0000)),
         ]);
         let b = table(&[("ID_AA64MMFR3_EL1", None), ("MPIDR_EL1", Some(0x8000_0101))]);
-        let d = diff_normalized(&a, &b);
+        let d = diff(&a, &b);
         assert_eq!(d.changed.len(), 1, "{d:#?}");
         assert_eq!(
             d.changed[0].line(),
@@ -375,7 +379,7 @@ mod tests {
         // Aff0 and Aff1 differ: informational only.
         let names: Vec<&str> = d.informational.iter().map(|c| c.field.as_str()).collect();
         assert_eq!(names, ["Aff0", "Aff1"]);
-        assert_eq!(diff(&a, &b).changed.len(), 3);
+        assert_eq!(diff_normalized(&a, &b).changed.len(), 3);
     }
 
     #[test]

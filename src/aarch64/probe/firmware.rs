@@ -1,9 +1,10 @@
-//! The aarch64 probe firmware: the list of ID registers it reads, a minimal A64 encoder and the
-//! program generator.
+//! The aarch64 probe firmware: a minimal A64 encoder and the program generator, reading the
+//! registers of `sysregs::REGISTERS`.
 //!
 //! This file is compiled twice: by build.rs (`#[path]` module, which writes the image into
-//! OUT_DIR) and as `crate::arm::firmware` (where the encoder is unit-tested against GNU as). So it
-//! uses nothing from the crate and no dependency.
+//! OUT_DIR) and as `crate::aarch64::probe::firmware` (where the encoder is unit-tested against
+//! GNU as). So it uses nothing but its sibling `sysregs` (also included by build.rs) and no
+//! dependency.
 //!
 //! Why a hand encoder: the program needs ~20 instruction forms (MRS/MSR of system registers by
 //! encoding, MOVZ/MOVK, STRB, shifts, ADD/SUB immediates, branches, HVC/SMC/ERET). The candidate
@@ -18,7 +19,7 @@
 //!   0x1000  main program (register reads, the hex printer, power-off)
 //!
 //! Output, one line each on the PL011 UART data register at 0x0900_0000 (parsed by
-//! src/arm/probe.rs):
+//! src/aarch64/probe/mod.rs):
 //!   `CPUGUARD-ARM-PROBE 1`                    header, format version
 //!   `E <n>`                                   the exception level the probe runs at (must be 1)
 //!   `R S<op0>_<op1>_C<n>_C<m>_<op2> <value>`   one register read, value as 16 lowercase hex digits
@@ -29,64 +30,7 @@
 //! then PSCI SYSTEM_OFF through `hvc #0` (the virt machine's conduit without EL2), falling back to
 //! `smc #0`, then `wfi` forever (the runner's wall-time bound ends that case).
 
-/// One system register by its MRS encoding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SysReg {
-    pub name: &'static str,
-    pub op0: u8,
-    pub op1: u8,
-    pub crn: u8,
-    pub crm: u8,
-    pub op2: u8,
-}
-
-impl SysReg {
-    pub const fn new(name: &'static str, op0: u8, op1: u8, crn: u8, crm: u8, op2: u8) -> SysReg {
-        SysReg {
-            name,
-            op0,
-            op1,
-            crn,
-            crm,
-            op2,
-        }
-    }
-
-    /// The generic assembler spelling, `S3_0_C0_C4_0`: what the probe prints and what GNU as
-    /// accepts for any register.
-    pub fn encoding(&self) -> String {
-        format!(
-            "S{}_{}_C{}_C{}_{}",
-            self.op0, self.op1, self.crn, self.crm, self.op2
-        )
-    }
-}
-
-/// The registers the probe reads, in output order. Unallocated encodings in the ID space
-/// (op0=3, op1=0, CRn=0, CRm=0..7) read as zero per the Arm ARM, so registers newer than the
-/// guest's CPU model (MMFR3, SMFR0 on a Cortex-A57) read as 0 instead of trapping; the vector
-/// table still records a trap as "absent" should a hypervisor choose to inject one.
-pub const PROBED_REGISTERS: &[SysReg] = &[
-    SysReg::new("MIDR_EL1", 3, 0, 0, 0, 0),
-    SysReg::new("REVIDR_EL1", 3, 0, 0, 0, 6),
-    SysReg::new("MPIDR_EL1", 3, 0, 0, 0, 5),
-    SysReg::new("ID_AA64PFR0_EL1", 3, 0, 0, 4, 0),
-    SysReg::new("ID_AA64PFR1_EL1", 3, 0, 0, 4, 1),
-    SysReg::new("ID_AA64ZFR0_EL1", 3, 0, 0, 4, 4),
-    SysReg::new("ID_AA64SMFR0_EL1", 3, 0, 0, 4, 5),
-    SysReg::new("ID_AA64DFR0_EL1", 3, 0, 0, 5, 0),
-    SysReg::new("ID_AA64DFR1_EL1", 3, 0, 0, 5, 1),
-    SysReg::new("ID_AA64ISAR0_EL1", 3, 0, 0, 6, 0),
-    SysReg::new("ID_AA64ISAR1_EL1", 3, 0, 0, 6, 1),
-    SysReg::new("ID_AA64ISAR2_EL1", 3, 0, 0, 6, 2),
-    SysReg::new("ID_AA64MMFR0_EL1", 3, 0, 0, 7, 0),
-    SysReg::new("ID_AA64MMFR1_EL1", 3, 0, 0, 7, 1),
-    SysReg::new("ID_AA64MMFR2_EL1", 3, 0, 0, 7, 2),
-    SysReg::new("ID_AA64MMFR3_EL1", 3, 0, 0, 7, 3),
-    SysReg::new("CTR_EL0", 3, 3, 0, 0, 1),
-    SysReg::new("DCZID_EL0", 3, 3, 0, 0, 7),
-    SysReg::new("CLIDR_EL1", 3, 1, 0, 0, 1),
-];
+use super::sysregs::{SysReg, REGISTERS};
 
 /// First line of the probe output.
 pub const HEADER: &str = "CPUGUARD-ARM-PROBE 1";
@@ -357,7 +301,7 @@ impl Asm {
 
 /// The probe image (16 KiB; QEMU pads the 64 MiB flash with zeros).
 pub fn probe_image() -> Result<Vec<u8>, String> {
-    program(PROBED_REGISTERS)
+    program(REGISTERS)
 }
 
 /// The probe program reading `regs` in order (tests use other lists, e.g. a register that traps
@@ -625,7 +569,7 @@ mod tests {
             ("msr elr_el1, x21".into(), enc::msr(&ELR_EL1, 21)),
             ("mrs x0, currentel".into(), enc::mrs(0, &CURRENT_EL)),
         ];
-        for reg in PROBED_REGISTERS {
+        for reg in REGISTERS {
             // By generic encoding, and by name where this binutils knows it.
             cases.push((format!("mrs x0, {}", reg.encoding()), enc::mrs(0, reg)));
             // binutils 2.40 does not know MMFR3 by name.
@@ -696,7 +640,7 @@ mod tests {
         assert_eq!(word(VECTORS), enc::mrs(X_ELR, &ELR_EL1));
         assert_eq!(word(VECTORS + 4 * VECTOR_SLOT), enc::mrs(X_ELR, &ELR_EL1));
         let words: Vec<u32> = (CODE..IMAGE_SIZE).step_by(4).map(word).collect();
-        for reg in PROBED_REGISTERS {
+        for reg in REGISTERS {
             assert!(
                 words.contains(&enc::mrs(X_VALUE, reg)),
                 "{} not read",
@@ -708,10 +652,10 @@ mod tests {
 
     #[test]
     fn encodings_are_unique() {
-        let mut seen: Vec<String> = PROBED_REGISTERS.iter().map(SysReg::encoding).collect();
+        let mut seen: Vec<String> = REGISTERS.iter().map(SysReg::encoding).collect();
         seen.sort();
         seen.dedup();
-        assert_eq!(seen.len(), PROBED_REGISTERS.len());
+        assert_eq!(seen.len(), REGISTERS.len());
     }
 
     #[test]

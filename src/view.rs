@@ -2,37 +2,208 @@
 //! an x86 guest, or the ID registers of an aarch64 guest.
 //!
 //! Everything above the probe (fingerprint, cache, stamp, guard, `diff`, `matrix`) handles these
-//! types only, so the guard's policies and messages are the same for both architectures and a
-//! third one would be added here and in the probe.
+//! types only, so the guard's policies and messages are the same for both architectures. Each
+//! architecture's table implements [`ArchTable`] and its diff [`ArchDiff`] (here, so that the
+//! architecture modules know nothing of this layer); a third architecture is a variant of
+//! [`GuestView`], [`Tables`] and [`ViewDiff`] and two impls.
 
 use std::fmt;
-use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::arm::{self, ArmDiff, ArmIdTable, ArmMask};
-use crate::cpuid::diff::Diff;
-use crate::cpuid::dump::{parse_dump, write_dump};
-use crate::cpuid::normalize::{normalize, Mask};
-use crate::cpuid::{CpuidTable, FeatureMap};
+use crate::aarch64::{self, ArmIdTable};
+pub use crate::arch::Arch;
+use crate::x86_64::dump::{parse_dump, write_dump};
+use crate::x86_64::{self, CpuidTable, FeatureMap};
 
-/// The guest architecture a view belongs to (libvirt's `<os><type arch=…>` names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Arch {
-    #[serde(rename = "x86_64")]
-    X86_64,
-    #[serde(rename = "aarch64")]
-    Aarch64,
+/// The version of the fingerprint format, and of the text its digest is computed over.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// What each architecture's table gives the layers above: normalization with the masks that
+/// did it, the text its digest is computed over, and the comparison of two tables.
+pub trait ArchTable: Clone + PartialEq {
+    /// One set of bits normalization put aside, with its reason.
+    type Mask;
+    /// The explanation of two tables' differences.
+    type Diff: ArchDiff;
+    /// Sorts into the one order equal tables compare, serialize and digest in.
+    fn canonicalize(&mut self);
+    /// The table with per-host and per-vCPU noise masked, and the masks applied.
+    fn normalize(&self) -> (Self, Vec<Self::Mask>);
+    /// The digest text of a normalized table (see [`Tables::canonical_text`]).
+    fn canonical_text(&self, version: u32) -> String;
+    /// Compares two raw tables (A = source, B = destination): both normalized first, masked
+    /// differences reported as informational.
+    fn diff(a: &Self, b: &Self, features: &FeatureMap) -> Self::Diff;
 }
 
-impl fmt::Display for Arch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Arch::X86_64 => "x86_64",
-            Arch::Aarch64 => "aarch64",
-        })
+/// What every architecture's diff tells the guard and the operator.
+pub trait ArchDiff {
+    /// True when a guest could not tell A from B (informational differences aside).
+    fn is_equivalent(&self) -> bool;
+    /// True when the guest would only gain capabilities (nothing lost, nothing else changed).
+    fn only_gained(&self) -> bool;
+    /// The differences, one line each: `lost: …`, `gained: …`, `changed: …`.
+    fn lines(&self) -> Vec<String>;
+    /// Differences under informational masks, one line each.
+    fn informational(&self) -> Vec<String>;
+    /// Names of lost capabilities.
+    fn lost_names(&self) -> Vec<String>;
+    /// Names of gained capabilities.
+    fn gained_names(&self) -> Vec<String>;
+    /// Names of what otherwise changed, for the audit summary.
+    fn changed_names(&self) -> Vec<String>;
+    /// Other differences, one line each without the `changed:` prefix.
+    fn changed_lines(&self) -> Vec<String>;
+    /// `equivalent: 0 lost, 0 gained, 0 changed, 1 informational, 3 masked` (or `different: …`).
+    fn summary_line(&self) -> String;
+    /// The summary line, the differences, the informational ones; with `verbose`, whatever
+    /// more the architecture can say.
+    fn render(&self, verbose: bool) -> String;
+}
+
+impl ArchTable for CpuidTable {
+    type Mask = x86_64::Mask;
+    type Diff = x86_64::Diff;
+    fn canonicalize(&mut self) {
+        CpuidTable::canonicalize(self)
     }
+    fn normalize(&self) -> (Self, Vec<Self::Mask>) {
+        x86_64::normalize(self)
+    }
+    fn canonical_text(&self, version: u32) -> String {
+        CpuidTable::canonical_text(self, version)
+    }
+    fn diff(a: &Self, b: &Self, features: &FeatureMap) -> Self::Diff {
+        x86_64::diff(a, b, features)
+    }
+}
+
+impl ArchTable for ArmIdTable {
+    type Mask = aarch64::Mask;
+    type Diff = aarch64::Diff;
+    fn canonicalize(&mut self) {
+        ArmIdTable::canonicalize(self)
+    }
+    fn normalize(&self) -> (Self, Vec<Self::Mask>) {
+        aarch64::normalize(self)
+    }
+    fn canonical_text(&self, version: u32) -> String {
+        ArmIdTable::canonical_text(self, version)
+    }
+    /// aarch64 fields are named by the register table; `features` names only x86 bits.
+    fn diff(a: &Self, b: &Self, _features: &FeatureMap) -> Self::Diff {
+        aarch64::diff(a, b)
+    }
+}
+
+impl ArchDiff for x86_64::Diff {
+    fn is_equivalent(&self) -> bool {
+        x86_64::Diff::is_equivalent(self)
+    }
+    fn only_gained(&self) -> bool {
+        self.lost.is_empty() && self.fields.is_empty() && !self.gained.is_empty()
+    }
+    fn lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .lost
+            .iter()
+            .chain(&self.gained)
+            .map(|c| c.to_string())
+            .collect();
+        out.extend(
+            x86_64::Diff::changed_lines(self)
+                .iter()
+                .map(|f| format!("changed: {f}")),
+        );
+        out
+    }
+    fn informational(&self) -> Vec<String> {
+        self.informational.iter().map(|f| f.to_string()).collect()
+    }
+    /// libvirt feature names.
+    fn lost_names(&self) -> Vec<String> {
+        self.lost.iter().map(|c| c.name.clone()).collect()
+    }
+    fn gained_names(&self) -> Vec<String> {
+        self.gained.iter().map(|c| c.name.clone()).collect()
+    }
+    fn changed_names(&self) -> Vec<String> {
+        self.fields.iter().map(|c| c.field.clone()).collect()
+    }
+    fn changed_lines(&self) -> Vec<String> {
+        x86_64::Diff::changed_lines(self)
+    }
+    fn summary_line(&self) -> String {
+        x86_64::Diff::summary_line(self)
+    }
+    /// With `verbose`, also masked differences with their reasons and the echo leaves left out.
+    fn render(&self, verbose: bool) -> String {
+        x86_64::Diff::render(self, verbose)
+    }
+}
+
+impl ArchDiff for aarch64::Diff {
+    fn is_equivalent(&self) -> bool {
+        aarch64::Diff::is_equivalent(self)
+    }
+    fn only_gained(&self) -> bool {
+        self.lost.is_empty() && self.changed.is_empty() && !self.gained.is_empty()
+    }
+    fn lines(&self) -> Vec<String> {
+        aarch64::Diff::lines(self)
+    }
+    fn informational(&self) -> Vec<String> {
+        self.informational.iter().map(|c| c.detail()).collect()
+    }
+    /// `REGISTER.Field` names.
+    fn lost_names(&self) -> Vec<String> {
+        self.lost.iter().map(|c| c.subject()).collect()
+    }
+    fn gained_names(&self) -> Vec<String> {
+        self.gained.iter().map(|c| c.subject()).collect()
+    }
+    fn changed_names(&self) -> Vec<String> {
+        self.changed.iter().map(|c| c.subject()).collect()
+    }
+    fn changed_lines(&self) -> Vec<String> {
+        self.changed.iter().map(|c| c.detail()).collect()
+    }
+    fn summary_line(&self) -> String {
+        format!(
+            "{}: {} lost, {} gained, {} changed, {} informational, 0 masked",
+            if self.is_equivalent() {
+                "equivalent"
+            } else {
+                "different"
+            },
+            self.lost.len(),
+            self.gained.len(),
+            self.changed.len(),
+            self.informational.len()
+        )
+    }
+    /// No verbose part: nothing is masked but the informational bits.
+    fn render(&self, _verbose: bool) -> String {
+        render_plain(
+            &ArchDiff::summary_line(self),
+            &ArchDiff::lines(self),
+            &ArchDiff::informational(self),
+        )
+    }
+}
+
+/// The summary line, one line per difference, `informational: …` lines.
+fn render_plain(summary: &str, lines: &[String], informational: &[String]) -> String {
+    let mut out = format!("{summary}\n");
+    for line in lines {
+        out.push_str(&format!("{line}\n"));
+    }
+    for line in informational {
+        out.push_str(&format!("informational: {line}\n"));
+    }
+    out
 }
 
 /// A raw (unnormalized) guest view.
@@ -57,12 +228,13 @@ impl From<ArmIdTable> for GuestView {
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
     #[error("{0}")]
-    X86(#[from] crate::cpuid::DumpError),
+    X86(#[from] x86_64::DumpError),
     #[error("{0}")]
-    Aarch64(#[from] arm::probe::ArmOutputError),
+    Aarch64(#[from] aarch64::probe::OutputError),
 }
 
 impl GuestView {
+    /// The architecture of the table (an i686 guest's view is an x86_64 CPUID table).
     pub fn arch(&self) -> Arch {
         match self {
             GuestView::X86(_) => Arch::X86_64,
@@ -75,15 +247,15 @@ impl GuestView {
     pub fn to_text(&self) -> String {
         match self {
             GuestView::X86(t) => write_dump(t),
-            GuestView::Aarch64(t) => arm::probe::write_transcript(t),
+            GuestView::Aarch64(t) => aarch64::probe::write_transcript(t),
         }
     }
 
     /// Reads [`GuestView::to_text`]'s output (or a `cpuid -r` dump); the aarch64 form is
     /// recognized by its header line.
     pub fn parse_text(text: &str) -> Result<GuestView, ViewError> {
-        if arm::probe::is_transcript(text) {
-            let table = arm::probe::parse(text.trim_start().as_bytes())?;
+        if aarch64::probe::is_transcript(text) {
+            let table = aarch64::probe::parse(text.trim_start().as_bytes())?;
             return Ok(GuestView::Aarch64(table));
         }
         Ok(GuestView::X86(parse_dump(text)?))
@@ -91,8 +263,8 @@ impl GuestView {
 
     pub fn canonicalize(&mut self) {
         match self {
-            GuestView::X86(t) => t.canonicalize(),
-            GuestView::Aarch64(t) => t.canonicalize(),
+            GuestView::X86(t) => ArchTable::canonicalize(t),
+            GuestView::Aarch64(t) => ArchTable::canonicalize(t),
         }
     }
 
@@ -111,32 +283,37 @@ pub enum Tables {
     X86 {
         raw: CpuidTable,
         normalized: CpuidTable,
-        masks: Vec<Mask>,
+        masks: Vec<x86_64::Mask>,
     },
     #[serde(rename = "aarch64")]
     Aarch64 {
         raw: ArmIdTable,
         normalized: ArmIdTable,
-        masks: Vec<ArmMask>,
+        masks: Vec<aarch64::Mask>,
     },
+}
+
+/// `raw` canonicalized, its normalization and the masks applied.
+fn normalized<T: ArchTable>(mut raw: T) -> (T, T, Vec<T::Mask>) {
+    raw.canonicalize();
+    let (normalized, masks) = raw.normalize();
+    (raw, normalized, masks)
 }
 
 impl Tables {
     /// Canonicalizes and normalizes `raw`.
     pub fn of(raw: GuestView) -> Tables {
         match raw {
-            GuestView::X86(mut raw) => {
-                raw.canonicalize();
-                let (normalized, masks) = normalize(&raw);
+            GuestView::X86(raw) => {
+                let (raw, normalized, masks) = normalized(raw);
                 Tables::X86 {
                     raw,
                     normalized,
                     masks,
                 }
             }
-            GuestView::Aarch64(mut raw) => {
-                raw.canonicalize();
-                let (normalized, masks) = arm::normalize(&raw);
+            GuestView::Aarch64(raw) => {
+                let (raw, normalized, masks) = normalized(raw);
                 Tables::Aarch64 {
                     raw,
                     normalized,
@@ -166,42 +343,12 @@ impl Tables {
         Tables::of(self.raw()) == *self
     }
 
-    /// The text the digest is computed over. Fixed here rather than borrowed from the dump
-    /// writers so that a change of dump format cannot silently change every digest.
+    /// The text the digest is computed over: each architecture's normalized table in a form fixed
+    /// for [`FORMAT_VERSION`] (see [`ArchTable::canonical_text`]).
     pub fn canonical_text(&self) -> String {
-        let version = crate::fingerprint::FORMAT_VERSION;
         match self {
-            Tables::X86 { normalized, .. } => {
-                let mut table = normalized.clone();
-                table.canonicalize();
-                // Written in place (one allocation, not one per line): the hook computes this
-                // on its warm path. Writing to a String cannot fail.
-                let mut out = String::with_capacity(64 + 46 * table.entries.len());
-                let _ = writeln!(out, "cpuguard normalized cpuid v{version}");
-                for e in &table.entries {
-                    let _ = writeln!(
-                        out,
-                        "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}",
-                        e.leaf, e.subleaf, e.eax, e.ebx, e.ecx, e.edx
-                    );
-                }
-                for m in &table.msrs {
-                    let _ = writeln!(out, "msr {:08x}: {:016x}", m.index, m.value);
-                }
-                out
-            }
-            Tables::Aarch64 { normalized, .. } => {
-                let mut table = normalized.clone();
-                table.canonicalize();
-                let mut out = format!("cpuguard normalized aarch64 id registers v{version}\n");
-                for r in &table.regs {
-                    match r.value {
-                        Some(v) => out.push_str(&format!("{} {v:016x}\n", r.name)),
-                        None => out.push_str(&format!("{} absent\n", r.name)),
-                    }
-                }
-                out
-            }
+            Tables::X86 { normalized, .. } => normalized.canonical_text(FORMAT_VERSION),
+            Tables::Aarch64 { normalized, .. } => normalized.canonical_text(FORMAT_VERSION),
         }
     }
 
@@ -218,9 +365,9 @@ impl Tables {
 #[serde(tag = "arch")]
 pub enum ViewDiff {
     #[serde(rename = "x86_64")]
-    X86(Diff),
+    X86(x86_64::Diff),
     #[serde(rename = "aarch64")]
-    Aarch64(ArmDiff),
+    Aarch64(aarch64::Diff),
     /// Different architectures: nothing else is comparable.
     #[serde(rename = "mixed")]
     Arch { a: Arch, b: Arch },
@@ -230,9 +377,9 @@ pub enum ViewDiff {
 /// informational. `features` names x86 bits (aarch64 fields are named by the register table).
 pub fn diff(a: &GuestView, b: &GuestView, features: &FeatureMap) -> ViewDiff {
     match (a, b) {
-        (GuestView::X86(a), GuestView::X86(b)) => ViewDiff::X86(crate::cpuid::diff(a, b, features)),
+        (GuestView::X86(a), GuestView::X86(b)) => ViewDiff::X86(ArchTable::diff(a, b, features)),
         (GuestView::Aarch64(a), GuestView::Aarch64(b)) => {
-            ViewDiff::Aarch64(arm::diff_normalized(a, b))
+            ViewDiff::Aarch64(ArchTable::diff(a, b, features))
         }
         (a, b) => ViewDiff::Arch {
             a: a.arch(),
@@ -242,87 +389,66 @@ pub fn diff(a: &GuestView, b: &GuestView, features: &FeatureMap) -> ViewDiff {
 }
 
 impl ViewDiff {
+    /// The architecture's diff, or the two architectures when they differ.
+    fn per_arch(&self) -> Result<&dyn ArchDiff, (Arch, Arch)> {
+        match self {
+            ViewDiff::X86(d) => Ok(d),
+            ViewDiff::Aarch64(d) => Ok(d),
+            ViewDiff::Arch { a, b } => Err((*a, *b)),
+        }
+    }
+
     /// True when a guest could not tell A from B (informational differences aside).
     pub fn is_equivalent(&self) -> bool {
-        match self {
-            ViewDiff::X86(d) => d.is_equivalent(),
-            ViewDiff::Aarch64(d) => d.is_equivalent(),
-            ViewDiff::Arch { .. } => false,
-        }
+        self.per_arch().is_ok_and(|d| d.is_equivalent())
     }
 
     /// True when the guest would only gain capabilities (nothing lost, nothing else changed).
     pub fn only_gained(&self) -> bool {
-        match self {
-            ViewDiff::X86(d) => d.lost.is_empty() && d.fields.is_empty() && !d.gained.is_empty(),
-            ViewDiff::Aarch64(d) => {
-                d.lost.is_empty() && d.changed.is_empty() && !d.gained.is_empty()
-            }
-            ViewDiff::Arch { .. } => false,
-        }
+        self.per_arch().is_ok_and(|d| d.only_gained())
     }
 
     /// The differences for the operator, one line each: `lost: …`, `gained: …`, `changed: …`.
     pub fn lines(&self) -> Vec<String> {
-        match self {
-            ViewDiff::X86(d) => {
-                let mut out: Vec<String> = d
-                    .lost
-                    .iter()
-                    .chain(&d.gained)
-                    .map(|c| c.to_string())
-                    .collect();
-                out.extend(d.changed_lines().iter().map(|f| format!("changed: {f}")));
-                out
-            }
-            ViewDiff::Aarch64(d) => d.lines(),
-            ViewDiff::Arch { a, b } => vec![format!("changed: architecture ({a} -> {b})")],
+        match self.per_arch() {
+            Ok(d) => d.lines(),
+            Err((a, b)) => vec![format!("changed: architecture ({a} -> {b})")],
         }
     }
 
     /// Differences under informational masks (never a reason to refuse), one line each.
     pub fn informational(&self) -> Vec<String> {
-        match self {
-            ViewDiff::X86(d) => d.informational.iter().map(|f| f.to_string()).collect(),
-            ViewDiff::Aarch64(d) => d.informational.iter().map(|c| c.detail()).collect(),
-            ViewDiff::Arch { .. } => Vec::new(),
-        }
+        self.per_arch()
+            .map(|d| d.informational())
+            .unwrap_or_default()
     }
 
     /// Names of lost capabilities: libvirt feature names (x86), `REGISTER.Field` (aarch64).
     pub fn lost_names(&self) -> Vec<String> {
-        match self {
-            ViewDiff::X86(d) => d.lost.iter().map(|c| c.name.clone()).collect(),
-            ViewDiff::Aarch64(d) => d.lost.iter().map(|c| c.subject()).collect(),
-            ViewDiff::Arch { .. } => Vec::new(),
-        }
+        self.per_arch().map(|d| d.lost_names()).unwrap_or_default()
     }
 
     /// Names of gained capabilities, as [`ViewDiff::lost_names`].
     pub fn gained_names(&self) -> Vec<String> {
-        match self {
-            ViewDiff::X86(d) => d.gained.iter().map(|c| c.name.clone()).collect(),
-            ViewDiff::Aarch64(d) => d.gained.iter().map(|c| c.subject()).collect(),
-            ViewDiff::Arch { .. } => Vec::new(),
-        }
+        self.per_arch()
+            .map(|d| d.gained_names())
+            .unwrap_or_default()
     }
 
     /// Other differences (identification, cache geometry, leaves), one line each without the
     /// `changed:` prefix.
     pub fn changed_lines(&self) -> Vec<String> {
-        match self {
-            ViewDiff::X86(d) => d.changed_lines(),
-            ViewDiff::Aarch64(d) => d.changed.iter().map(|c| c.detail()).collect(),
-            ViewDiff::Arch { a, b } => vec![format!("architecture ({a} -> {b})")],
+        match self.per_arch() {
+            Ok(d) => d.changed_lines(),
+            Err((a, b)) => vec![format!("architecture ({a} -> {b})")],
         }
     }
 
     /// A compact one-line summary for the audit trail: `lost a,b; gained c; changed d`.
     pub fn summary(&self) -> String {
-        let changed: Vec<String> = match self {
-            ViewDiff::X86(d) => d.fields.iter().map(|c| c.field.clone()).collect(),
-            ViewDiff::Aarch64(d) => d.changed.iter().map(|c| c.subject()).collect(),
-            ViewDiff::Arch { a, b } => vec![format!("arch {a}->{b}")],
+        let changed = match self.per_arch() {
+            Ok(d) => d.changed_names(),
+            Err((a, b)) => vec![format!("arch {a}->{b}")],
         };
         let mut parts = Vec::new();
         for (word, names) in [
@@ -336,27 +462,13 @@ impl ViewDiff {
         }
         parts.join("; ")
     }
-}
 
-impl ViewDiff {
     /// `equivalent: 0 lost, 0 gained, 0 changed, 1 informational, 3 masked` (or `different: …`):
     /// the first line of every rendering.
     pub fn summary_line(&self) -> String {
-        match self {
-            ViewDiff::X86(d) => d.summary_line(),
-            ViewDiff::Aarch64(d) => format!(
-                "{}: {} lost, {} gained, {} changed, {} informational, 0 masked",
-                if d.is_equivalent() {
-                    "equivalent"
-                } else {
-                    "different"
-                },
-                d.lost.len(),
-                d.gained.len(),
-                d.changed.len(),
-                d.informational.len()
-            ),
-            ViewDiff::Arch { .. } => {
+        match self.per_arch() {
+            Ok(d) => d.summary_line(),
+            Err(_) => {
                 "different: 0 lost, 0 gained, 1 changed, 0 informational, 0 masked".to_string()
             }
         }
@@ -365,17 +477,10 @@ impl ViewDiff {
     /// The summary line, one line per difference, `informational: …` lines; with `verbose`,
     /// also masked differences with their reasons and the echo leaves left out (x86).
     pub fn render(&self, verbose: bool) -> String {
-        if let ViewDiff::X86(d) = self {
-            return d.render(verbose);
+        match self.per_arch() {
+            Ok(d) => d.render(verbose),
+            Err(_) => render_plain(&self.summary_line(), &self.lines(), &[]),
         }
-        let mut out = format!("{}\n", self.summary_line());
-        for line in self.lines() {
-            out.push_str(&format!("{line}\n"));
-        }
-        for line in self.informational() {
-            out.push_str(&format!("informational: {line}\n"));
-        }
-        out
     }
 }
 
@@ -389,14 +494,14 @@ impl fmt::Display for ViewDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arm::ArmIdReg;
-    use crate::cpuid::CpuidEntry;
+    use crate::aarch64::ArmIdReg;
+    use crate::x86_64::CpuidEntry;
 
     /// The digest text is what stamps and cache entries are compared by: pinned byte for byte
     /// (the expected digest is sha256 of the expected text, computed outside Rust).
     #[test]
     fn x86_digest_text_is_pinned() {
-        let table = crate::cpuid::parse_dump(
+        let table = crate::x86_64::parse_dump(
             "00000001 00000000: 000306c1 00000800 fffa3223 078bfbff\n\
              00000000 00000000: 0000000d 756e6547 6c65746e 49656e69\n\
              msr 0000010a: 000000000000002b\n",
@@ -421,7 +526,7 @@ mod tests {
     }
 
     fn arm_table(isar0: u64, mpidr: u64) -> ArmIdTable {
-        let mut regs: Vec<ArmIdReg> = crate::arm::firmware::PROBED_REGISTERS
+        let mut regs: Vec<ArmIdReg> = crate::aarch64::sysregs::REGISTERS
             .iter()
             .map(|r| ArmIdReg {
                 name: r.name.to_string(),

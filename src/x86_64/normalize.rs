@@ -181,7 +181,7 @@ pub fn normalize_with(table: &CpuidTable, masks: &[Mask]) -> (CpuidTable, Vec<Ma
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpuid::table::CpuidEntry;
+    use crate::x86_64::table::CpuidEntry;
 
     fn entry(leaf: u32, subleaf: u32, regs: [u32; 4]) -> CpuidEntry {
         CpuidEntry {

@@ -57,32 +57,9 @@ pub fn qemu_to_libvirt(name: &str) -> String {
         .to_string()
 }
 
-/// Leaves whose ECX input selects a sub-leaf (SDM vol. 2A CPUID, AMD APM vol. 3). Used to decide
-/// whether a location is written `CPUID.0x7.0` or just `CPUID.0x1`.
-pub fn leaf_has_subleaves(leaf: u32) -> bool {
-    matches!(
-        leaf,
-        0x4 | 0x7
-            | 0xb
-            | 0xd
-            | 0xf
-            | 0x10
-            | 0x12
-            | 0x14
-            | 0x17
-            | 0x18
-            | 0x1b
-            | 0x1d
-            | 0x1e
-            | 0x1f
-            | 0x20
-            | 0x23
-            | 0x24
-            | 0x8000001d
-            | 0x80000020
-            | 0x80000026
-    )
-}
+/// Leaves whose ECX input selects a sub-leaf (SDM vol. 2A CPUID, AMD APM vol. 3): the probe's
+/// own list. Used to decide whether a location is written `CPUID.0x7.0` or just `CPUID.0x1`.
+pub use super::subleaves::leaf_has_subleaves;
 
 /// Architectural names of the MSRs libvirt defines feature bits in.
 pub fn msr_name(index: u32) -> Option<&'static str> {

@@ -1,6 +1,6 @@
 //! The CPU models an emulator has (`-cpu help`), for the one decision libvirt makes from them:
 //! whether a `<model fallback='allow'>` is started as named or replaced by a substitute
-//! (src/probe/qemu_args.rs, `check_model_available`).
+//! (`crate::x86_64::probe::args::check_model_available`).
 //!
 //! libvirt asks QEMU the same question (`query-cpu-definitions`, whose names `-cpu help` lists), so
 //! the answer belongs to the emulator that runs the probe, not to a list kept in cpuguard.
@@ -10,16 +10,16 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::run::{describe, run_bounded, ProbeError, WorkDir};
+use super::run::{describe, run_bounded, RunError, WorkDir};
 
 /// How long `qemu -cpu help` may take (it starts no guest: tens of milliseconds).
 const HELP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The x86 CPU model names `emulator -cpu help` lists (aliases and versioned names included).
-pub fn qemu_cpu_models(emulator: &Path) -> Result<Vec<String>, ProbeError> {
+pub fn qemu_cpu_models(emulator: &Path) -> Result<Vec<String>, RunError> {
     let work = WorkDir::create(None)?;
     let out_path = work.path.join("cpu-help.out");
-    let out = File::create(&out_path).map_err(|e| ProbeError::WorkDir {
+    let out = File::create(&out_path).map_err(|e| RunError::WorkDir {
         path: out_path.clone(),
         reason: e.to_string(),
     })?;
@@ -31,13 +31,13 @@ pub fn qemu_cpu_models(emulator: &Path) -> Result<Vec<String>, ProbeError> {
         .stderr(Stdio::null());
     let status = run_bounded(command, emulator, HELP_TIMEOUT)?;
     if !status.success() {
-        return Err(ProbeError::EmulatorFailed {
+        return Err(RunError::EmulatorFailed {
             emulator: emulator.to_path_buf(),
             status: describe(status),
             stderr: "`-cpu help` failed".to_string(),
         });
     }
-    let text = std::fs::read_to_string(&out_path).map_err(|e| ProbeError::WorkDir {
+    let text = std::fs::read_to_string(&out_path).map_err(|e| RunError::WorkDir {
         path: out_path.clone(),
         reason: e.to_string(),
     })?;

@@ -28,12 +28,13 @@
 //! `fallback='allow'` model this QEMU does not have (libvirt substitutes the closest model;
 //! checked by [`check_model_available`] against the emulator's model list).
 
-use crate::cpuid::features::libvirt_to_qemu;
+use crate::x86_64::features::libvirt_to_qemu;
 use std::path::Path;
 
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
+use crate::arch::Arch;
 use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,18 +63,6 @@ pub enum ArgsError {
     UnknownFeature { name: String, map: String },
 }
 
-/// The QEMU system emulator name for a domain architecture (when the XML names no emulator).
-pub fn default_emulator(arch: &str) -> Result<&'static str, ArgsError> {
-    match arch {
-        "x86_64" => Ok("qemu-system-x86_64"),
-        "i686" => Ok("qemu-system-i386"),
-        "aarch64" => Ok("qemu-system-aarch64"),
-        other => Err(ArgsError::UnsupportedArch {
-            arch: other.to_string(),
-        }),
-    }
-}
-
 /// The CPU model libvirt 9 writes for a domain without one: QEMU's default CPU type for the
 /// machine, which belongs to the emulator binary, not to the guest architecture (an i686 guest on
 /// qemu-system-x86_64 gets `qemu64`).
@@ -94,7 +83,7 @@ fn emulator_is_i386(config: &GuestCpuConfig) -> bool {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default(),
-        None => default_emulator(&config.arch).unwrap_or_default(),
+        None => config.arch.qemu_system(),
     };
     emulator == "qemu-system-i386"
 }
@@ -206,11 +195,14 @@ pub fn cpu_arg(config: &GuestCpuConfig) -> Result<String, ArgsError> {
 
 /// [`cpu_arg`] with the cpu_map directory given.
 pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<String, ArgsError> {
-    // This command line is the x86 one; aarch64 has its own (crate::arm::probe).
-    if !matches!(config.arch.as_str(), "x86_64" | "i686") {
-        return Err(ArgsError::UnsupportedArch {
-            arch: config.arch.clone(),
-        });
+    // This command line is the x86 one; aarch64 has its own (crate::aarch64::probe).
+    match config.arch {
+        Arch::X86_64 | Arch::I686 => {}
+        Arch::Aarch64 => {
+            return Err(ArgsError::UnsupportedArch {
+                arch: config.arch.to_string(),
+            })
+        }
     }
     let mut parts: Vec<String> = Vec::new();
     match &config.cpu {
@@ -258,10 +250,11 @@ pub fn cpu_arg_with_map(config: &GuestCpuConfig, cpu_map: &Path) -> Result<Strin
             // property of a QEMU started by root.
             if !cpu.features.is_empty() {
                 let path = cpu_map.join("x86_features.xml");
-                let map = crate::cpuid::FeatureMap::load(&path).map_err(|e| ArgsError::CpuMap {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                let map =
+                    crate::x86_64::FeatureMap::load(&path).map_err(|e| ArgsError::CpuMap {
+                        path: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
                 if let Some(f) = cpu.features.iter().find(|f| map.by_name(&f.name).is_none()) {
                     return Err(ArgsError::UnknownFeature {
                         name: f.name.clone(),

@@ -953,7 +953,7 @@ mod tests {
                 entry(0x8000_0003, 0, [0x55504320, 0, 0, 0]),
                 entry(0x8000_0004, 0, [0, 0, 0, 0]),
             ],
-            msrs: vec![crate::cpuid::table::MsrEntry {
+            msrs: vec![crate::x86_64::table::MsrEntry {
                 index: 0x10a,
                 value: 0x20,
             }],

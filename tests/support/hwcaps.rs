@@ -22,17 +22,20 @@
 //! Newer kernels add names (e.g. `mops`, `cssc`, `sme2`); they are not in this table because a
 //! 6.1 kernel cannot print them.
 
+// Each test binary that includes this file uses its own part of it.
+#![allow(dead_code)]
+
 use std::collections::BTreeSet;
 
-use super::diff::Midr;
-use super::idregs::{register_def, ArmIdTable};
+use cpuguard::aarch64::sysregs::{register_def, FieldDef};
+use cpuguard::aarch64::{ArmIdTable, Midr};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum HwcapError {
     #[error("ID-register table has no readable {register}: cannot derive the hwcaps that need it")]
     MissingRegister { register: &'static str },
     #[error(
-        "hwcap rule {hwcap:?} names {register}.{field}, which src/arm/idregs.rs does not define"
+        "hwcap rule {hwcap:?} names {register}.{field}, which src/aarch64/sysregs.rs does not define"
     )]
     UnknownField {
         hwcap: &'static str,
@@ -146,22 +149,20 @@ const ARM_LTD: u8 = 0x41;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FieldRule {
     pub register: &'static str,
-    /// The field's name in src/arm/idregs.rs `REGISTERS`.
+    /// The field's name in src/aarch64/sysregs.rs `REGISTERS`, whose bits it is (the kernel's
+    /// `*_SHIFT` and width are the same, by definition of the field).
     pub field: &'static str,
-    /// The kernel's `*_SHIFT` and width (checked against idregs.rs by a unit test).
-    pub shift: u8,
-    pub width: u8,
     /// FTR_SIGNED: 0xF reads as -1 ("not implemented").
     pub signed: bool,
     pub min: i64,
 }
 
 impl FieldRule {
-    /// The field's value as the kernel compares it.
-    pub fn value(&self, register: u64) -> i64 {
-        let raw = (register >> self.shift) & ((1u64 << self.width) - 1);
-        if self.signed && raw >> (self.width - 1) & 1 == 1 {
-            raw as i64 - (1i64 << self.width)
+    /// The field's value as the kernel compares it, `field` being the rule's field.
+    pub fn value(&self, field: &FieldDef, register: u64) -> i64 {
+        let raw = field.extract(register);
+        if self.signed && field.width < 64 && raw >> (field.width - 1) & 1 == 1 {
+            raw as i64 - (1i64 << field.width)
         } else {
             raw as i64
         }
@@ -196,32 +197,27 @@ pub struct HwcapDef {
     pub config: Option<KernelOption>,
 }
 
-const fn f(register: &'static str, field: &'static str, shift: u8, min: i64) -> FieldRule {
+const fn f(register: &'static str, field: &'static str, min: i64) -> FieldRule {
     FieldRule {
         register,
         field,
-        shift,
-        width: 4,
         signed: false,
         min,
     }
 }
-const fn signed(register: &'static str, field: &'static str, shift: u8, min: i64) -> FieldRule {
+const fn signed(register: &'static str, field: &'static str, min: i64) -> FieldRule {
     FieldRule {
         register,
         field,
-        shift,
-        width: 4,
         signed: true,
         min,
     }
 }
-const fn bit(register: &'static str, field: &'static str, shift: u8) -> FieldRule {
+/// A one-bit field: set or not.
+const fn bit(register: &'static str, field: &'static str) -> FieldRule {
     FieldRule {
         register,
         field,
-        shift,
-        width: 1,
         signed: false,
         min: 1,
     }
@@ -253,22 +249,14 @@ const MMFR1: &str = "ID_AA64MMFR1_EL1";
 const MMFR2: &str = "ID_AA64MMFR2_EL1";
 
 /// `ptr_auth_hwcap_addr_matches`: QARMA5 (APA), QARMA3 (APA3) or IMPDEF (API) address auth.
-const PACA: &[FieldRule] = &[
-    f(ISAR1, "APA", 4, 1),
-    f(ISAR2, "APA3", 12, 1),
-    f(ISAR1, "API", 8, 1),
-];
+const PACA: &[FieldRule] = &[f(ISAR1, "APA", 1), f(ISAR2, "APA3", 1), f(ISAR1, "API", 1)];
 /// `ptr_auth_hwcap_gen_matches`: generic auth, same three algorithms.
-const PACG: &[FieldRule] = &[
-    f(ISAR1, "GPA", 24, 1),
-    f(ISAR2, "GPA3", 8, 1),
-    f(ISAR1, "GPI", 28, 1),
-];
+const PACG: &[FieldRule] = &[f(ISAR1, "GPA", 1), f(ISAR2, "GPA3", 1), f(ISAR1, "GPI", 1)];
 
 /// Linux 6.1's hwcaps in `hwcap_str[]` order, which is the order `/proc/cpuinfo` prints them.
 pub const HWCAPS: &[HwcapDef] = &[
-    cap("fp", signed(PFR0, "FP", 16, 0)),
-    cap("asimd", signed(PFR0, "AdvSIMD", 20, 0)),
+    cap("fp", signed(PFR0, "FP", 0)),
+    cap("asimd", signed(PFR0, "AdvSIMD", 0)),
     HwcapDef {
         name: "evtstrm",
         source: HwcapSource::NotFromIdRegisters {
@@ -277,14 +265,14 @@ pub const HWCAPS: &[HwcapDef] = &[
         },
         config: None,
     },
-    cap("aes", f(ISAR0, "AES", 4, 1)),
-    cap("pmull", f(ISAR0, "AES", 4, 2)),
-    cap("sha1", f(ISAR0, "SHA1", 8, 1)),
-    cap("sha2", f(ISAR0, "SHA2", 12, 1)),
-    cap("crc32", f(ISAR0, "CRC32", 16, 1)),
-    cap("atomics", f(ISAR0, "Atomic", 20, 2)),
-    cap("fphp", signed(PFR0, "FP", 16, 1)),
-    cap("asimdhp", signed(PFR0, "AdvSIMD", 20, 1)),
+    cap("aes", f(ISAR0, "AES", 1)),
+    cap("pmull", f(ISAR0, "AES", 2)),
+    cap("sha1", f(ISAR0, "SHA1", 1)),
+    cap("sha2", f(ISAR0, "SHA2", 1)),
+    cap("crc32", f(ISAR0, "CRC32", 1)),
+    cap("atomics", f(ISAR0, "Atomic", 2)),
+    cap("fphp", signed(PFR0, "FP", 1)),
+    cap("asimdhp", signed(PFR0, "AdvSIMD", 1)),
     HwcapDef {
         name: "cpuid",
         source: HwcapSource::Always {
@@ -293,24 +281,24 @@ pub const HWCAPS: &[HwcapDef] = &[
         },
         config: None,
     },
-    cap("asimdrdm", f(ISAR0, "RDM", 28, 1)),
-    cap("jscvt", f(ISAR1, "JSCVT", 12, 1)),
-    cap("fcma", f(ISAR1, "FCMA", 16, 1)),
-    cap("lrcpc", f(ISAR1, "LRCPC", 20, 1)),
-    cap("dcpop", f(ISAR1, "DPB", 0, 1)),
-    cap("sha3", f(ISAR0, "SHA3", 32, 1)),
-    cap("sm3", f(ISAR0, "SM3", 36, 1)),
-    cap("sm4", f(ISAR0, "SM4", 40, 1)),
-    cap("asimddp", f(ISAR0, "DP", 44, 1)),
-    cap("sha512", f(ISAR0, "SHA2", 12, 2)),
-    cap_if("sve", KernelOption::Sve, f(PFR0, "SVE", 32, 1)),
-    cap("asimdfhm", f(ISAR0, "FHM", 48, 1)),
-    cap("dit", f(PFR0, "DIT", 48, 1)),
-    cap("uscat", f(MMFR2, "AT", 32, 1)),
-    cap("ilrcpc", f(ISAR1, "LRCPC", 20, 2)),
-    cap("flagm", f(ISAR0, "TS", 52, 1)),
-    cap("ssbs", f(PFR1, "SSBS", 4, 2)),
-    cap("sb", f(ISAR1, "SB", 36, 1)),
+    cap("asimdrdm", f(ISAR0, "RDM", 1)),
+    cap("jscvt", f(ISAR1, "JSCVT", 1)),
+    cap("fcma", f(ISAR1, "FCMA", 1)),
+    cap("lrcpc", f(ISAR1, "LRCPC", 1)),
+    cap("dcpop", f(ISAR1, "DPB", 1)),
+    cap("sha3", f(ISAR0, "SHA3", 1)),
+    cap("sm3", f(ISAR0, "SM3", 1)),
+    cap("sm4", f(ISAR0, "SM4", 1)),
+    cap("asimddp", f(ISAR0, "DP", 1)),
+    cap("sha512", f(ISAR0, "SHA2", 2)),
+    cap_if("sve", KernelOption::Sve, f(PFR0, "SVE", 1)),
+    cap("asimdfhm", f(ISAR0, "FHM", 1)),
+    cap("dit", f(PFR0, "DIT", 1)),
+    cap("uscat", f(MMFR2, "AT", 1)),
+    cap("ilrcpc", f(ISAR1, "LRCPC", 2)),
+    cap("flagm", f(ISAR0, "TS", 1)),
+    cap("ssbs", f(PFR1, "SSBS", 2)),
+    cap("sb", f(ISAR1, "SB", 1)),
     HwcapDef {
         name: "paca",
         source: HwcapSource::AnyOf(PACA),
@@ -321,42 +309,42 @@ pub const HWCAPS: &[HwcapDef] = &[
         source: HwcapSource::AnyOf(PACG),
         config: Some(KernelOption::PtrAuth),
     },
-    cap("dcpodp", f(ISAR1, "DPB", 0, 2)),
-    cap_if("sve2", KernelOption::Sve, f(ZFR0, "SVEver", 0, 1)),
-    cap_if("sveaes", KernelOption::Sve, f(ZFR0, "AES", 4, 1)),
-    cap_if("svepmull", KernelOption::Sve, f(ZFR0, "AES", 4, 2)),
-    cap_if("svebitperm", KernelOption::Sve, f(ZFR0, "BitPerm", 16, 1)),
-    cap_if("svesha3", KernelOption::Sve, f(ZFR0, "SHA3", 32, 1)),
-    cap_if("svesm4", KernelOption::Sve, f(ZFR0, "SM4", 40, 1)),
-    cap("flagm2", f(ISAR0, "TS", 52, 2)),
-    cap("frint", f(ISAR1, "FRINTTS", 32, 1)),
-    cap_if("svei8mm", KernelOption::Sve, f(ZFR0, "I8MM", 44, 1)),
-    cap_if("svef32mm", KernelOption::Sve, f(ZFR0, "F32MM", 52, 1)),
-    cap_if("svef64mm", KernelOption::Sve, f(ZFR0, "F64MM", 56, 1)),
-    cap_if("svebf16", KernelOption::Sve, f(ZFR0, "BF16", 20, 1)),
-    cap("i8mm", f(ISAR1, "I8MM", 52, 1)),
-    cap("bf16", f(ISAR1, "BF16", 44, 1)),
-    cap("dgh", f(ISAR1, "DGH", 48, 1)),
-    cap("rng", f(ISAR0, "RNDR", 60, 1)),
-    cap_if("bti", KernelOption::Bti, f(PFR1, "BT", 0, 1)),
-    cap_if("mte", KernelOption::Mte, f(PFR1, "MTE", 8, 2)),
-    cap("ecv", f(MMFR0, "ECV", 60, 1)),
-    cap("afp", f(MMFR1, "AFP", 44, 1)),
-    cap("rpres", f(ISAR2, "RPRES", 4, 1)),
-    cap_if("mte3", KernelOption::Mte, f(PFR1, "MTE", 8, 3)),
-    cap_if("sme", KernelOption::Sme, f(PFR1, "SME", 24, 1)),
+    cap("dcpodp", f(ISAR1, "DPB", 2)),
+    cap_if("sve2", KernelOption::Sve, f(ZFR0, "SVEver", 1)),
+    cap_if("sveaes", KernelOption::Sve, f(ZFR0, "AES", 1)),
+    cap_if("svepmull", KernelOption::Sve, f(ZFR0, "AES", 2)),
+    cap_if("svebitperm", KernelOption::Sve, f(ZFR0, "BitPerm", 1)),
+    cap_if("svesha3", KernelOption::Sve, f(ZFR0, "SHA3", 1)),
+    cap_if("svesm4", KernelOption::Sve, f(ZFR0, "SM4", 1)),
+    cap("flagm2", f(ISAR0, "TS", 2)),
+    cap("frint", f(ISAR1, "FRINTTS", 1)),
+    cap_if("svei8mm", KernelOption::Sve, f(ZFR0, "I8MM", 1)),
+    cap_if("svef32mm", KernelOption::Sve, f(ZFR0, "F32MM", 1)),
+    cap_if("svef64mm", KernelOption::Sve, f(ZFR0, "F64MM", 1)),
+    cap_if("svebf16", KernelOption::Sve, f(ZFR0, "BF16", 1)),
+    cap("i8mm", f(ISAR1, "I8MM", 1)),
+    cap("bf16", f(ISAR1, "BF16", 1)),
+    cap("dgh", f(ISAR1, "DGH", 1)),
+    cap("rng", f(ISAR0, "RNDR", 1)),
+    cap_if("bti", KernelOption::Bti, f(PFR1, "BT", 1)),
+    cap_if("mte", KernelOption::Mte, f(PFR1, "MTE", 2)),
+    cap("ecv", f(MMFR0, "ECV", 1)),
+    cap("afp", f(MMFR1, "AFP", 1)),
+    cap("rpres", f(ISAR2, "RPRES", 1)),
+    cap_if("mte3", KernelOption::Mte, f(PFR1, "MTE", 3)),
+    cap_if("sme", KernelOption::Sme, f(PFR1, "SME", 1)),
     // SMFR0: I16I64 and I8I32 are 4-bit fields whose only "implemented" value is 0b1111.
-    cap_if("smei16i64", KernelOption::Sme, f(SMFR0, "I16I64", 52, 0xF)),
-    cap_if("smef64f64", KernelOption::Sme, bit(SMFR0, "F64F64", 48)),
-    cap_if("smei8i32", KernelOption::Sme, f(SMFR0, "I8I32", 36, 0xF)),
-    cap_if("smef16f32", KernelOption::Sme, bit(SMFR0, "F16F32", 35)),
-    cap_if("smeb16f32", KernelOption::Sme, bit(SMFR0, "B16F32", 34)),
-    cap_if("smef32f32", KernelOption::Sme, bit(SMFR0, "F32F32", 32)),
-    cap_if("smefa64", KernelOption::Sme, bit(SMFR0, "FA64", 63)),
+    cap_if("smei16i64", KernelOption::Sme, f(SMFR0, "I16I64", 0xF)),
+    cap_if("smef64f64", KernelOption::Sme, bit(SMFR0, "F64F64")),
+    cap_if("smei8i32", KernelOption::Sme, f(SMFR0, "I8I32", 0xF)),
+    cap_if("smef16f32", KernelOption::Sme, bit(SMFR0, "F16F32")),
+    cap_if("smeb16f32", KernelOption::Sme, bit(SMFR0, "B16F32")),
+    cap_if("smef32f32", KernelOption::Sme, bit(SMFR0, "F32F32")),
+    cap_if("smefa64", KernelOption::Sme, bit(SMFR0, "FA64")),
     // 6.1's ID_AA64ISAR2_EL1_WFxT_IMP is 0b0010.
-    cap("wfxt", f(ISAR2, "WFxT", 0, 2)),
-    cap("ebf16", f(ISAR1, "BF16", 44, 2)),
-    cap_if("sveebf16", KernelOption::Sve, f(ZFR0, "BF16", 20, 2)),
+    cap("wfxt", f(ISAR2, "WFxT", 2)),
+    cap("ebf16", f(ISAR1, "BF16", 2)),
+    cap_if("sveebf16", KernelOption::Sve, f(ZFR0, "BF16", 2)),
 ];
 
 /// The hwcap definition by Features name.
@@ -557,13 +545,13 @@ pub fn expected_features_for(
         let mut met = None;
         let mut shortfalls = Vec::new();
         for rule in rules {
-            check_rule_field(def.name, rule)?;
+            let field = rule_field(def.name, rule)?;
             let register = table
                 .get(rule.register)
                 .ok_or(HwcapError::MissingRegister {
                     register: rule.register,
                 })?;
-            let value = rule.value(register);
+            let value = rule.value(field, register);
             if value >= rule.min {
                 met = Some(format!("{}.{} = {value}", rule.register, rule.field));
                 break;
@@ -596,24 +584,18 @@ pub fn expected_features_for(
     Ok(ExpectedFeatures { hwcaps })
 }
 
-/// The rule's field must be the one idregs.rs defines under that name (same bits).
-fn check_rule_field(hwcap: &'static str, rule: &FieldRule) -> Result<(), HwcapError> {
+/// The rule's field as src/aarch64/sysregs.rs defines it.
+fn rule_field(hwcap: &'static str, rule: &FieldRule) -> Result<&'static FieldDef, HwcapError> {
     let unknown = HwcapError::UnknownField {
         hwcap,
         register: rule.register,
         field: rule.field,
     };
     let def = register_def(rule.register).ok_or_else(|| unknown.clone())?;
-    let field = def
-        .fields
+    def.fields
         .iter()
         .find(|fd| fd.name == rule.field)
-        .ok_or_else(|| unknown.clone())?;
-    if field.lsb == rule.shift && field.width == rule.width {
-        Ok(())
-    } else {
-        Err(unknown)
-    }
+        .ok_or(unknown)
 }
 
 /// Whether erratum 3194386's workaround applies to this CPU.
@@ -764,7 +746,7 @@ pub fn parse_cpuinfo(text: &str) -> Result<Vec<CpuinfoCpu>, HwcapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arm::idregs::ArmIdReg;
+    use cpuguard::aarch64::ArmIdReg;
 
     /// A table with every register the rules read, zero unless given.
     fn table(midr: u64, values: &[(&str, u64)]) -> ArmIdTable {
@@ -798,9 +780,9 @@ mod tests {
                 _ => &[],
             };
             for rule in rules {
-                check_rule_field(def.name, rule).unwrap_or_else(|e| panic!("{e}"));
+                let field = rule_field(def.name, rule).unwrap_or_else(|e| panic!("{e}"));
                 assert!(
-                    rule.min >= 0 && rule.min < (1 << rule.width),
+                    rule.min >= 0 && rule.min < (1 << field.width),
                     "{}",
                     def.name
                 );

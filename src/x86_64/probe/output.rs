@@ -12,7 +12,7 @@ use super::layout::{
     RESULT_COUNT_OFFSET, RESULT_MAGIC, RESULT_SIZE, RESULT_STATUS_OFFSET, STATUS_COMPLETE,
     STATUS_FAULT, STATUS_OVERFLOW,
 };
-use crate::cpuid::{CpuidEntry, CpuidTable, MsrEntry};
+use crate::x86_64::{CpuidEntry, CpuidTable, MsrEntry};
 
 /// First line of every probe output; the number is the format version.
 pub const HEADER: &str = "CPUGUARD-PROBE 1";

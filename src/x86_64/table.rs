@@ -3,6 +3,8 @@
 //! This is the unit of measurement cpuguard compares. It is deliberately plain data: the probe
 //! fills it, normalization masks it, the diff explains it, the cache stores it as JSON.
 
+use std::fmt::Write as _;
+
 use serde::{Deserialize, Serialize};
 
 /// One CPUID query and its answer. `subleaf` is the ECX input (0 for leaves without sub-leaves).
@@ -82,5 +84,28 @@ impl CpuidTable {
             .binary_search_by_key(&index, |m| m.index)
             .ok()
             .map(|i| self.msrs[i].value)
+    }
+
+    /// The text a digest of this (normalized) table is computed over, `version` being the
+    /// fingerprint format's. Fixed here rather than borrowed from the dump writers so that a
+    /// change of dump format cannot silently change every digest.
+    pub fn canonical_text(&self, version: u32) -> String {
+        let mut table = self.clone();
+        table.canonicalize();
+        // Written in place (one allocation, not one per line): the hook computes this on its
+        // warm path. Writing to a String cannot fail.
+        let mut out = String::with_capacity(64 + 46 * table.entries.len());
+        let _ = writeln!(out, "cpuguard normalized cpuid v{version}");
+        for e in &table.entries {
+            let _ = writeln!(
+                out,
+                "{:08x} {:08x}: {:08x} {:08x} {:08x} {:08x}",
+                e.leaf, e.subleaf, e.eax, e.ebx, e.ecx, e.edx
+            );
+        }
+        for m in &table.msrs {
+            let _ = writeln!(out, "msr {:08x}: {:016x}", m.index, m.value);
+        }
+        out
     }
 }
