@@ -6,7 +6,7 @@
 #                          /sys/devices/system/cpu/cpu0/regs/identification/ (`name=value`) and the
 #                          kernel's CPU-feature boot messages, then powers off
 #   $DIR/config            the kernel's build configuration (/boot/config-*), which decides some
-#                          hwcaps (src/arm/hwcaps.rs KernelConfig)
+#                          hwcaps (tests/support/hwcaps.rs KernelConfig)
 #   $DIR/stamp             what the two files were built from; a rerun with the same inputs does
 #                          nothing
 # DIR is $CPUGUARD_LINUX_GUEST_ARM64_DIR or /var/tmp/cpuguard-linux-guest-arm64. Run as root on

@@ -7,7 +7,7 @@
 //!   `<cpu mode='maximum'/>`).
 //! - A destination whose guests see other ID registers (`bed.sh emulator-b set pmu=off`, or
 //!   `lpa2=off` for `max`) is refused at B's prepare phase, naming the register fields the
-//!   src/arm probe measures as different; the guest keeps running on A and the refusal is in the
+//!   src/aarch64 probe measures as different; the guest keeps running on A and the refusal is in the
 //!   bed's syslog. Without cpuguard, QEMU itself fails such a migration only after B's QEMU has
 //!   started and the state was sent, with no word of what differs (pinned below).
 //!
@@ -41,7 +41,7 @@ const CORTEX_A57: &str =
     "<cpu mode='custom' match='exact'><model fallback='forbid'>cortex-a57</model></cpu>";
 const MAXIMUM: &str = "<cpu mode='maximum'/>";
 
-/// What the src/arm probe says a guest of `cpu` loses, gains or changes when its emulator adds
+/// What the src/aarch64 probe says a guest of `cpu` loses, gains or changes when its emulator adds
 /// `,cpu_options` to `-cpu` (as `bed.sh emulator-b set` does on B): probed through a wrapper of
 /// this test's own, independent of the hook's code path.
 fn measured_difference(dir: &Path, cpu: ArmCpu, cpu_options: &str) -> aarch64::Diff {
@@ -174,7 +174,7 @@ fn aarch64_maximum_guest_with_the_same_cpu_migrates() {
 }
 
 /// Issue 6, second half: B's guests would see other ID registers. The refusal names every field
-/// the src/arm probe measures as different (`expected_subjects` must be among them).
+/// the src/aarch64 probe measures as different (`expected_subjects` must be among them).
 fn assert_refused_naming_fields(
     name: &str,
     cpu_xml: &str,
