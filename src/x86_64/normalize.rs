@@ -12,11 +12,16 @@ use super::table::{CpuidTable, Register};
 /// Bits of one register that normalization clears, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mask {
+    /// The CPUID leaf the mask applies to.
     pub leaf: u32,
     /// `None` masks every sub-leaf of `leaf`.
     pub subleaf: Option<u32>,
+    /// The register of that leaf whose bits are cleared.
     pub register: Register,
+    /// The bits cleared (set bits here are cleared in the table), e.g. `0xff00_0000` for
+    /// CPUID.1:EBX\[31:24\].
     pub bits: u32,
+    /// Why those bits may differ between hosts giving a guest the same CPU, shown to operators.
     pub reason: String,
     /// Differences under an informational mask are reported to the operator but never make two
     /// tables different.
@@ -42,6 +47,7 @@ impl Mask {
         }
     }
 
+    /// True when this mask covers (`leaf`, `subleaf`).
     pub fn applies_to(&self, leaf: u32, subleaf: u32) -> bool {
         self.leaf == leaf && self.subleaf.is_none_or(|s| s == subleaf)
     }

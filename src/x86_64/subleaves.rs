@@ -7,9 +7,13 @@
 /// A CPUID output register, as the rules name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutReg {
+    /// EAX.
     Eax,
+    /// EBX.
     Ebx,
+    /// ECX.
     Ecx,
+    /// EDX.
     Edx,
 }
 
@@ -21,9 +25,19 @@ pub enum Subleaves {
     /// Sub-leaves 0..=N.
     Fixed(u32),
     /// Sub-leaves from 0 (or from `first`) until `(reg & mask) == 0`, that terminating one included.
-    Until { first: u32, reg: OutReg, mask: u32 },
+    Until {
+        /// The first sub-leaf tested for the end; those below it are always queried (SGX: 0, 1).
+        first: u32,
+        /// The register tested on each sub-leaf's answer.
+        reg: OutReg,
+        /// The bits of `reg` that are all zero in the terminating sub-leaf.
+        mask: u32,
+    },
     /// Sub-leaf 0, then sub-leaf i for each bit i (1..=31) set in `reg` of sub-leaf 0.
-    Bitmap { reg: OutReg },
+    Bitmap {
+        /// The register of sub-leaf 0 that holds the bitmap of further sub-leaves.
+        reg: OutReg,
+    },
 }
 
 /// Leaves with sub-leaves, ascending. Every leaf not listed is queried with sub-leaf 0 only.

@@ -19,9 +19,13 @@ pub struct UserModeCpuid {
 /// One leaf whose CPL3 answer is not the kernel's: EAX, EBX, ECX, EDX at each level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserModeDifference {
+    /// The CPUID leaf (EAX input).
     pub leaf: u32,
+    /// The sub-leaf (ECX input); 0 for leaves without sub-leaves.
     pub subleaf: u32,
+    /// EAX, EBX, ECX, EDX as the guest kernel read them (CPL0).
     pub kernel: [u32; 4],
+    /// EAX, EBX, ECX, EDX as guest user space read them (CPL3).
     pub user: [u32; 4],
 }
 
@@ -51,11 +55,13 @@ impl UserModeCpuid {
         out
     }
 
+    /// True when any compared leaf answers user space differently from the kernel.
     pub fn differs(&self) -> bool {
         !self.differing.is_empty()
     }
 
-    /// One line per differing leaf: `CPUID.0x1.0 kernel eax=… user eax=…`.
+    /// One line per differing leaf: `CPUID.0x1.0: kernel eax=… ebx=… ecx=… edx=… / user eax=…`
+    /// (registers in 8-digit hex).
     pub fn lines(&self) -> Vec<String> {
         self.differing
             .iter()

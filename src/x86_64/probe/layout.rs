@@ -25,10 +25,14 @@ pub const fn debug_exit_status(value: u8) -> i32 {
 /// the record count as little-endian u32. Guest RAM starts zeroed, so the magic is there only
 /// when the firmware got to its end (or to its fatal handler).
 pub const RESULT_ADDR: u32 = 0x9000;
+/// The 16 bytes that open a finished result summary (the trailing digit is the result format's
+/// version).
 pub const RESULT_MAGIC: &[u8; 16] = b"CPUGUARD-PROBE 2";
-/// Offsets of the status and the count inside the summary.
+/// Byte offset of the status (one of the `STATUS_*` values) inside the summary.
 pub const RESULT_STATUS_OFFSET: u32 = 16;
+/// Byte offset of the record count inside the summary.
 pub const RESULT_COUNT_OFFSET: u32 = 20;
+/// Size in bytes of the whole summary: magic, status, count.
 pub const RESULT_SIZE: u32 = 24;
 
 /// Every record was written.
@@ -41,6 +45,8 @@ pub const STATUS_FAULT: u32 = 2;
 /// Records: [`RECORD_SIZE`] bytes each from [`RECORDS_ADDR`], below [`RECORDS_END`] (real-mode
 /// segments 0x1000..0x9000, 16384 records; a probe writes a few hundred).
 pub const RECORDS_ADDR: u32 = 0x1_0000;
+/// Physical address just past the record area (exclusive); the firmware reports
+/// [`STATUS_OVERFLOW`] rather than write here.
 pub const RECORDS_END: u32 = 0x9_0000;
 /// Eight little-endian u32: the kind, then up to six values, then zero.
 pub const RECORD_SIZE: u32 = 32;
@@ -60,14 +66,19 @@ pub const USER_LEAVES: [(u32, u32); 4] = [(0, 0), (1, 0), (7, 0), (0x8000_0001, 
 /// Summary of the user-mode pass: [`USER_MAGIC`], then the record count (u32); its records
 /// (`KIND_CPUID`, [`RECORD_SIZE`] bytes each) follow at [`USER_RECORDS_ADDR`].
 pub const USER_ADDR: u32 = 0x9100;
+/// The 16 bytes that open the user-mode pass's summary; without them the pass did not run.
 pub const USER_MAGIC: &[u8; 16] = b"CPUGUARD-CPL3 1\0";
+/// Byte offset of the user-mode pass's record count (u32) inside its summary; the count holds
+/// for both its record sets (CPL0 long mode and CPL3).
 pub const USER_COUNT_OFFSET: u32 = 16;
+/// Physical address of the records read at CPL3, one per [`USER_LEAVES`] pair.
 pub const USER_RECORDS_ADDR: u32 = 0x9200;
 /// The same leaves read in long mode at CPL0 just before the switch to CPL3 (same record form):
 /// shows the real-mode table is what a 64-bit guest kernel sees.
 pub const LONG_KERNEL_RECORDS_ADDR: u32 = 0x9300;
 /// The GDT of the user-mode pass (flat code and data, ring 0 and ring 3) and its pointer.
 pub const GDT_ADDR: u32 = 0x9400;
+/// Physical address of the user-mode pass's GDT pointer (limit, then base), which `lgdt` loads.
 pub const GDTR_ADDR: u32 = 0x9440;
 /// Guest-physical span the runner reads for both summaries and the user-mode records.
 pub const SUMMARY_SPAN: u32 = GDT_ADDR - RESULT_ADDR;
