@@ -24,6 +24,7 @@ const REGISTERS: [Register; 4] = [Register::Eax, Register::Ebx, Register::Ecx, R
 
 /// How many registers one folded `changed:` line names before "and N more".
 pub const MAX_FOLDED_NAMES: usize = 16;
+/// Which way a named feature bit moves for a guest going from A (source) to B (destination).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
@@ -38,8 +39,11 @@ pub enum Side {
 pub struct FeatureChange {
     /// libvirt's name.
     pub name: String,
+    /// Where the bit is read (CPUID leaf, sub-leaf, register, bit, or an MSR bit); flattened
+    /// into this object in JSON.
     #[serde(flatten)]
     pub location: FeatureBit,
+    /// Whether the guest loses or gains the feature by moving from A to B.
     pub side: Side,
 }
 
@@ -68,8 +72,10 @@ pub struct FieldChange {
     /// The CPUID leaf whose register differs (the first one, for fields spanning several).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leaf: Option<u32>,
+    /// The sub-leaf of `leaf` (ECX input), when the difference is in a CPUID leaf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subleaf: Option<u32>,
+    /// The register of `leaf` that differs, when the difference is in a CPUID leaf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub register: Option<Register>,
     /// The MSR index, for an MSR difference.
@@ -81,6 +87,7 @@ pub struct FieldChange {
     /// The whole register (or MSR) on A; absent when the leaf (or MSR) is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a_value: Option<u64>,
+    /// The whole register (or MSR) on B; absent when the leaf (or MSR) is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b_value: Option<u64>,
     /// Why these bits are masked (masked and informational differences only).
@@ -109,23 +116,32 @@ impl fmt::Display for FieldChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Which {
+    /// Side A, the migration source (serialized as `"a"`).
     A,
+    /// Side B, the migration destination (serialized as `"b"`).
     B,
 }
 
 /// A leaf one side answered outside its declared ranges (an echo, never compared).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EchoLeaf {
+    /// The side whose probe read this echo.
     pub side: Which,
+    /// The CPUID leaf queried, past its range's maximum.
     pub leaf: u32,
+    /// The sub-leaf queried (ECX input).
     pub subleaf: u32,
 }
 
 /// Everything that differs between A (source) and B (destination).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Diff {
+    /// Named features A has and B lacks: the guest loses them by moving.
     pub lost: Vec<FeatureChange>,
+    /// Named features B has and A lacks: the guest gains them by moving.
     pub gained: Vec<FeatureChange>,
+    /// Every other unmasked difference (decoded fields, raw registers, MSRs): like a lost or
+    /// gained feature, any one makes A and B not equivalent.
     pub fields: Vec<FieldChange>,
     /// Differences under informational masks: reported, never a reason to refuse.
     pub informational: Vec<FieldChange>,

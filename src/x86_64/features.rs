@@ -76,14 +76,22 @@ pub fn msr_name(index: u32) -> Option<&'static str> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum FeatureBit {
+    /// A bit of a CPUID answer (`"kind": "cpuid"` in JSON).
     Cpuid {
+        /// The CPUID leaf (EAX input).
         leaf: u32,
+        /// The sub-leaf (ECX input); 0 for leaves without sub-leaves.
         subleaf: u32,
+        /// The output register holding the bit.
         register: Register,
+        /// The bit number in that register, 0..=31.
         bit: u8,
     },
+    /// A bit of a feature MSR (`"kind": "msr"` in JSON).
     Msr {
+        /// The MSR's address, e.g. `0x10a` for IA32_ARCH_CAPABILITIES.
         index: u32,
+        /// The bit number in the MSR's value, 0..=63.
         bit: u8,
     },
 }
@@ -133,7 +141,9 @@ pub fn register_name(register: Register) -> &'static str {
 /// Another name libvirt knows a feature by, and who uses it (`qemu`, `linux`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeatureAlias {
+    /// The other name, e.g. `sse3` for libvirt's `pni`.
     pub name: String,
+    /// Who uses that name, as the map's `source` attribute says (`qemu`, `linux`).
     pub source: String,
 }
 
@@ -144,29 +154,44 @@ pub struct Feature {
     pub name: String,
     /// The name libvirt puts on QEMU's `-cpu` line.
     pub qemu_name: String,
+    /// Other names the map gives the feature; [`FeatureMap::by_name`] finds it by them too.
     pub aliases: Vec<FeatureAlias>,
+    /// The CPUID or MSR bits the feature occupies (normally one).
     pub bits: Vec<FeatureBit>,
     /// `false` for features libvirt marks `migratable='no'` (invtsc, xsaves).
     pub migratable: bool,
 }
 
+/// Why libvirt's CPU feature map could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
+    /// The map file could not be read.
     #[error("cannot read libvirt CPU feature map {path}: {source}")]
     Read {
+        /// The file tried.
         path: PathBuf,
+        /// The I/O error reading it.
         source: std::io::Error,
     },
+    /// The map is not well-formed XML.
     #[error("libvirt CPU feature map {origin} line {line}: malformed XML: {source}")]
     Xml {
+        /// The map's path (or the name a caller gave the text).
         origin: String,
+        /// The 1-based line of the error.
         line: usize,
+        /// The XML parser's error.
         source: quick_xml::Error,
     },
+    /// The XML does not describe features the way libvirt's map does (an element out of
+    /// place, a missing or bad attribute, a name defined twice).
     #[error("libvirt CPU feature map {origin} line {line}: {reason}")]
     Invalid {
+        /// The map's path (or the name a caller gave the text).
         origin: String,
+        /// The 1-based line of the offending element.
         line: usize,
+        /// What is wrong with it.
         reason: String,
     },
 }
@@ -185,6 +210,7 @@ impl FeatureMap {
         Self::load(Path::new(DEFAULT_X86_FEATURES_PATH))
     }
 
+    /// Reads the map at `path` (an `x86_features.xml`).
     pub fn load(path: &Path) -> Result<Self, FeatureError> {
         let xml = std::fs::read_to_string(path).map_err(|source| FeatureError::Read {
             path: path.to_path_buf(),
@@ -227,14 +253,17 @@ impl FeatureMap {
         Ok(())
     }
 
+    /// Every feature, in the order the map defines them.
     pub fn features(&self) -> &[Feature] {
         &self.features
     }
 
+    /// The number of features in the map.
     pub fn len(&self) -> usize {
         self.features.len()
     }
 
+    /// True for a map that defines no feature.
     pub fn is_empty(&self) -> bool {
         self.features.is_empty()
     }
