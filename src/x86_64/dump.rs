@@ -17,31 +17,49 @@ use serde::{Deserialize, Serialize};
 
 use super::table::{CpuidEntry, CpuidTable, MsrEntry};
 
+/// A CPUID dump format cpuguard reads (see the module header for each one's lines).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DumpFormat {
+    /// kvm-unit-tests `x86/cpuid.flat` lines, `LLLLLLLL SSSSSSSS: EAX EBX ECX EDX` (also what
+    /// cpuguard writes, with its `msr` lines); `"kvm-unit-tests"` in JSON.
     KvmUnitTests,
+    /// The Debian `cpuid` tool's `cpuid -r` output; `"cpuid-tool"` in JSON.
     CpuidTool,
 }
 
+/// Why a CPUID dump was not read; each names the line at fault where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
+    /// A line that looks like data does not parse.
     #[error("CPUID dump line {line}: {reason}: '{text}'")]
     Line {
+        /// The 1-based line number in the dump.
         line: usize,
+        /// What is wrong with it.
         reason: String,
+        /// The line as it stands in the dump.
         text: String,
     },
+    /// One leaf (or MSR) is listed twice with different values, so which one holds is unknown.
     #[error(
         "CPUID dump line {line}: {what} is listed again with other values (first at line {first})"
     )]
     Conflict {
+        /// The 1-based line of the second listing.
         line: usize,
+        /// The 1-based line of the first.
         first: usize,
+        /// Which entry, e.g. `leaf 0x7 sub-leaf 0x0` or `MSR 0x10a`.
         what: String,
     },
+    /// The text has both `-` and `+` data lines: a diff of two dumps, not one dump.
     #[error("CPUID dump line {line}: this is a diff of two dumps ('-' and '+' lines); give each side as its own dump")]
-    IsDiff { line: usize },
+    IsDiff {
+        /// The 1-based line where both kinds had been seen.
+        line: usize,
+    },
+    /// Not one CPUID line in either format.
     #[error("CPUID dump has no CPUID lines (expected 'LLLLLLLL SSSSSSSS: EAX EBX ECX EDX' lines or 'cpuid -r' output)")]
     Empty,
 }
@@ -67,6 +85,7 @@ pub fn parse_dump(text: &str) -> Result<CpuidTable, DumpError> {
     parse_dump_as(text, format)
 }
 
+/// Parses a dump known to be in `format`.
 pub fn parse_dump_as(text: &str, format: DumpFormat) -> Result<CpuidTable, DumpError> {
     let mut builder = Builder::default();
     match format {
