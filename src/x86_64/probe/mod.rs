@@ -35,6 +35,7 @@ use crate::qemu::run::{prepare_qemu_file, resolve_emulator, run_firmware, RunErr
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
+    /// The probe itself: the CPUID table, feature MSRs and user-mode pass (the default).
     #[default]
     Probe,
     /// The probe plus unconditional reads of MSRs that do and do not exist (exercises #GP).
@@ -45,6 +46,7 @@ pub enum Firmware {
     Text,
 }
 
+/// How to run a probe: bounds, allowed emulators, and the test knobs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeOptions {
     /// Wall-time bound for one emulator run; on expiry its whole process group is killed.
@@ -55,6 +57,7 @@ pub struct ProbeOptions {
     pub accel_override: Option<Accel>,
     /// Where the private work directory is created (default: the system temp directory).
     pub work_dir: Option<PathBuf>,
+    /// Which firmware to boot: [`Firmware::Probe`] except in tests of the runner.
     pub firmware: Firmware,
 }
 
@@ -73,14 +76,20 @@ impl Default for ProbeOptions {
 /// What can go wrong probing an x86 guest: its command line, its result, or the run itself.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The domain's CPU configuration cannot be turned into a QEMU command line.
     #[error("probe: {0}")]
     Args(#[from] ArgsError),
+    /// The emulator ran but the result the probe left is missing or malformed.
     #[error("probe: output of emulator {emulator:?} is unusable: {source}")]
     Output {
+        /// The emulator that ran the probe.
         emulator: PathBuf,
+        /// What is wrong with the result.
         #[source]
         source: OutputError,
     },
+    /// The run itself failed: no usable emulator, the work directory, spawning, a timeout or an
+    /// unexpected exit (the shared runner's error).
     #[error(transparent)]
     Run(#[from] RunError),
 }
@@ -88,6 +97,7 @@ pub enum ProbeError {
 /// One completed probe run with what it took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeRun {
+    /// The CPUID table and feature MSRs the guest read, canonicalized, not yet normalized.
     pub table: CpuidTable,
     /// MSRs CPUID enumerates but whose read raised #GP.
     pub absent_msrs: Vec<u32>,
@@ -95,8 +105,11 @@ pub struct ProbeRun {
     pub user_mode: Option<UserModeCpuid>,
     /// The user-mode pass's leaves as read in long mode at CPL0 (empty without long mode).
     pub long_mode_kernel: Vec<CpuidEntry>,
+    /// The emulator binary that ran the probe.
     pub emulator: PathBuf,
+    /// Its arguments (without the emulator itself), as run.
     pub argv: Vec<String>,
+    /// Wall time of the emulator run, from start to exit.
     pub wall_time: Duration,
     /// Features QEMU filtered out of the requested CPU because the host (or TCG) lacks them,
     /// from its warnings: what the guest does not get although its configuration asks for it.
