@@ -37,30 +37,77 @@ use quick_xml::Reader;
 use crate::arch::Arch;
 use crate::domain::guest::{Accel, CpuMode, FeaturePolicy, GuestCpuConfig};
 
+/// Why no QEMU command line can be built for the domain: mostly a CPU configuration libvirt 9
+/// resolves from the host at start, which the probe does not guess.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ArgsError {
+    /// The domain's architecture is not one the x86 probe runs.
     #[error("domain architecture {arch:?} is not supported by the probe (x86_64 and i686 only)")]
-    UnsupportedArch { arch: String },
+    UnsupportedArch {
+        /// The domain's architecture, as libvirt names it.
+        arch: String,
+    },
+    /// `<cpu mode='host-model'>` without `<model>`, which libvirt 9 expands at start.
     #[error("domain CPU <cpu mode='host-model'> is not expanded: libvirt 9 starts this host's own CPU model for it; probe the domain's live or prepare-phase XML, where libvirt has expanded it")]
     HostModelNotExpanded,
+    /// `<cpu mode='host-model'>` with a `<model>`, which libvirt 9 replaces at start.
     #[error("domain CPU <cpu mode='host-model'> names <model>{model}</model>: libvirt 9 starts this host's own CPU model for it (from its domain capabilities), not {model}; probe the domain's live or prepare-phase XML, where libvirt has resolved it")]
-    HostModelWithModel { model: String },
+    HostModelWithModel {
+        /// The model the definition names.
+        model: String,
+    },
+    /// `<cpu match='minimum'>`, which libvirt 9 resolves from the host at start.
     #[error("domain CPU <cpu match='minimum'>: libvirt 9 starts this host's CPU model with the guest's features for it, not the named model; probe the domain's live XML, where libvirt has resolved it")]
     MatchMinimum,
+    /// A custom CPU's feature with `policy='optional'`.
     #[error("domain CPU <feature policy='optional' name='{name}'>: libvirt 9 turns it on or off at start from this host's CPU, which cpuguard does not guess; probe the domain's live XML, where libvirt has resolved it")]
-    OptionalFeature { name: String },
+    OptionalFeature {
+        /// The feature's libvirt name.
+        name: String,
+    },
+    /// A `fallback='allow'` model the emulator does not have (see [`check_model_available`]).
     #[error("domain CPU <model>{model}</model> with fallback='allow' (libvirt's default): {emulator} has no CPU model {model}, and libvirt would start a substitute; probe the domain's live XML, where libvirt has resolved it")]
-    FallbackModelMissing { model: String, emulator: String },
+    FallbackModelMissing {
+        /// The model the definition names.
+        model: String,
+        /// The emulator asked for its model list.
+        emulator: String,
+    },
+    /// A Hyper-V enlightenment libvirt 9.0 does not parse.
     #[error("domain Hyper-V enlightenment <{name}> is not one libvirt 9.0 knows (libvirt refuses such a domain)")]
-    UnknownEnlightenment { name: String },
+    UnknownEnlightenment {
+        /// The element's name under `<hyperv>`.
+        name: String,
+    },
+    /// `<spinlocks retries=…>` that is not a decimal number fitting 32 bits.
     #[error("domain Hyper-V spinlocks retries {value:?} is not a number")]
-    BadSpinlocks { value: String },
+    BadSpinlocks {
+        /// The `retries` attribute as written.
+        value: String,
+    },
+    /// A file of libvirt's CPU map (a model definition or `x86_features.xml`) cannot be read or
+    /// parsed.
     #[error("libvirt CPU map {path:?} is unreadable: {reason}")]
-    CpuMap { path: String, reason: String },
+    CpuMap {
+        /// The map file.
+        path: String,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// A path the command line names (the probe firmware or its output file) is not UTF-8.
     #[error("probe path {path:?} is not valid UTF-8 text for the QEMU command line")]
-    BadPath { path: String },
+    BadPath {
+        /// The path, lossily displayed.
+        path: String,
+    },
+    /// A `<feature name=…>` that is not in libvirt's CPU feature map.
     #[error("domain CPU <feature name={name:?}> is not one of libvirt's CPU feature names ({map}); refused, as it would reach QEMU as a -cpu property")]
-    UnknownFeature { name: String, map: String },
+    UnknownFeature {
+        /// The name as written in the domain XML.
+        name: String,
+        /// The feature map file consulted.
+        map: String,
+    },
 }
 
 /// The CPU model libvirt 9 writes for a domain without one: QEMU's default CPU type for the
@@ -135,6 +182,7 @@ pub fn check_model_available(
     }
 }
 
+/// The `-accel` value for `accel` (`kvm`, `tcg`).
 pub fn accel_name(accel: Accel) -> &'static str {
     match accel {
         Accel::Kvm => "kvm",
