@@ -17,58 +17,133 @@ use crate::x86_64::{CpuidEntry, CpuidTable, MsrEntry};
 /// First line of every probe output; the number is the format version.
 pub const HEADER: &str = "CPUGUARD-PROBE 1";
 
+/// Why the probe's result is unusable. The text variants (up to `TrailingText`) are for the
+/// previous wire format, the others for the RAM result; each names the line or record at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OutputError {
+    /// The firmware wrote no text at all.
     #[error("probe output is empty (the firmware printed nothing)")]
     Empty,
+    /// A byte that is not ASCII.
     #[error("probe output is not ASCII text at byte {offset}")]
-    NotText { offset: usize },
+    NotText {
+        /// The 0-based byte offset of the first such byte.
+        offset: usize,
+    },
+    /// The first line is not [`HEADER`]: not this probe, or another format version.
     #[error("probe output line 1: expected header {HEADER:?}, found {found:?}")]
-    BadHeader { found: String },
+    BadHeader {
+        /// The first line, cut to 80 characters.
+        found: String,
+    },
+    /// A line that is not a well-formed record.
     #[error("probe output line {line}: {reason}: {text:?}")]
     BadLine {
+        /// The 1-based line number.
         line: usize,
+        /// What the line should have been.
         reason: &'static str,
+        /// The line, cut to 80 characters.
         text: String,
     },
+    /// The same (leaf, sub-leaf) reported twice.
     #[error("probe output line {line}: CPUID leaf {leaf:#x} sub-leaf {subleaf:#x} appears twice")]
     DuplicateLeaf {
+        /// The 1-based line of the second report.
         line: usize,
+        /// The CPUID leaf.
         leaf: u32,
+        /// The sub-leaf.
         subleaf: u32,
     },
+    /// The same MSR reported twice (read or absent).
     #[error("probe output line {line}: MSR {index:#x} appears twice")]
-    DuplicateMsr { line: usize, index: u32 },
+    DuplicateMsr {
+        /// The 1-based line of the second report.
+        line: usize,
+        /// The MSR's address.
+        index: u32,
+    },
+    /// The firmware's fatal handler ran: an unexpected CPU exception in the guest.
     #[error("probe output line {line}: the guest hit an unexpected CPU exception")]
-    GuestFault { line: usize },
+    GuestFault {
+        /// The 1-based line of the handler's `F`.
+        line: usize,
+    },
+    /// The text ends without its `END` line: the run was cut short.
     #[error("probe output is truncated: no END marker after {lines} lines")]
-    Truncated { lines: usize },
+    Truncated {
+        /// Lines read, header included.
+        lines: usize,
+    },
+    /// The `END` line's count is not the number of records read.
     #[error("probe output END marker counts {expected} lines but {found} were read")]
-    CountMismatch { expected: u32, found: usize },
+    CountMismatch {
+        /// The count the `END` line states.
+        expected: u32,
+        /// The records read between header and `END`.
+        found: usize,
+    },
+    /// Something other than blank lines after `END`.
     #[error("probe output line {line}: text after the END marker: {text:?}")]
-    TrailingText { line: usize, text: String },
+    TrailingText {
+        /// The 1-based line number.
+        line: usize,
+        /// The line, cut to 80 characters.
+        text: String,
+    },
+    /// Guest RAM holds no finished result summary (no [`RESULT_MAGIC`]): the firmware did not
+    /// get to its end.
     #[error("probe result: the firmware left no result in guest RAM (it did not finish)")]
     NoResult,
+    /// The summary's status is [`STATUS_FAULT`]: an unexpected CPU exception in the guest.
     #[error("probe result: the guest hit an unexpected CPU exception after {records} records")]
-    Fault { records: u32 },
+    Fault {
+        /// Records written before the exception.
+        records: u32,
+    },
+    /// The summary's status is [`STATUS_OVERFLOW`]: the record area filled up.
     #[error("probe result: more records than the firmware's area holds; the table is incomplete")]
     Overflow,
+    /// The summary's status is none the firmware writes (the value is shown).
     #[error("probe result: unknown status {0}")]
     BadStatus(u32),
+    /// The summary's record count exceeds [`MAX_RECORDS`] or the bytes read from the record area.
     #[error("probe result: {count} records claimed but {available} bytes of them were read")]
-    ShortRecords { count: u32, available: usize },
+    ShortRecords {
+        /// The record count the summary states.
+        count: u32,
+        /// Bytes of records available.
+        available: usize,
+    },
+    /// A record whose kind is none of `C`, `M`, `X`.
     #[error("probe result record {index}: unknown kind {kind:#x}")]
-    BadRecord { index: usize, kind: u32 },
+    BadRecord {
+        /// The 0-based record number.
+        index: usize,
+        /// The record's first u32.
+        kind: u32,
+    },
+    /// The same (leaf, sub-leaf) recorded twice.
     #[error(
         "probe result record {index}: CPUID leaf {leaf:#x} sub-leaf {subleaf:#x} appears twice"
     )]
     DuplicateRecordLeaf {
+        /// The 0-based number of the second record.
         index: usize,
+        /// The CPUID leaf.
         leaf: u32,
+        /// The sub-leaf.
         subleaf: u32,
     },
+    /// The same MSR recorded twice (read or absent).
     #[error("probe result record {index}: MSR {msr:#x} appears twice")]
-    DuplicateRecordMsr { index: usize, msr: u32 },
+    DuplicateRecordMsr {
+        /// The 0-based number of the second record.
+        index: usize,
+        /// The MSR's address.
+        msr: u32,
+    },
 }
 
 /// The most records the firmware's area holds: a count above it is not the firmware's.
@@ -210,7 +285,9 @@ pub fn parse_result(summary: &[u8], records: &[u8]) -> Result<ProbeOutput, Outpu
 /// enumerates them (a hypervisor inconsistency worth reporting, not a table entry).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProbeOutput {
+    /// The CPUID answers and readable MSRs, canonicalized.
     pub table: CpuidTable,
+    /// MSRs whose read raised #GP, ascending.
     pub absent_msrs: Vec<u32>,
 }
 
