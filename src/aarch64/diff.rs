@@ -11,26 +11,35 @@ use super::table::ArmIdTable;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ChangeKind {
+    /// A capability field is lower on B: the guest would lose a feature it may be using.
     Lost,
+    /// A capability field is higher on B: the guest would see a feature appear.
     Gained,
+    /// An unordered difference: identification or cache-geometry field, bits no field names, a
+    /// register without a field table, or a register present on one side only.
     Changed,
 }
 
 /// One difference, `a` (source) -> `b` (destination).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterChange {
+    /// Lost, gained or changed: which list of [`Diff`] holds this change.
     pub kind: ChangeKind,
+    /// Register name (`ID_AA64ISAR0_EL1`).
     pub register: String,
     /// Field name, `bits[mask]` for bits no field names, or empty for the whole register.
     pub field: String,
-    /// Human-readable old and new values (`2 (AES+PMULL)`, `absent`, ...).
+    /// Human-readable value on A: `2 (AES+PMULL)` for a field, the register in hex when it has
+    /// no field table, `absent` when its read trapped, `not read` when the table lacks it.
     pub a: String,
+    /// Human-readable value on B, as `a`.
     pub b: String,
     /// The field's (or, for `field` empty or `bits[…]`, the register's or those bits') value on
     /// A as a number; absent when the register is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub a_value: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The same value on B, as `a_value`.
     pub b_value: Option<u64>,
 }
 
@@ -63,8 +72,11 @@ impl RegisterChange {
 /// The comparison of two tables.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Diff {
+    /// Capability fields lower on B than on A.
     pub lost: Vec<RegisterChange>,
+    /// Capability fields higher on B than on A.
     pub gained: Vec<RegisterChange>,
+    /// Unordered differences (identification, cache geometry, unnamed bits, presence).
     pub changed: Vec<RegisterChange>,
     /// Differences in masked (per-vCPU) bits: reported, never a reason to refuse.
     pub informational: Vec<RegisterChange>,
@@ -233,14 +245,20 @@ fn describe_field(register: &str, f: &FieldDef, raw: u64) -> String {
 /// MIDR_EL1 decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Midr {
+    /// Implementer code, bits 31:24 (0x41 = ARM, 0x00 = software, QEMU's `max`).
     pub implementer: u8,
+    /// Major revision, bits 23:20 (the `r` of `r1p0`).
     pub variant: u8,
+    /// Architecture code, bits 19:16 (0xF: defined by the ID registers).
     pub architecture: u8,
+    /// Implementer-defined part number, bits 15:4 (0xd07 = Cortex-A57 for ARM).
     pub part: u16,
+    /// Minor revision, bits 3:0 (the `p` of `r1p0`).
     pub revision: u8,
 }
 
 impl Midr {
+    /// Splits a MIDR_EL1 value into its fields (bits 63:32 are RES0 and ignored).
     pub fn decode(value: u64) -> Midr {
         Midr {
             implementer: ((value >> 24) & 0xFF) as u8,

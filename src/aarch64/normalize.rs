@@ -7,10 +7,13 @@ use super::table::ArmIdTable;
 /// Bits set aside by [`normalize`], reported beside the comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mask {
+    /// Register the bits belong to (`MPIDR_EL1`).
     pub register: String,
+    /// The masked bits, in place in the register (e.g. [`MPIDR_AFFINITY`]).
     pub bits: u64,
     /// The value of those bits before masking.
     pub original: u64,
+    /// Why these bits are set aside, one line for the operator.
     pub reason: String,
 }
 

@@ -22,15 +22,20 @@ pub enum FieldKind {
 /// One field of an ID register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FieldDef {
+    /// Field name as the Arm ARM spells it (`AES`, `PartNum`).
     pub name: &'static str,
+    /// Bit position of the field's least significant bit in the register (0..=63).
     pub lsb: u8,
+    /// Field width in bits (4 for most feature fields, up to 64).
     pub width: u8,
+    /// How values of this field compare (decides "lost"/"gained" versus "changed").
     pub kind: FieldKind,
     /// Meaning of some values, for explanations (`2` -> `AES+PMULL`).
     pub values: &'static [(u64, &'static str)],
 }
 
 impl FieldDef {
+    /// The field's bits in place in the register (`width` ones shifted left by `lsb`).
     pub fn mask(&self) -> u64 {
         if self.width >= 64 {
             u64::MAX
@@ -55,7 +60,7 @@ impl FieldDef {
         }
     }
 
-    /// `2 (AES+PMULL)` or just `2`.
+    /// `raw` in hex with its meaning when the table knows it: `0x2 (AES+PMULL)` or just `0x2`.
     pub fn describe(&self, raw: u64) -> String {
         match self.values.iter().find(|(v, _)| *v == raw) {
             Some((_, meaning)) => format!("{raw:#x} ({meaning})"),
@@ -67,11 +72,17 @@ impl FieldDef {
 /// One system register: its name, its MRS encoding and (for the ID registers) its fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SysReg {
+    /// Architectural register name (`ID_AA64ISAR0_EL1`), as the Arm ARM and reports spell it.
     pub name: &'static str,
+    /// MRS encoding field op0 (3 for every register read here).
     pub op0: u8,
+    /// MRS encoding field op1 (0..=7).
     pub op1: u8,
+    /// MRS encoding field CRn (0..=15).
     pub crn: u8,
+    /// MRS encoding field CRm (0..=15).
     pub crm: u8,
+    /// MRS encoding field op2 (0..=7).
     pub op2: u8,
     /// Empty for the registers the probe program uses but does not report.
     pub fields: &'static [FieldDef],

@@ -16,6 +16,7 @@ pub struct ArmIdReg {
 /// What an aarch64 guest sees of its CPU: the probed ID registers, in probe order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArmIdTable {
+    /// The registers read, one entry each; [`ArmIdTable::canonicalize`] puts them in probe order.
     pub regs: Vec<ArmIdReg>,
 }
 

@@ -30,8 +30,11 @@ const AS_LIMIT: u64 = 16 * 1024 * 1024 * 1024;
 /// Who the probe's QEMU runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuUser {
+    /// User name (`libvirt-qemu`, `qemu`, or qemu.conf's `user`).
     pub name: String,
+    /// Its numeric user id, which QEMU runs as.
     pub uid: u32,
+    /// Group id QEMU runs as: qemu.conf's `group`, else the user's primary group.
     pub gid: u32,
     /// Supplementary groups (e.g. `kvm`, for /dev/kvm), as libvirt gives them.
     pub groups: Vec<u32>,

@@ -9,29 +9,71 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+/// Why an `<emulator>` path may not be run. `path` is always the path as the XML (or caller)
+/// gave it, before resolving symlinks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EmulatorError {
+    /// Not absolute, or has empty, `.` or `..` segments.
     #[error("emulator {path:?} is not an absolute, normalized path")]
-    NotAbsolute { path: String },
+    NotAbsolute {
+        /// The path as given.
+        path: String,
+    },
+    /// Neither the path nor what it resolves to is in the allow-list (or the list is empty).
     #[error(
         "emulator {path:?} is not in the allow-list (libvirt capabilities and cpuguard config)"
     )]
-    NotAllowed { path: String },
+    NotAllowed {
+        /// The path as given.
+        path: String,
+    },
+    /// The path or a directory above it cannot be resolved or stat'ed (missing, no access).
     #[error("emulator {path:?} cannot be inspected: {reason}")]
-    Inaccessible { path: String, reason: String },
+    Inaccessible {
+        /// The path as given.
+        path: String,
+        /// The OS error, prefixed with the directory when a directory failed.
+        reason: String,
+    },
+    /// Resolves to a directory, device or other non-regular file.
     #[error("emulator {path:?} is not a regular file")]
-    NotRegular { path: String },
+    NotRegular {
+        /// The path as given.
+        path: String,
+    },
+    /// No execute bit is set.
     #[error("emulator {path:?} is not executable")]
-    NotExecutable { path: String },
+    NotExecutable {
+        /// The path as given.
+        path: String,
+    },
+    /// The file is not owned by root, so its owner could replace what cpuguard runs as root.
     #[error("emulator {path:?} is owned by uid {uid}, not root")]
-    NotRootOwned { path: String, uid: u32 },
+    NotRootOwned {
+        /// The path as given.
+        path: String,
+        /// The file's owner.
+        uid: u32,
+    },
+    /// Group or others may write the file.
     #[error("emulator {path:?} is writable by group or others (mode {mode:o})")]
-    Writable { path: String, mode: u32 },
+    Writable {
+        /// The path as given.
+        path: String,
+        /// The file's permission bits (`0o7777` part of the mode).
+        mode: u32,
+    },
+    /// A directory on the resolved path is not root's, or group/others may write it without the
+    /// sticky bit: someone else could swap the binary after the check.
     #[error("emulator {path:?}: directory {dir:?} lets others replace it (owner uid {uid}, mode {mode:o})")]
     UnsafeDirectory {
+        /// The path as given.
         path: String,
+        /// The offending directory, on the resolved path.
         dir: String,
+        /// The directory's owner.
         uid: u32,
+        /// The directory's permission bits (`0o7777` part of the mode).
         mode: u32,
     },
 }

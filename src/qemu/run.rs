@@ -26,29 +26,68 @@ const STDERR_TAIL_LINES: usize = 3;
 /// What can go wrong running an emulator, whatever the guest architecture.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The emulator path was refused (see [`EmulatorError`]).
     #[error("probe: {0}")]
     Emulator(#[from] EmulatorError),
+    /// The XML names no `<emulator>` and the allow-list has no usable entry of the architecture's
+    /// file name.
     #[error("probe: domain XML names no <emulator> and none of the allowed emulators is {wanted}")]
-    NoEmulator { wanted: &'static str },
+    NoEmulator {
+        /// The emulator file name looked for, e.g. `qemu-system-aarch64`.
+        wanted: &'static str,
+    },
+    /// The private work directory or a file in it could not be created, written or read.
     #[error("probe: cannot prepare work directory {path:?}: {reason}")]
-    WorkDir { path: PathBuf, reason: String },
+    WorkDir {
+        /// The directory or file concerned.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The emulator process could not be started.
     #[error("probe: cannot start emulator {emulator:?}: {reason}")]
-    Spawn { emulator: PathBuf, reason: String },
+    Spawn {
+        /// The emulator executable.
+        emulator: PathBuf,
+        /// The OS error from spawning it.
+        reason: String,
+    },
+    /// Polling the emulator's exit status failed; its process group was killed.
     #[error("probe: waiting for emulator {emulator:?} failed: {reason}")]
-    Wait { emulator: PathBuf, reason: String },
+    Wait {
+        /// The emulator executable.
+        emulator: PathBuf,
+        /// The OS error from waiting.
+        reason: String,
+    },
+    /// The emulator outlived the wall-time bound; its process group was killed.
     #[error("probe: emulator {emulator:?} did not finish within the {timeout:?} timeout; its process group was killed")]
     Timeout {
+        /// The emulator executable.
         emulator: PathBuf,
+        /// The wall-time bound it exceeded.
         timeout: Duration,
     },
+    /// The emulator ended with a status the caller does not accept (usually QEMU refusing the
+    /// command line: unknown CPU model, no KVM, bad machine).
     #[error("probe: emulator {emulator:?} {status}: {stderr}")]
     EmulatorFailed {
+        /// The emulator executable.
         emulator: PathBuf,
+        /// How it ended: `exited with status N` or `was killed by signal N`.
         status: String,
+        /// Its last few non-empty stderr lines joined with ` | ` (QEMU's reason), or
+        /// `no message on stderr`; empty for `--version`.
         stderr: String,
     },
+    /// `--version` succeeded but printed nothing but blank lines.
     #[error("probe: `{emulator:?} --version` printed no version line")]
-    NoVersion { emulator: PathBuf },
+    NoVersion {
+        /// The emulator executable.
+        emulator: PathBuf,
+    },
+    /// libvirt's QEMU user could not be determined (qemu.conf names an unknown user or group, or
+    /// no default user exists): the probe does not run QEMU as root instead.
     #[error("probe: cannot confine the emulator: {0}")]
     Confine(String),
 }

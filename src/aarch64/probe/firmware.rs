@@ -62,9 +62,13 @@ const ZR: u8 = 31;
 /// A64 condition codes used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cond {
+    /// Equal: Z set.
     Eq = 0,
+    /// Not equal: Z clear (the hex printer's digit loop).
     Ne = 1,
+    /// Unsigned higher: C set and Z clear.
     Hi = 8,
+    /// Unsigned lower or same: C clear or Z set (the hex printer's "is a decimal digit" test).
     Ls = 9,
 }
 
@@ -80,9 +84,11 @@ pub mod enc {
             | (u32::from(r.op2 & 0x7) << 5)
     }
 
+    /// MRS Xt, sysreg: reads system register `r` (by its op0/op1/CRn/CRm/op2 encoding) into Xt.
     pub fn mrs(rt: u8, r: &SysReg) -> u32 {
         0xD520_0000 | sysreg_fields(r) | u32::from(rt & 31)
     }
+    /// MSR sysreg, Xt: writes Xt to system register `r`.
     pub fn msr(r: &SysReg, rt: u8) -> u32 {
         0xD500_0000 | sysreg_fields(r) | u32::from(rt & 31)
     }
@@ -94,7 +100,7 @@ pub mod enc {
     pub fn movk_x(rd: u8, imm16: u16, hw: u8) -> u32 {
         0xF280_0000 | (u32::from(hw & 3) << 21) | (u32::from(imm16) << 5) | u32::from(rd & 31)
     }
-    /// STRB Wt, [Xn]
+    /// STRB Wt, \[Xn\]: stores the low byte of Wt at the address in Xn (the UART data register).
     pub fn strb(rt: u8, rn: u8) -> u32 {
         0x3900_0000 | (u32::from(rn & 31) << 5) | u32::from(rt & 31)
     }
@@ -112,12 +118,15 @@ pub mod enc {
     fn add_sub_imm(base: u32, rd: u8, rn: u8, imm12: u16) -> u32 {
         base | (u32::from(imm12 & 0xFFF) << 10) | (u32::from(rn & 31) << 5) | u32::from(rd & 31)
     }
+    /// ADD Xd, Xn, #imm12 (imm12 in 0..=4095, unshifted).
     pub fn add_x_imm(rd: u8, rn: u8, imm12: u16) -> u32 {
         add_sub_imm(0x9100_0000, rd, rn, imm12)
     }
+    /// ADD Wd, Wn, #imm12 (imm12 in 0..=4095, unshifted).
     pub fn add_w_imm(rd: u8, rn: u8, imm12: u16) -> u32 {
         add_sub_imm(0x1100_0000, rd, rn, imm12)
     }
+    /// SUBS Xd, Xn, #imm12 (imm12 in 0..=4095, unshifted; sets the flags).
     pub fn subs_x_imm(rd: u8, rn: u8, imm12: u16) -> u32 {
         add_sub_imm(0xF100_0000, rd, rn, imm12)
     }
@@ -138,33 +147,48 @@ pub mod enc {
         }
         Some((words as u32) & ((1u32 << bits) - 1))
     }
+    /// B to `offset` bytes from this instruction (±128 MiB); None when out of range or not a
+    /// multiple of 4.
     pub fn b(offset: i64) -> Option<u32> {
         word_offset(offset, 26).map(|imm| 0x1400_0000 | imm)
     }
+    /// BL to `offset` bytes from this instruction (±128 MiB), return address in X30; None when
+    /// out of range or not a multiple of 4.
     pub fn bl(offset: i64) -> Option<u32> {
         word_offset(offset, 26).map(|imm| 0x9400_0000 | imm)
     }
+    /// B.cond to `offset` bytes from this instruction (±1 MiB); None when out of range or not a
+    /// multiple of 4.
     pub fn b_cond(cond: Cond, offset: i64) -> Option<u32> {
         word_offset(offset, 19).map(|imm| 0x5400_0000 | (imm << 5) | cond as u32)
     }
+    /// CBNZ Xt to `offset` bytes from this instruction (±1 MiB); None when out of range or not a
+    /// multiple of 4.
     pub fn cbnz_x(rt: u8, offset: i64) -> Option<u32> {
         word_offset(offset, 19).map(|imm| 0xB500_0000 | (imm << 5) | u32::from(rt & 31))
     }
+    /// RET: returns to the address in X30.
     pub fn ret() -> u32 {
         0xD65F_03C0
     }
+    /// ERET: returns from an exception to ELR_EL1 with the state saved in SPSR_EL1.
     pub fn eret() -> u32 {
         0xD69F_03E0
     }
+    /// HVC #imm16: hypervisor call, the `virt` machine's PSCI conduit when the guest has no EL2.
     pub fn hvc(imm16: u16) -> u32 {
         0xD400_0002 | (u32::from(imm16) << 5)
     }
+    /// SMC #imm16: secure monitor call, the PSCI conduit with `secure=on`.
     pub fn smc(imm16: u16) -> u32 {
         0xD400_0003 | (u32::from(imm16) << 5)
     }
+    /// ISB: instruction synchronization barrier, so a system register write (VBAR_EL1) takes effect
+    /// before the next instruction.
     pub fn isb() -> u32 {
         0xD503_3FDF
     }
+    /// WFI: waits for an interrupt (the halt loop when PSCI SYSTEM_OFF did not power off).
     pub fn wfi() -> u32 {
         0xD503_207F
     }
@@ -215,16 +239,20 @@ pub struct Asm {
 pub struct Label(usize);
 
 impl Asm {
+    /// Appends one instruction word.
     pub fn emit(&mut self, word: u32) {
         self.words.push(word);
     }
+    /// Byte offset of the next word from the start of the image.
     pub fn offset(&self) -> usize {
         self.words.len() * 4
     }
+    /// A new label, unbound until [`Asm::bind`]; branches to it may come before the bind.
     pub fn label(&mut self) -> Label {
         self.labels.push(None);
         Label(self.labels.len() - 1)
     }
+    /// Binds `label` to the current offset (the next word emitted).
     pub fn bind(&mut self, label: Label) {
         if let Some(slot) = self.labels.get_mut(label.0) {
             *slot = Some(self.words.len() * 4);
@@ -234,15 +262,19 @@ impl Asm {
         self.fixups.push((self.words.len(), label.0, kind));
         self.words.push(0);
     }
+    /// Emits B to `label` (resolved by [`Asm::finish`]).
     pub fn b(&mut self, label: Label) {
         self.branch(label, Fixup::B);
     }
+    /// Emits BL to `label` (resolved by [`Asm::finish`]).
     pub fn bl(&mut self, label: Label) {
         self.branch(label, Fixup::Bl);
     }
+    /// Emits B.cond to `label` (resolved by [`Asm::finish`]).
     pub fn b_cond(&mut self, cond: Cond, label: Label) {
         self.branch(label, Fixup::BCond(cond));
     }
+    /// Emits CBNZ Xt to `label` (resolved by [`Asm::finish`]).
     pub fn cbnz_x(&mut self, rt: u8, label: Label) {
         self.branch(label, Fixup::Cbnz(rt));
     }
