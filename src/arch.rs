@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 /// A guest architecture; serialized as libvirt's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Arch {
+    /// 64-bit x86 guests (`qemu-system-x86_64`): the CPUID probe.
     #[serde(rename = "x86_64")]
     X86_64,
     /// 32-bit x86 guests (`qemu-system-i386`): the same CPUID probe as x86_64.
     #[serde(rename = "i686")]
     I686,
+    /// 64-bit Arm guests (`qemu-system-aarch64`, `virt` machine): the ID-register probe.
     #[serde(rename = "aarch64")]
     Aarch64,
 }

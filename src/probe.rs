@@ -18,10 +18,14 @@ pub use crate::x86_64::probe::{Firmware, ProbeOptions};
 /// What can go wrong probing a guest: the architecture's probe, or the runner before it.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The x86 CPUID probe failed.
     #[error(transparent)]
     X86(#[from] crate::x86_64::probe::ProbeError),
+    /// The aarch64 ID-register probe failed (including a CPU configuration it cannot reproduce).
     #[error(transparent)]
     Aarch64(#[from] crate::aarch64::ProbeError),
+    /// No usable emulator before either probe ran: the XML names none and none is allowed for the
+    /// architecture, or the one it names is refused.
     #[error(transparent)]
     Run(#[from] RunError),
 }

@@ -209,7 +209,9 @@ fn render_plain(summary: &str, lines: &[String], informational: &[String]) -> St
 /// A raw (unnormalized) guest view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestView {
+    /// An x86_64 or i686 guest's CPUID leaves (and feature MSRs).
     X86(CpuidTable),
+    /// An aarch64 guest's ID registers.
     Aarch64(ArmIdTable),
 }
 
@@ -225,10 +227,13 @@ impl From<ArmIdTable> for GuestView {
     }
 }
 
+/// Why a text view (a stamp's `<table>`, a file given to `cpuguard diff`) cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
+    /// Not a CPUID dump cpuguard reads (kvm-unit-tests or `cpuid -r` form).
     #[error("{0}")]
     X86(#[from] x86_64::DumpError),
+    /// Starts with the aarch64 probe header but is not a complete transcript.
     #[error("{0}")]
     Aarch64(#[from] aarch64::probe::OutputError),
 }
@@ -261,6 +266,7 @@ impl GuestView {
         Ok(GuestView::X86(parse_dump(text)?))
     }
 
+    /// Sorts the table into the one order in which equal views compare, serialize and digest.
     pub fn canonicalize(&mut self) {
         match self {
             GuestView::X86(t) => ArchTable::canonicalize(t),
@@ -279,16 +285,24 @@ impl GuestView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "arch")]
 pub enum Tables {
+    /// An x86_64 or i686 guest's CPUID table.
     #[serde(rename = "x86_64")]
     X86 {
+        /// The table as probed, canonicalized.
         raw: CpuidTable,
+        /// `raw` with the normalization masks applied: what the digest covers.
         normalized: CpuidTable,
+        /// The masks that turned `raw` into `normalized`, each with its reason.
         masks: Vec<x86_64::Mask>,
     },
+    /// An aarch64 guest's ID registers.
     #[serde(rename = "aarch64")]
     Aarch64 {
+        /// The registers as probed, canonicalized.
         raw: ArmIdTable,
+        /// `raw` with the MPIDR_EL1 affinity masked: what the digest covers.
         normalized: ArmIdTable,
+        /// The masks that turned `raw` into `normalized`, each with its reason.
         masks: Vec<aarch64::Mask>,
     },
 }
@@ -323,6 +337,7 @@ impl Tables {
         }
     }
 
+    /// The architecture of the tables (an i686 guest's is an x86_64 CPUID table).
     pub fn arch(&self) -> Arch {
         match self {
             Tables::X86 { .. } => Arch::X86_64,
@@ -330,6 +345,7 @@ impl Tables {
         }
     }
 
+    /// The raw view, as probed (canonicalized).
     pub fn raw(&self) -> GuestView {
         match self {
             Tables::X86 { raw, .. } => GuestView::X86(raw.clone()),
@@ -364,13 +380,20 @@ impl Tables {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "arch")]
 pub enum ViewDiff {
+    /// Two x86 views: features lost or gained by libvirt name, and other changed fields.
     #[serde(rename = "x86_64")]
     X86(x86_64::Diff),
+    /// Two aarch64 views: ID-register fields.
     #[serde(rename = "aarch64")]
     Aarch64(aarch64::Diff),
     /// Different architectures: nothing else is comparable.
     #[serde(rename = "mixed")]
-    Arch { a: Arch, b: Arch },
+    Arch {
+        /// The source's architecture.
+        a: Arch,
+        /// The destination's architecture.
+        b: Arch,
+    },
 }
 
 /// Compares two raw views (A = source, B = destination); masked differences are reported as

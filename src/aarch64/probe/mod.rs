@@ -48,12 +48,15 @@ pub struct ArmProbeConfig {
     pub emulator: String,
     /// `<os><type machine=…>`, e.g. `virt` or `virt-7.2`.
     pub machine: String,
+    /// `<domain type>`: KVM or TCG, as `-machine accel=`.
     pub accel: Accel,
+    /// `<cpu mode>` and `<model>`, as `-cpu` names the CPU.
     pub cpu: ArmCpu,
     /// `-cpu` properties in libvirt's order: `<cpu><feature>` (`sve=off`, `sve256=on`, …), then
     /// `<features><pmu>` (`pmu=off`); names are checked when the command line is built.
     #[serde(default)]
     pub properties: Vec<String>,
+    /// `<vcpu>`, as `-smp` (at least 1; the probe runs on the first vCPU).
     pub vcpus: u32,
 }
 
@@ -143,8 +146,12 @@ impl ArmProbeConfig {
 /// How a probe runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ArmProbeOptions {
+    /// Wall-time bound on the QEMU run (default 10 s); past it QEMU's process group is killed.
     pub timeout: Duration,
+    /// Emulators the probe may run (libvirt's capabilities plus the config's list); an
+    /// `<emulator>` outside it is refused.
     pub allowed_emulators: Vec<PathBuf>,
+    /// Where the private work directory is created; `None`: the system temporary directory.
     pub work_dir: Option<PathBuf>,
 }
 
@@ -158,57 +165,104 @@ impl Default for ArmProbeOptions {
     }
 }
 
+/// Why an aarch64 probe gave no table.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
+    /// The domain's `<emulator>` was refused (see [`EmulatorError`]).
     #[error("aarch64 probe: {0}")]
     Emulator(#[from] EmulatorError),
     /// The shared runner's errors already read `probe: …`.
     #[error("aarch64 {0}")]
     Run(#[from] RunError),
+    /// The domain's CPU configuration cannot be probed exactly, or a value would be unsafe on
+    /// QEMU's command line.
     #[error("aarch64 probe: {what} {value:?} is not usable: {reason}")]
     BadConfig {
+        /// What was refused, as the XML or the command line names it (`<cpu mode>`, `machine`).
         what: &'static str,
+        /// The refused value; empty when it is missing.
         value: String,
+        /// Why it is refused.
         reason: &'static str,
     },
+    /// QEMU ran and exited cleanly but its UART output is not a complete probe transcript.
     #[error("aarch64 probe: output of emulator {emulator:?} is unusable: {source}")]
     Output {
+        /// The emulator executable that ran.
         emulator: PathBuf,
+        /// What is wrong with the output.
         #[source]
         source: OutputError,
     },
 }
 
+/// What is wrong with a probe transcript: the firmware's UART output, or the copy a stamp
+/// carries. Line numbers count from 1, the header being line 1.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OutputError {
+    /// Nothing at all: the firmware never ran or printed nothing.
     #[error("aarch64 probe output is empty (the firmware printed nothing)")]
     Empty,
+    /// A byte outside ASCII: not the firmware's output.
     #[error("aarch64 probe output is not ASCII text at byte {offset}")]
-    NotText { offset: usize },
+    NotText {
+        /// Offset of the first non-ASCII byte, from 0.
+        offset: usize,
+    },
+    /// The first line is not the format header.
     #[error("aarch64 probe output line 1: expected header {HEADER:?}, found {found:?}")]
-    BadHeader { found: String },
+    BadHeader {
+        /// The first line as read (trailing white space trimmed).
+        found: String,
+    },
+    /// A line that does not parse or does not fit: an unknown or repeated register, a wrong END
+    /// count, END before the `E` line.
     #[error("aarch64 probe output line {line}: {reason}: {text:?}")]
     BadLine {
+        /// Its line number.
         line: usize,
+        /// What is wrong with it.
         reason: &'static str,
+        /// The line as read (trailing white space trimmed).
         text: String,
     },
+    /// The firmware ran above EL1 (the machine's `virtualization=on` or `secure=on`), where the
+    /// registers do not read as the guest kernel sees them.
     #[error("aarch64 probe ran at EL{found}, not EL1: the machine's virtualization/secure options enter the firmware above the guest kernel's level")]
-    WrongLevel { found: u32 },
+    WrongLevel {
+        /// The exception level the firmware reported.
+        found: u32,
+    },
+    /// The firmware took an unexpected IRQ, FIQ or SError (an `F` line).
     #[error("aarch64 probe output line {line}: the guest hit an unexpected exception")]
-    GuestFault { line: usize },
+    GuestFault {
+        /// Line number of the `F` line.
+        line: usize,
+    },
+    /// The output ends before the `END` line (the firmware hung or QEMU stopped early).
     #[error("aarch64 probe output is truncated: no END marker after {lines} lines")]
-    Truncated { lines: usize },
+    Truncated {
+        /// Lines read, the header included.
+        lines: usize,
+    },
+    /// A register of the probe's table has neither an `R` nor an `X` line.
     #[error("aarch64 probe output: register {name} missing")]
-    Missing { name: &'static str },
+    Missing {
+        /// Its architectural name, e.g. `ID_AA64ISAR0_EL1`.
+        name: &'static str,
+    },
 }
 
 /// One completed run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmProbeRun {
+    /// The ID registers the guest read, in probe order.
     pub table: ArmIdTable,
+    /// The emulator executable that ran (the checked `<emulator>`, or the caller's).
     pub emulator: PathBuf,
+    /// Its arguments, without the program (the seccomp `-sandbox` option included).
     pub argv: Vec<String>,
+    /// From spawning QEMU to its exit.
     pub wall_time: Duration,
 }
 
