@@ -30,6 +30,13 @@ if [[ -x $ROOT/testbed/fetch-linux-guest-arm64.sh ]]; then "$ROOT/testbed/fetch-
 # bed's tests bring their libvirt hosts up and down around it.
 "$ROOT/testbed/bed.sh" syslog-up
 
+# The project's standards are part of the suite: formatting, the lints (Cargo.toml [lints] and the
+# shipped crates' no-unwrap/expect/panic headers) and API docs that warn about nothing.
+if command -v rustup >/dev/null 2>&1; then rustup component add clippy rustfmt >/dev/null 2>&1 || true; fi
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+
 cargo build --release --all-targets
 # This script installed every prerequisite above, so a test finding one missing is a failure, not
 # a skip (tests/support/gate.rs): only what no script can provide (a usable KVM) is still skipped.
