@@ -194,6 +194,9 @@ prepare_host_tree() {
     d=$(host_dir "$h")
     rm -rf "$d"
     mkdir -p "$d"/{etc,lib,cache,log,run,cpuguard-etc,cpuguard-cache,cpuguard-run}
+    # cpuguard's cache and runtime directories as the packages make them (root-only): a wider mode
+    # is what cpuguard narrows and audits, which is not what the bed is showing.
+    chmod 0700 "$d/cpuguard-cache" "$d/cpuguard-run"
     # The machine's libvirt configuration, without anything that would act on the machine or that
     # the bed must not inherit: defined guests (and their autostart), networks' autostart, storage
     # pools (an autostarted pool may be real storage), secrets, hooks.
