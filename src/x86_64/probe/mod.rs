@@ -165,9 +165,11 @@ pub fn probe_run_with(
     )
     // Only a run that failed can have met a missing `fallback='allow'` model: asking the emulator
     // for its model list first would cost every such probe one more QEMU exec (~45 ms).
-    .or_else(|run_error| {
-        check_fallback_model(config, &emulator)?;
-        Err(run_error)
+    .map_err(|run_error| match check_fallback_model(config, &emulator) {
+        // Only "the model is missing" explains the failure better than QEMU's own message; a
+        // model list that cannot be read says nothing about it, so QEMU's error stands.
+        Err(missing @ ProbeError::Args(ArgsError::FallbackModelMissing { .. })) => missing,
+        _ => run_error,
     })?;
     let (argv, bytes, wall_time) = (run.argv, run.output, run.wall_time);
     let output_error = |source| ProbeError::Output {
