@@ -32,7 +32,10 @@ pub fn unusable_reason() -> Option<String> {
     if let Err(e) = std::fs::write(&firmware, EXIT_X86) {
         return Some(format!("cannot write {}: {e}", firmware.display()));
     }
-    let output = Command::new(QEMU)
+    // Bounded: a guest that never reaches its exit port must not hang the test, and coreutils'
+    // timeout kills QEMU with it instead of leaving it behind.
+    let output = Command::new("timeout")
+        .args(["--kill-after=5", "30", QEMU])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-no-reboot", "-m", "16", "-accel", "kvm", "-cpu", "qemu64"])
         .arg("-bios")
